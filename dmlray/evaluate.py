@@ -1,0 +1,372 @@
+"""Retrieval metrics for metric learning: Recall@K, MAP@R, R-precision, precision@1, NMI.
+
+Definitions follow "A Metric Learning Reality Check" (Musgrave et al., 2020) and the
+Recall@K of the seed papers. All neighbour search is exact and chunked: a block of
+``chunk`` queries is compared with the whole gallery at a time, so memory is
+O(chunk x N_gallery), never N x N, and it runs on the device of the input embeddings.
+
+Protocols
+    * leave-one-out (no gallery given): every embedding queries all the *other*
+      embeddings of the same set (CUB, Cars, SOP). A query never retrieves itself; it is
+      excluded by index identity, not by similarity, so a duplicate of the query (another
+      item with identical embedding) is still retrieved.
+    * query-vs-gallery (gallery given): queries search the gallery (In-Shop).
+
+Conventions
+    * Similarity is the dot product (embeddings are expected to be L2-normalised).
+    * Ties in similarity are broken by gallery index: among equally similar items the one
+      with the lower gallery index ranks first (what a stable descending sort gives).
+      This holds exactly, also at the top-k boundary, for both backends.
+    * R for a query = number of gallery items with the query's label (in leave-one-out,
+      not counting the query itself).
+    * Queries with R = 0 (a class of size one in leave-one-out, or a query label absent
+      from the gallery) have no correct answer. Recall@K counts them, as misses, so the
+      denominator is always the number of queries, as in the seed papers' code. MAP@R,
+      R-precision and precision@1 exclude them, as pytorch-metric-learning does (they are
+      undefined for R = 0). When every query has R = 0 those three metrics are 0.0.
+    * Metrics are fractions in [0, 1]; ``format_table`` prints percentages.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "knn",
+    "recall_at_k",
+    "map_at_r",
+]
+
+ArrayLike = Any  # torch.Tensor or numpy array
+
+# Bytes of similarity scores one query chunk may hold (chunk x N_gallery x itemsize).
+# 256 MiB keeps the SOP test set (60k) at ~1000 queries per chunk: large enough for the
+# matmul to run at full BLAS speed, small enough to stay far below 2 GB peak.
+_DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _as_embeddings(x: ArrayLike, name: str) -> torch.Tensor:
+    t = torch.as_tensor(x)
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(t.shape)}")
+    if t.shape[0] == 0:
+        raise ValueError(f"{name} is empty")
+    # float64 stays float64 (exact tests); anything else is scored in float32, since
+    # half-precision dot products over 512 dims lose enough to reorder neighbours.
+    if t.dtype != torch.float64:
+        t = t.float()
+    return t
+
+
+def _as_labels(y: ArrayLike, n: int, name: str, device: torch.device) -> torch.Tensor:
+    t = torch.as_tensor(y).to(device=device).reshape(-1)
+    if t.numel() != n:
+        raise ValueError(f"{name} has {t.numel()} entries for {n} embeddings")
+    return t.long()
+
+
+def _prepare(
+    embeddings: ArrayLike,
+    labels: ArrayLike,
+    gallery_embeddings: ArrayLike | None,
+    gallery_labels: ArrayLike | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Returns (query, query_labels, gallery, gallery_labels, leave_one_out)."""
+    q = _as_embeddings(embeddings, "embeddings")
+    ql = _as_labels(labels, q.shape[0], "labels", q.device)
+    if (gallery_embeddings is None) != (gallery_labels is None):
+        raise ValueError("give both gallery_embeddings and gallery_labels, or neither")
+    if gallery_embeddings is None:
+        return q, ql, q, ql, True
+    g = _as_embeddings(gallery_embeddings, "gallery_embeddings").to(q.device)
+    if g.shape[1] != q.shape[1]:
+        raise ValueError(f"gallery dim {g.shape[1]} != query dim {q.shape[1]}")
+    dtype = torch.promote_types(q.dtype, g.dtype)
+    q, g = q.to(dtype), g.to(dtype)
+    gl = _as_labels(gallery_labels, g.shape[0], "gallery_labels", q.device)
+    return q, ql, g, gl, False
+
+
+def _auto_chunk(n_gallery: int, itemsize: int, chunk_size: int | None) -> int:
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        return int(chunk_size)
+    return max(1, _DEFAULT_CHUNK_BYTES // max(1, n_gallery * itemsize))
+
+
+# ----------------------------------------------------------------------- neighbours
+
+
+def _order_topk(vals: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reorders each row by (similarity desc, index asc): two stable sorts."""
+    idx, perm = torch.sort(idx, dim=1, stable=True)
+    vals = torch.gather(vals, 1, perm)
+    vals, perm = torch.sort(vals, dim=1, descending=True, stable=True)
+    return vals, torch.gather(idx, 1, perm)
+
+
+def _select_exact(
+    sims_of_rows: "callable",
+    cand_vals: torch.Tensor,
+    cand_idx: torch.Tensor,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k with index tie-break from k+1 candidates per row.
+
+    ``cand_*`` hold the k+1 best candidates of each row in any order. Where the k-th and
+    (k+1)-th best similarities differ, the top-k *set* is already exact and only its order
+    needs fixing. Where they tie, the boundary may have cut a tie arbitrarily, so those
+    rows (rare with real-valued embeddings) are recomputed by a full stable sort of the
+    row's similarities, given by ``sims_of_rows(row_ids)``.
+    """
+    vals, idx = _order_topk(cand_vals, cand_idx)
+    tied = (vals[:, k - 1] == vals[:, k]).nonzero().flatten()
+    vals, idx = vals[:, :k].contiguous(), idx[:, :k].contiguous()
+    if tied.numel():
+        full = sims_of_rows(tied)
+        v, i = torch.sort(full, dim=1, descending=True, stable=True)
+        vals[tied] = v[:, :k]
+        idx[tied] = i[:, :k]
+    return vals, idx
+
+
+def _torch_chunk_topk(
+    q: torch.Tensor,
+    g: torch.Tensor,
+    start: int,
+    k: int,
+    leave_one_out: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of queries q (rows start.. of the query set) against the full gallery."""
+    sims = q @ g.T  # (chunk, N): the only large buffer
+    n_valid = g.shape[0] - (1 if leave_one_out else 0)
+    if leave_one_out:
+        rows = torch.arange(q.shape[0], device=q.device)
+        # -inf sorts the query itself below every real item; with k < n_valid it is never
+        # among the k+1 candidates, and with k == n_valid it lands last and is cut off.
+        sims[rows, rows + start] = float("-inf")
+    if k >= n_valid:
+        v, i = torch.sort(sims, dim=1, descending=True, stable=True)
+        return v[:, :k], i[:, :k]
+    cand_vals, cand_idx = torch.topk(sims, k + 1, dim=1, largest=True, sorted=False)
+    return _select_exact(lambda r: sims[r], cand_vals, cand_idx, k)
+
+
+def _faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _resolve_backend(backend: str) -> str:
+    if backend == "auto":
+        return "faiss" if _faiss_available() else "torch"
+    if backend not in ("torch", "faiss"):
+        raise ValueError(f"backend must be 'torch', 'faiss' or 'auto', got {backend!r}")
+    if backend == "faiss" and not _faiss_available():
+        raise ImportError("backend='faiss' needs the faiss package (pip install faiss-cpu)")
+    return backend
+
+
+class _FaissIndex:
+    """Exact inner-product index over the gallery (faiss IndexFlatIP), built once."""
+
+    def __init__(self, g: torch.Tensor) -> None:
+        import faiss
+
+        self._g = g
+        arr = np.ascontiguousarray(g.detach().cpu().numpy(), dtype=np.float32)
+        self.index = faiss.IndexFlatIP(arr.shape[1])
+        self.index.add(arr)
+
+    def chunk_topk(
+        self, q: torch.Tensor, start: int, k: int, leave_one_out: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n_g = self._g.shape[0]
+        n_valid = n_g - (1 if leave_one_out else 0)
+        own = torch.arange(start, start + q.shape[0], device=q.device)
+
+        def exact_rows(rows: torch.Tensor) -> torch.Tensor:
+            s = q[rows] @ self._g.T
+            if leave_one_out:
+                s[torch.arange(rows.numel(), device=q.device), own[rows]] = float("-inf")
+            return s
+
+        if k >= n_valid:  # everything is wanted: a full sort is exact and no slower
+            v, i = torch.sort(exact_rows(torch.arange(q.shape[0], device=q.device)), dim=1,
+                              descending=True, stable=True)
+            return v[:, :k], i[:, :k]
+        want = k + 1 + (1 if leave_one_out else 0)
+        qa = np.ascontiguousarray(q.detach().cpu().numpy(), dtype=np.float32)
+        d, i = self.index.search(qa, want)
+        vals = torch.from_numpy(d).to(q.device, q.dtype)
+        idx = torch.from_numpy(i).to(q.device)
+        if leave_one_out:
+            # Drop the query itself; if faiss did not return it (ties with duplicates
+            # pushed it out), drop the last candidate instead so every row keeps k+1.
+            is_self = idx == own[:, None]
+            drop = torch.where(is_self.any(1), is_self.float().argmax(1),
+                               torch.full_like(own, want - 1))
+            keep = torch.ones_like(idx, dtype=torch.bool)
+            keep[torch.arange(idx.shape[0], device=q.device), drop] = False
+            vals = vals[keep].view(-1, k + 1)
+            idx = idx[keep].view(-1, k + 1)
+        return _select_exact(exact_rows, vals, idx, k)
+
+
+def _iter_topk(
+    q: torch.Tensor,
+    g: torch.Tensor,
+    leave_one_out: bool,
+    k_for_chunk: "callable",
+    chunk_size: int | None,
+    backend: str,
+) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """Yields (start, stop, sims, indices) per query chunk; k may vary per chunk."""
+    backend = _resolve_backend(backend)
+    chunk = _auto_chunk(g.shape[0], g.element_size(), chunk_size)
+    faiss_index = _FaissIndex(g) if backend == "faiss" else None
+    n_valid = g.shape[0] - (1 if leave_one_out else 0)
+    with torch.no_grad():
+        for start in range(0, q.shape[0], chunk):
+            stop = min(start + chunk, q.shape[0])
+            k = min(int(k_for_chunk(start, stop)), n_valid)
+            if k <= 0:
+                empty = torch.empty(stop - start, 0, device=q.device)
+                yield start, stop, empty.to(q.dtype), empty.long()
+                continue
+            if faiss_index is not None:
+                v, i = faiss_index.chunk_topk(q[start:stop], start, k, leave_one_out)
+            else:
+                v, i = _torch_chunk_topk(q[start:stop], g, start, k, leave_one_out)
+            yield start, stop, v, i
+
+
+def knn(
+    embeddings: ArrayLike,
+    k: int,
+    gallery_embeddings: ArrayLike | None = None,
+    *,
+    chunk_size: int | None = None,
+    backend: str = "torch",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact k nearest neighbours by dot product, ties broken by lower gallery index.
+
+    Without a gallery, each embedding searches the others (leave-one-out, itself excluded
+    by index). Returns (similarities, indices), both (N_query, k') with
+    k' = min(k, number of candidates), sorted best first.
+    """
+    q = _as_embeddings(embeddings, "embeddings")
+    loo = gallery_embeddings is None
+    g = q if loo else _as_embeddings(gallery_embeddings, "gallery_embeddings").to(q.device, q.dtype)
+    parts = list(_iter_topk(q, g, loo, lambda a, b: k, chunk_size, backend))
+    return torch.cat([p[2] for p in parts]), torch.cat([p[3] for p in parts])
+
+
+# -------------------------------------------------------------------------- metrics
+
+
+def _class_counts(query_labels: torch.Tensor, gallery_labels: torch.Tensor, loo: bool) -> torch.Tensor:
+    """R per query: gallery items with the query's label, minus the query itself (loo)."""
+    uniq, counts = torch.unique(gallery_labels, return_counts=True)
+    pos = torch.searchsorted(uniq, query_labels).clamp(max=uniq.numel() - 1)
+    r = torch.where(uniq[pos] == query_labels, counts[pos], torch.zeros_like(counts[pos]))
+    return r - 1 if loo else r
+
+
+def _score(
+    embeddings: ArrayLike,
+    labels: ArrayLike,
+    gallery_embeddings: ArrayLike | None,
+    gallery_labels: ArrayLike | None,
+    ks: Sequence[int],
+    need_r: bool,
+    chunk_size: int | None,
+    backend: str,
+) -> dict[str, Any]:
+    """One chunked pass computing the sums behind every k-NN metric."""
+    q, ql, g, gl, loo = _prepare(embeddings, labels, gallery_embeddings, gallery_labels)
+    ks = sorted({int(k) for k in ks})
+    if any(k < 1 for k in ks):
+        raise ValueError(f"every K must be >= 1, got {ks}")
+    r = _class_counts(ql, gl, loo)
+    max_k = ks[-1] if ks else 0
+
+    def k_for_chunk(a: int, b: int) -> int:
+        # MAP@R needs each query's top R; asking per chunk keeps one large class from
+        # inflating k (and memory) for every other chunk.
+        return max(max_k, int(r[a:b].max())) if need_r else max_k
+
+    hits = {k: 0.0 for k in ks}
+    ap_sum = rp_sum = p1_sum = 0.0
+    for a, b, _, idx in _iter_topk(q, g, loo, k_for_chunk, chunk_size, backend):
+        match = gl[idx] == ql[a:b, None]  # (chunk, k)
+        for k in ks:
+            hits[k] += float(match[:, :k].any(dim=1).sum()) if match.shape[1] else 0.0
+        if need_r and match.shape[1]:
+            rr = r[a:b]
+            ranks = torch.arange(1, match.shape[1] + 1, device=idx.device)
+            within_r = ranks[None, :] <= rr[:, None]
+            rel = (match & within_r).to(torch.float64)
+            prec = rel.cumsum(dim=1) / ranks  # precision at each rank
+            valid = rr > 0
+            denom = rr.clamp(min=1).to(torch.float64)
+            ap_sum += float(((prec * rel).sum(1) / denom)[valid].sum())
+            rp_sum += float((rel.sum(1) / denom)[valid].sum())
+            p1_sum += float(match[:, 0][valid].sum())
+    n = q.shape[0]
+    n_with_match = int((r > 0).sum())
+    out: dict[str, Any] = {
+        "recall": {k: hits[k] / n for k in ks},
+        "n_queries": n,
+        "n_without_match": n - n_with_match,
+    }
+    if need_r:
+        d = max(n_with_match, 1)
+        out.update(map_at_r=ap_sum / d, r_precision=rp_sum / d, precision_at_1=p1_sum / d)
+    return out
+
+
+def recall_at_k(
+    embeddings: ArrayLike,
+    labels: ArrayLike,
+    gallery_embeddings: ArrayLike | None = None,
+    gallery_labels: ArrayLike | None = None,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    *,
+    chunk_size: int | None = None,
+    backend: str = "torch",
+) -> dict[int, float]:
+    """Recall@K: fraction of queries with at least one same-class item in their top K.
+
+    Leave-one-out without a gallery, query-vs-gallery with one. Queries without any
+    correct answer (R = 0) count as misses. K larger than the candidate count is capped.
+    """
+    return _score(embeddings, labels, gallery_embeddings, gallery_labels, ks, False,
+                  chunk_size, backend)["recall"]
+
+
+def map_at_r(
+    embeddings: ArrayLike,
+    labels: ArrayLike,
+    gallery_embeddings: ArrayLike | None = None,
+    gallery_labels: ArrayLike | None = None,
+    *,
+    chunk_size: int | None = None,
+    backend: str = "torch",
+) -> float:
+    """MAP@R (Musgrave et al. 2020): mean over queries of (1/R) sum_{i<=R} P@i * rel_i.
+
+    Queries with R = 0 are excluded (returns 0.0 when no query has R > 0).
+    """
+    return _score(embeddings, labels, gallery_embeddings, gallery_labels, (), True,
+                  chunk_size, backend)["map_at_r"]
