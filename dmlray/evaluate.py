@@ -38,6 +38,10 @@ __all__ = [
     "knn",
     "recall_at_k",
     "map_at_r",
+    "retrieval_metrics",
+    "kmeans",
+    "nmi_score",
+    "format_table",
 ]
 
 ArrayLike = Any  # torch.Tensor or numpy array
@@ -370,3 +374,148 @@ def map_at_r(
     """
     return _score(embeddings, labels, gallery_embeddings, gallery_labels, (), True,
                   chunk_size, backend)["map_at_r"]
+
+
+# --------------------------------------------------------------------------- NMI
+
+
+def kmeans(
+    x: ArrayLike,
+    n_clusters: int,
+    *,
+    max_iter: int = 25,
+    seed: int = 0,
+    init: str = "auto",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Seeded, deterministic Lloyd k-means on the device of ``x``; returns cluster ids.
+
+    ``init``: "k-means++" (D^2 sampling), "random" (distinct random points) or "auto"
+    (k-means++ up to 1000 clusters, random above: k-means++ costs one pass over the data
+    per centre, minutes for SOP's 11k classes). Stops after ``max_iter`` iterations (25,
+    as faiss' default) or when no assignment changes. An empty cluster keeps its centre.
+    Ties between centres go to the lower centre index (``argmax`` returns the first).
+    """
+    x = _as_embeddings(x, "x")
+    n = x.shape[0]
+    if not 1 <= n_clusters <= n:
+        raise ValueError(f"n_clusters must be in [1, {n}], got {n_clusters}")
+    if init == "auto":
+        init = "k-means++" if n_clusters <= 1000 else "random"
+    # The generator lives on the CPU so a seed gives the same start on any device.
+    gen = torch.Generator().manual_seed(seed)
+    if init == "random":
+        centres = x[torch.randperm(n, generator=gen)[:n_clusters].to(x.device)].clone()
+    elif init == "k-means++":
+        centres = torch.empty(n_clusters, x.shape[1], dtype=x.dtype, device=x.device)
+        first = int(torch.randint(n, (1,), generator=gen))
+        centres[0] = x[first]
+        d2 = ((x - centres[0]) ** 2).sum(1)
+        for c in range(1, n_clusters):
+            w = d2.double().cpu()
+            # All points coincide with a centre: any choice is as good; take the first.
+            pick = int(torch.multinomial(w, 1, generator=gen)) if float(w.sum()) > 0 else c
+            centres[c] = x[pick]
+            d2 = torch.minimum(d2, ((x - centres[c]) ** 2).sum(1))
+    else:
+        raise ValueError(f"init must be 'auto', 'k-means++' or 'random', got {init!r}")
+
+    chunk = _auto_chunk(n_clusters, x.element_size(), chunk_size)
+    assign = torch.full((n,), -1, dtype=torch.long, device=x.device)
+    for _ in range(max_iter):
+        # argmin ||x - c||^2 == argmax (x.c - ||c||^2 / 2); chunked so memory is chunk x C.
+        half_sq = 0.5 * (centres * centres).sum(1)
+        new = torch.cat([(x[a:a + chunk] @ centres.T - half_sq).argmax(1)
+                         for a in range(0, n, chunk)])
+        if torch.equal(new, assign):
+            break
+        assign = new
+        # Sums in float64 so the result does not depend on accumulation order.
+        sums = torch.zeros(n_clusters, x.shape[1], dtype=torch.float64, device=x.device)
+        sums.index_add_(0, assign, x.double())
+        counts = torch.bincount(assign, minlength=n_clusters)
+        filled = counts > 0
+        centres[filled] = (sums[filled] / counts[filled, None]).to(x.dtype)
+    return assign
+
+
+def nmi_score(labels_true: ArrayLike, labels_pred: ArrayLike) -> float:
+    """Normalised mutual information, arithmetic-mean normalisation (sklearn's default).
+
+    NMI = I(U; V) / ((H(U) + H(V)) / 2); 1.0 when both labelings are a single cluster.
+    """
+    a = np.asarray(torch.as_tensor(labels_true).cpu()).reshape(-1)
+    b = np.asarray(torch.as_tensor(labels_pred).cpu()).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"label arrays differ in length: {a.size} vs {b.size}")
+    n = a.size
+    _, ai = np.unique(a, return_inverse=True)
+    _, bi = np.unique(b, return_inverse=True)
+    if ai.max(initial=0) == 0 and bi.max(initial=0) == 0:
+        return 1.0
+    # Sparse contingency table: only the non-empty (class, cluster) cells.
+    cells, nij = np.unique(ai.astype(np.int64) * (bi.max() + 1) + bi, return_counts=True)
+    ca, cb = np.bincount(ai).astype(np.float64), np.bincount(bi).astype(np.float64)
+    ri, rj = cells // (bi.max() + 1), cells % (bi.max() + 1)
+    nij = nij.astype(np.float64)
+    mi = float(np.sum(nij / n * (np.log(nij * n) - np.log(ca[ri] * cb[rj]))))
+    h_a = float(-np.sum(ca / n * np.log(ca / n)))
+    h_b = float(-np.sum(cb / n * np.log(cb / n)))
+    denom = 0.5 * (h_a + h_b)
+    return max(0.0, mi / denom) if denom > 0 else 0.0
+
+
+# ---------------------------------------------------------------------- reporting
+
+
+def retrieval_metrics(
+    embeddings: ArrayLike,
+    labels: ArrayLike,
+    gallery_embeddings: ArrayLike | None = None,
+    gallery_labels: ArrayLike | None = None,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    nmi: bool = True,
+    *,
+    chunk_size: int | None = None,
+    backend: str = "torch",
+    seed: int = 0,
+) -> dict[str, float]:
+    """All retrieval metrics in one chunked pass, as a flat dict of fractions.
+
+    Keys: ``recall@K`` for each K, ``map@r``, ``r_precision``, ``precision@1`` and, if
+    ``nmi``, ``nmi``: k-means on the query embeddings with one cluster per distinct query
+    label, scored against those labels. See the module docstring for the conventions.
+    """
+    s = _score(embeddings, labels, gallery_embeddings, gallery_labels, ks, True,
+               chunk_size, backend)
+    out: dict[str, float] = {f"recall@{k}": v for k, v in s["recall"].items()}
+    out["map@r"] = s["map_at_r"]
+    out["r_precision"] = s["r_precision"]
+    out["precision@1"] = s["precision_at_1"]
+    if nmi:
+        q = _as_embeddings(embeddings, "embeddings")
+        y = _as_labels(labels, q.shape[0], "labels", q.device)
+        n_classes = int(torch.unique(y).numel())
+        out["nmi"] = nmi_score(y, kmeans(q, n_classes, seed=seed, chunk_size=chunk_size))
+    return out
+
+
+_COLUMNS = (("map@r", "MAP@R"), ("r_precision", "RP"), ("precision@1", "P@1"), ("nmi", "NMI"))
+
+
+def format_table(rows: dict[str, dict], ks: Sequence[int] = (1, 2, 4, 8)) -> str:
+    """A plain-text results table in the style of the seed papers, values in percent.
+
+    ``rows`` maps a method name to a ``retrieval_metrics`` dict. Columns are R@K for each
+    K, then MAP@R, RP, P@1 and NMI when at least one row has them; a missing value is "-".
+    """
+    cols = [(f"recall@{k}", f"R@{k}") for k in ks]
+    cols += [c for c in _COLUMNS if any(c[0] in r for r in rows.values())]
+    name_w = max([len("method")] + [len(n) for n in rows])
+    widths = [max(len(h), 5) for _, h in cols]
+    lines = ["  ".join([f"{'method':<{name_w}}"] + [f"{h:>{w}}" for (_, h), w in zip(cols, widths)])]
+    lines.append("-" * len(lines[0]))
+    for name, r in rows.items():
+        cells = [f"{100 * r[key]:.1f}" if r.get(key) is not None else "-" for key, _ in cols]
+        lines.append("  ".join([f"{name:<{name_w}}"] + [f"{c:>{w}}" for c, w in zip(cells, widths)]))
+    return "\n".join(lines)
