@@ -141,21 +141,25 @@ def _select_exact(
     return vals, idx
 
 
-def _torch_chunk_topk(
-    q: torch.Tensor,
-    g: torch.Tensor,
-    start: int,
-    k: int,
-    leave_one_out: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k of queries q (rows start.. of the query set) against the full gallery."""
-    sims = q @ g.T  # (chunk, N): the only large buffer
-    n_valid = g.shape[0] - (1 if leave_one_out else 0)
+def _torch_chunk_sims(
+    q: torch.Tensor, g: torch.Tensor, start: int, leave_one_out: bool, buf: torch.Tensor
+) -> torch.Tensor:
+    """Similarities of a query chunk (rows start.. of the query set) to the whole gallery.
+
+    Written into ``buf`` (reused across chunks: a fresh chunk x N allocation every chunk
+    costs page faults comparable to the matmul itself on CPU).
+    """
+    sims = torch.mm(q, g.T, out=buf[: q.shape[0]])
     if leave_one_out:
         rows = torch.arange(q.shape[0], device=q.device)
-        # -inf sorts the query itself below every real item; with k < n_valid it is never
-        # among the k+1 candidates, and with k == n_valid it lands last and is cut off.
+        # -inf sorts the query itself below every real item, so it is never retrieved
+        # while fewer than all other items are asked for (k is capped at N - 1).
         sims[rows, rows + start] = float("-inf")
+    return sims
+
+
+def _topk_of_sims(sims: torch.Tensor, k: int, n_valid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of a similarity block, ties to the lower index."""
     if k >= n_valid:
         v, i = torch.sort(sims, dim=1, descending=True, stable=True)
         return v[:, :k], i[:, :k]
@@ -234,25 +238,33 @@ def _iter_topk(
     k_for_chunk: "callable",
     chunk_size: int | None,
     backend: str,
-) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
-    """Yields (start, stop, sims, indices) per query chunk; k may vary per chunk."""
+) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Yields (start, stop, sims, indices, block) per query chunk; k may vary per chunk.
+
+    ``block`` is the chunk's full similarity row block (torch backend; None for faiss),
+    valid only until the next chunk is requested: its buffer is reused.
+    """
     backend = _resolve_backend(backend)
-    chunk = _auto_chunk(g.shape[0], g.element_size(), chunk_size)
+    chunk = min(_auto_chunk(g.shape[0], g.element_size(), chunk_size), q.shape[0])
     faiss_index = _FaissIndex(g) if backend == "faiss" else None
+    buf = None if faiss_index is not None else torch.empty(chunk, g.shape[0], dtype=g.dtype,
+                                                            device=g.device)
     n_valid = g.shape[0] - (1 if leave_one_out else 0)
     with torch.no_grad():
         for start in range(0, q.shape[0], chunk):
             stop = min(start + chunk, q.shape[0])
             k = min(int(k_for_chunk(start, stop)), n_valid)
-            if k <= 0:
-                empty = torch.empty(stop - start, 0, device=q.device)
-                yield start, stop, empty.to(q.dtype), empty.long()
-                continue
             if faiss_index is not None:
+                if k <= 0:
+                    v = torch.empty(stop - start, 0, dtype=q.dtype, device=q.device)
+                    yield start, stop, v, v.long(), None
+                    continue
                 v, i = faiss_index.chunk_topk(q[start:stop], start, k, leave_one_out)
+                yield start, stop, v, i, None
             else:
-                v, i = _torch_chunk_topk(q[start:stop], g, start, k, leave_one_out)
-            yield start, stop, v, i
+                block = _torch_chunk_sims(q[start:stop], g, start, leave_one_out, buf)
+                v, i = _topk_of_sims(block, max(k, 0), n_valid)
+                yield start, stop, v, i, block
 
 
 def knn(
@@ -272,7 +284,7 @@ def knn(
     q = _as_embeddings(embeddings, "embeddings")
     loo = gallery_embeddings is None
     g = q if loo else _as_embeddings(gallery_embeddings, "gallery_embeddings").to(q.device, q.dtype)
-    parts = list(_iter_topk(q, g, loo, lambda a, b: k, chunk_size, backend))
+    parts = [p[:4] for p in _iter_topk(q, g, loo, lambda a, b: k, chunk_size, backend)]
     return torch.cat([p[2] for p in parts]), torch.cat([p[3] for p in parts])
 
 
@@ -287,6 +299,42 @@ def _class_counts(query_labels: torch.Tensor, gallery_labels: torch.Tensor, loo:
     return r - 1 if loo else r
 
 
+# Recall@K up to this K is read off the top-k table; beyond it the torch backend counts.
+_TOPK_FOR_RECALL = 64
+# Rows per sub-block when counting ranks: bounds the temporaries to a few x 256 x N.
+_COUNT_ROWS = 256
+
+
+def _first_hit_rank(
+    block: torch.Tensor,
+    rows: torch.Tensor,
+    start: int,
+    query_labels: torch.Tensor,
+    gallery_labels: torch.Tensor,
+    leave_one_out: bool,
+) -> torch.Tensor:
+    """Exact 0-based rank of each row's best same-class item, by counting.
+
+    The best positive is the most similar same-class item, the lowest index among equals;
+    its rank is the number of items ranked before it under (similarity desc, index asc).
+    The query itself is -inf in ``block`` (leave-one-out) and never counts. Every row
+    must have at least one positive.
+    """
+    out = torch.empty(rows.numel(), dtype=torch.long, device=block.device)
+    cols = torch.arange(block.shape[1], device=block.device)
+    for a in range(0, rows.numel(), _COUNT_ROWS):
+        sub = rows[a:a + _COUNT_ROWS]
+        s = block[sub]
+        pos = gallery_labels[None, :] == query_labels[start + sub, None]
+        if leave_one_out:
+            pos[torch.arange(sub.numel(), device=s.device), start + sub] = False
+        best = s.masked_fill(~pos, float("-inf")).amax(1, keepdim=True)
+        at_best = s == best
+        best_idx = (pos & at_best).to(torch.uint8).argmax(1, keepdim=True)
+        out[a:a + _COUNT_ROWS] = (s > best).sum(1) + (at_best & (cols < best_idx)).sum(1)
+    return out
+
+
 def _score(
     embeddings: ArrayLike,
     labels: ArrayLike,
@@ -296,8 +344,13 @@ def _score(
     need_r: bool,
     chunk_size: int | None,
     backend: str,
+    keep_top: int = 0,
 ) -> dict[str, Any]:
-    """One chunked pass computing the sums behind every k-NN metric."""
+    """One chunked pass computing the sums behind every k-NN metric.
+
+    ``keep_top`` > 0 also returns each query's first ``keep_top`` neighbours (indices and
+    similarities), for checks such as the benchmark's comparison with faiss.
+    """
     q, ql, g, gl, loo = _prepare(embeddings, labels, gallery_embeddings, gallery_labels)
     ks = sorted({int(k) for k in ks})
     if any(k < 1 for k in ks):
@@ -305,22 +358,42 @@ def _score(
     r = _class_counts(ql, gl, loo)
     max_k = ks[-1] if ks else 0
 
+    # The torch backend ranks the first correct neighbour by counting over the chunk's
+    # similarity block, so a large K (SOP's 1000) needs no top-1000 selection: top-k only
+    # has to reach R for MAP@R. faiss returns neighbour tables only, so it searches K deep.
+    counting = _resolve_backend(backend) == "torch" and max_k > _TOPK_FOR_RECALL
+
     def k_for_chunk(a: int, b: int) -> int:
         # MAP@R needs each query's top R; asking per chunk keeps one large class from
         # inflating k (and memory) for every other chunk.
-        return max(max_k, int(r[a:b].max())) if need_r else max_k
+        k = max(int(r[a:b].max()) if need_r else 0, keep_top, 1)
+        return k if counting else max(k, max_k)
 
     hits = {k: 0.0 for k in ks}
     ap_sum = rp_sum = p1_sum = 0.0
-    for a, b, _, idx in _iter_topk(q, g, loo, k_for_chunk, chunk_size, backend):
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for a, b, sims, idx, block in _iter_topk(q, g, loo, k_for_chunk, chunk_size, backend):
+        if keep_top:
+            kept.append((sims[:, :keep_top].clone(), idx[:, :keep_top].clone()))
+        if idx.shape[1] == 0:  # a single-item set: nothing to retrieve
+            continue
+        rr = r[a:b]
         match = gl[idx] == ql[a:b, None]  # (chunk, k)
+        # Rank (0-based) of the first correct neighbour; recall@K counts first < K.
+        # Not in the table: rank >= table depth >= max K (or no positive at all), so a
+        # rank past the gallery end marks a miss for every K, unless counted below.
+        found = match.any(1)
+        first = torch.where(found, match.to(torch.uint8).argmax(1), g.shape[0])
+        if counting:
+            deep = (~found & (rr > 0)).nonzero().flatten()
+            if deep.numel():
+                first[deep] = _first_hit_rank(block, deep, a, ql, gl, loo)
         for k in ks:
-            hits[k] += float(match[:, :k].any(dim=1).sum()) if match.shape[1] else 0.0
-        if need_r and match.shape[1]:
-            rr = r[a:b]
-            ranks = torch.arange(1, match.shape[1] + 1, device=idx.device)
-            within_r = ranks[None, :] <= rr[:, None]
-            rel = (match & within_r).to(torch.float64)
+            hits[k] += float((first < k).sum())
+        if need_r and int(rr.max()) > 0:
+            kr = min(match.shape[1], int(rr.max()))  # MAP@R never looks past rank R
+            ranks = torch.arange(1, kr + 1, device=idx.device)
+            rel = (match[:, :kr] & (ranks[None, :] <= rr[:, None])).to(torch.float64)
             prec = rel.cumsum(dim=1) / ranks  # precision at each rank
             valid = rr > 0
             denom = rr.clamp(min=1).to(torch.float64)
@@ -334,6 +407,9 @@ def _score(
         "n_queries": n,
         "n_without_match": n - n_with_match,
     }
+    if keep_top:
+        out["neighbour_sims"] = torch.cat([v for v, _ in kept])
+        out["neighbours"] = torch.cat([i for _, i in kept])
     if need_r:
         d = max(n_with_match, 1)
         out.update(map_at_r=ap_sum / d, r_precision=rp_sum / d, precision_at_1=p1_sum / d)
