@@ -1,0 +1,5 @@
+import sys
+
+from dmlray.cli import main
+
+sys.exit(main())

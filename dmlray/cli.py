@@ -1,0 +1,93 @@
+"""Command line: argument parsing only; every subcommand calls one function elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dmlray", description="Distributed deep metric learning on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pack", help="pack a raw dataset into WebDataset shards + manifest")
+    p.add_argument("recipe", help="recipe file (shards/*.yaml) or dataset name (e.g. glyphs)")
+    p.add_argument("--dst", required=True, help="destination: path, file:// or s3://bucket/prefix")
+    p.add_argument("--src", default=None, help="raw dataset folder (not needed for glyphs)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("train", help="train from a preset or YAML config with key=value overrides")
+    p.add_argument("config", help="preset name (see --list-presets) or YAML path")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=100")
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint or run folder")
+    p.add_argument("checkpoint", help="run folder or checkpoint folder (path or s3://)")
+    p.add_argument("--data", default=None, help="dataset root (default: the run's data.url)")
+    p.add_argument("--split", default=None, help="split to evaluate (default: the run's test split)")
+
+    p = sub.add_parser("demo", help="the built-in demo: glyphs on a local S3 → Ray Train → Recall@K")
+    p.add_argument("--out", default="demo-out", help="folder for the object store and runs")
+    p.add_argument("overrides", nargs="*", help="overrides of the demo preset, e.g. train.steps=200")
+
+    p = sub.add_parser("tune", help="hyper-parameter sweep with Ray Tune")
+    p.add_argument("config", help="preset name or YAML path")
+    p.add_argument("--space", required=True, help="search space YAML")
+    p.add_argument("--num-samples", type=int, default=4)
+    p.add_argument("--scheduler", choices=["asha", "none"], default="asha")
+    p.add_argument("--search", choices=["random", "optuna"], default="random")
+    p.add_argument("--max-concurrent", type=int, default=0, help="0 = derived from the cluster's CPUs")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides of the base config")
+
+    sub.add_parser("presets", help="list the presets shipped with dmlray")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dmlray.config import ConfigError
+    from dmlray.data.storage import StorageError
+
+    try:
+        return _dispatch(args)
+    except (ConfigError, StorageError, FileNotFoundError, KeyError, ValueError) as exc:
+        print(f"dmlray {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args) -> int:
+    if args.command == "pack":
+        from dmlray.data.pack import load_recipe, pack
+
+        url = pack(load_recipe(args.recipe), args.dst, args.src, progress=not args.no_progress)
+        print(f"wrote {url}")
+        return 0
+    if args.command == "train":
+        from dmlray.app import train_and_report
+        from dmlray.config import load_config
+
+        train_and_report(load_config(args.config, args.overrides))
+        return 0
+    if args.command == "eval":
+        from dmlray.app import eval_and_report
+
+        eval_and_report(args.checkpoint, data=args.data, split=args.split)
+        return 0
+    if args.command == "demo":
+        from dmlray.demo import run_demo
+
+        run_demo(args.out, args.overrides)
+        return 0
+    if args.command == "tune":
+        from dmlray.tune import run_sweep
+
+        run_sweep(args.config, args.space, overrides=args.overrides, num_samples=args.num_samples,
+                  scheduler=args.scheduler, search=args.search, max_concurrent=args.max_concurrent)
+        return 0
+    if args.command == "presets":
+        from dmlray.config import preset_names
+
+        print("\n".join(preset_names()))
+        return 0
+    raise AssertionError(args.command)

@@ -1,0 +1,349 @@
+"""Typed run configuration: dataclasses, YAML files or presets, and ``a.b=value`` overrides.
+
+Unknown keys and values of the wrong type are errors that name the key, raised before any
+worker starts. The resolved config is written into every run folder (``config.yaml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names it."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the shards are and how batches are drawn from them."""
+
+    url: str = ""
+    """Dataset root holding ``<split>/manifest.json`` (plain path, file:// or s3://)."""
+    train_split: str = "train"
+    """Split trained on."""
+    test_split: str = "test"
+    """Split evaluated leave-one-out (or the query split when gallery_split is set)."""
+    gallery_split: str = ""
+    """Gallery split for query-vs-gallery evaluation (In-Shop); empty = leave-one-out."""
+    classes_per_batch: int = 16
+    """P: classes in each local batch."""
+    samples_per_class: int = 4
+    """K: instances of each class in a batch."""
+    class_buffer: int = 128
+    """Classes held in the stream's group buffer (bounds memory; more = better mixing)."""
+    open_shards: int = 4
+    """Shards read in interleaved fashion at once, so one batch mixes several shards."""
+    image_size: int = 32
+    """Side of the square network input."""
+    channels: int = 1
+    """Image channels fed to the network (1 = grey, 3 = RGB)."""
+    augment: bool = True
+    """Random shift/scale augmentation during training."""
+    loader_workers: int = 0
+    """DataLoader worker processes per rank (0 = read in the training process)."""
+    eval_batch_size: int = 256
+    """Batch size when embedding the evaluation split."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Backbone and embedding head."""
+
+    backbone: str = "glyph_cnn"
+    """Registered backbone name (see dmlray.models.backbone_names())."""
+    backbone_args: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the backbone builder."""
+    pretrained: str = ""
+    """Path or URL of pretrained backbone weights (nothing is downloaded otherwise)."""
+    embedding_dim: int = 64
+    """Size of the L2-normalised embedding."""
+    hidden_dim: int = 0
+    """Hidden width of an MLP head; 0 = linear head."""
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """The metric-learning loss."""
+
+    name: str = "multi_similarity"
+    """Registered loss name (see dmlray.losses.names())."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the loss (its defaults otherwise)."""
+
+
+@dataclass(kw_only=True)
+class MemoryConfig:
+    """Cross-batch memory (XBM) of global batches."""
+
+    size: int = 0
+    """Entries held (global across ranks); 0 turns the memory off."""
+    start: int = 0
+    """Step from which the memory is filled and its loss term used."""
+    weight: float = 1.0
+    """Weight w of the memory term L(batch, memory)."""
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """Optimiser and step learning-rate schedule."""
+
+    name: str = "adam"
+    """adam, adamw or sgd."""
+    lr: float = 1e-3
+    """Learning rate of the network."""
+    weight_decay: float = 0.0
+    """Weight decay."""
+    loss_lr: float = 0.0
+    """Learning rate of loss parameters (proxies, centres); 0 = same as lr."""
+    milestones: list[int] = field(default_factory=list)
+    """Steps at which the learning rate is multiplied by gamma."""
+    gamma: float = 0.1
+    """Learning-rate decay factor at each milestone."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The iteration-based training loop."""
+
+    steps: int = 300
+    """Optimisation steps (every rank runs exactly this many)."""
+    eval_every: int = 100
+    """Evaluate (and checkpoint) every this many steps, and at the end."""
+    log_every: int = 10
+    """Record metrics every this many steps."""
+    seed: int = 0
+    """Run seed; data and init seeds derive from (seed, rank, worker)."""
+    dtype: str = "float32"
+    """Parameter dtype: float32 or float64 (float64 for exactness tests)."""
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Retrieval evaluation."""
+
+    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    """K values of Recall@K."""
+    baseline: bool = True
+    """Also evaluate raw pixels as a baseline (at the end of training)."""
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Where the run lives and how Ray runs it."""
+
+    name: str = "demo"
+    """Run name; the run folder is storage_path/name."""
+    storage_path: str = "runs"
+    """Local folder or s3:// URL holding run folders."""
+    num_workers: int = 2
+    """Ray Train workers (DDP ranks); 0 runs in-process without Ray workers."""
+    use_gpu: bool = False
+    """One GPU per worker (nccl) instead of CPU (gloo)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker."""
+    threads_per_worker: int = 1
+    """torch intra-op threads per worker."""
+    max_failures: int = 0
+    """Worker-group restarts from the last checkpoint before the run fails."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in the run folder (the most recent)."""
+    metrics_port: int = 0
+    """Port of a prometheus_client server when training outside Ray; 0 = none."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    """A complete training run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check (and minimally convert) a YAML value against a dataclass field type."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def _from_dict(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(f"unknown config key {where!r}; {prefix or 'config'} has: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        where = f"{prefix}.{name}" if prefix else name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _from_dict(tp, value, where)
+        else:
+            kwargs[name] = _coerce(value, tp, where)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> Config:
+    """Build and validate a Config from a nested mapping (missing keys take defaults)."""
+    cfg = _from_dict(Config, data or {}, "")
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """The config as plain nested dicts/lists (YAML- and JSON-serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` → (["a", "b"], value parsed as a YAML scalar/list)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    return path, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set each ``a.b=value`` in a nested mapping (a copy); keys are checked later."""
+    out = yaml.safe_load(yaml.safe_dump(data or {}))
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+        node[path[-1]] = value
+    return out
+
+
+def preset_names() -> list[str]:
+    """Presets shipped in the package (dmlray/presets/*.yaml)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    """Path of a shipped preset; an unknown name lists the known ones."""
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(preset_names())}")
+    return path
+
+
+def load_config(source: str, overrides: list[str] = ()) -> Config:
+    """A preset name or a YAML path, plus overrides → a validated Config."""
+    path = Path(source)
+    if not (path.suffix in (".yaml", ".yml") or path.exists()):
+        path = preset_path(source)
+    if not path.is_file():
+        raise ConfigError(f"config file {source!r} does not exist")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    return config_from_dict(apply_overrides(data, list(overrides)))
+
+
+def validate(cfg: Config) -> None:
+    """Check values that types alone cannot; every message names the key."""
+    from dmlray import losses, models  # local: keep config import light
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    need(cfg.data.classes_per_batch >= 2, "data.classes_per_batch must be >= 2 (negatives need two classes)")
+    need(cfg.data.samples_per_class >= 2, "data.samples_per_class must be >= 2 (positives need two instances)")
+    need(cfg.data.class_buffer >= cfg.data.classes_per_batch, "data.class_buffer must be >= data.classes_per_batch")
+    need(cfg.data.open_shards >= 1, "data.open_shards must be >= 1")
+    need(cfg.data.image_size >= 8, "data.image_size must be >= 8")
+    need(cfg.data.channels in (1, 3), "data.channels must be 1 or 3")
+    need(cfg.data.loader_workers >= 0, "data.loader_workers must be >= 0")
+    need(cfg.model.embedding_dim >= 1, "model.embedding_dim must be >= 1")
+    if cfg.model.backbone not in models.backbone_names():
+        raise ConfigError(f"model.backbone: unknown backbone {cfg.model.backbone!r}; known: {', '.join(models.backbone_names())}")
+    if cfg.loss.name not in losses.names():
+        raise ConfigError(f"loss.name: unknown loss {cfg.loss.name!r}; known: {', '.join(losses.names())}")
+    need(cfg.memory.size >= 0, "memory.size must be >= 0")
+    need(cfg.memory.start >= 0, "memory.start must be >= 0")
+    if cfg.memory.size > 0 and not losses.loss_class(cfg.loss.name).supports_references:
+        raise ConfigError(f"memory.size: loss {cfg.loss.name!r} cannot pair against a cross-batch memory; set memory.size=0")
+    need(cfg.optim.name in ("adam", "adamw", "sgd"), f"optim.name must be adam, adamw or sgd, got {cfg.optim.name!r}")
+    need(cfg.optim.lr > 0, "optim.lr must be > 0")
+    need(cfg.train.steps >= 1, "train.steps must be >= 1")
+    need(cfg.train.eval_every >= 1, "train.eval_every must be >= 1")
+    need(cfg.train.log_every >= 1, "train.log_every must be >= 1")
+    need(cfg.train.dtype in ("float32", "float64"), "train.dtype must be float32 or float64")
+    need(len(cfg.eval.ks) > 0 and all(k >= 1 for k in cfg.eval.ks), "eval.ks must be positive integers")
+    need(cfg.run.num_workers >= 0, "run.num_workers must be >= 0")
+    need(cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
+    need(cfg.run.max_failures >= -1, "run.max_failures must be >= -1 (-1 = retry forever)")
+    need(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name must be a non-empty name without '/'")

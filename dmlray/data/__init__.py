@@ -1,0 +1,1 @@
+"""Data: URLs on disk or S3, shard packing, streaming P×K batches, the glyphs dataset."""

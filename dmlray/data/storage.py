@@ -1,0 +1,198 @@
+"""One way to read and write bytes at a URL: a plain path, ``file://`` or ``s3://``.
+
+S3 goes through boto3 with the standard configuration: credentials from the usual chain,
+the endpoint from ``AWS_ENDPOINT_URL`` (SeaweedFS, MinIO, ...), region from
+``AWS_DEFAULT_REGION`` / ``AWS_REGION``. Errors name the URL, endpoint and bucket.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import IO
+from urllib.parse import urlparse
+
+
+class StorageError(IOError):
+    """Reading or writing a URL failed; the message names URL, endpoint and bucket."""
+
+
+def is_s3(url: str) -> bool:
+    return url.startswith("s3://")
+
+
+def local_path(url: str) -> Path:
+    """The filesystem path of a plain path or file:// URL."""
+    if url.startswith("file://"):
+        return Path(urlparse(url).path)
+    if "://" in url:
+        raise StorageError(f"unsupported URL scheme in {url!r}: use a path, file:// or s3://")
+    return Path(url)
+
+
+def split_s3(url: str) -> tuple[str, str]:
+    """``s3://bucket/key`` → (bucket, key)."""
+    parsed = urlparse(url)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise StorageError(f"not an s3://bucket/key URL: {url!r}")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URL path parts with '/', keeping the scheme."""
+    out = base.rstrip("/")
+    for part in parts:
+        out += "/" + part.strip("/")
+    return out
+
+
+def endpoint() -> str:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS default endpoint"
+
+
+_local = threading.local()
+
+
+def s3_client():
+    """A boto3 S3 client for this thread and process (boto3 clients are not fork-safe)."""
+    key = os.getpid()
+    cached = getattr(_local, "clients", {})
+    if key not in cached:
+        import boto3
+        from botocore.config import Config as BotoConfig
+
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        cfg = BotoConfig(
+            retries={"max_attempts": 6, "mode": "standard"},  # transient errors back off and retry
+            s3={"addressing_style": "path"},  # S3-compatible servers rarely have virtual hosts
+            connect_timeout=10,
+            read_timeout=60,
+        )
+        cached = {key: boto3.client("s3", region_name=region, config=cfg)}
+        _local.clients = cached
+    return cached[key]
+
+
+def _s3_error(url: str, exc: Exception, action: str) -> StorageError:
+    bucket, key = split_s3(url)
+    code = ""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code", "")
+    hint = {
+        "InvalidAccessKeyId": "the access key is not known to the server: check AWS_ACCESS_KEY_ID",
+        "SignatureDoesNotMatch": "the secret key is wrong: check AWS_SECRET_ACCESS_KEY",
+        "AccessDenied": "the credentials may not do this",
+        "NoSuchBucket": f"bucket {bucket!r} does not exist",
+        "NoSuchKey": f"object {key!r} does not exist",
+        "404": f"object {key!r} does not exist",
+        "403": "access denied: check the credentials",
+    }.get(code, "")
+    detail = f"{code}: {hint}" if hint else (code or type(exc).__name__)
+    return StorageError(f"cannot {action} {url} (endpoint {endpoint()}, bucket {bucket!r}): {detail} [{exc}]")
+
+
+def open_read(url: str) -> IO[bytes]:
+    """A readable binary stream of the object (streamed for S3, not read into memory)."""
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        try:
+            return s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+        except Exception as exc:  # botocore raises many types; all become StorageError
+            raise _s3_error(url, exc, "read") from exc
+    try:
+        return open(local_path(url), "rb")
+    except OSError as exc:
+        raise StorageError(f"cannot read {url}: {exc}") from exc
+
+
+def read_bytes(url: str) -> bytes:
+    stream = open_read(url)
+    try:
+        return stream.read()
+    except Exception as exc:
+        if is_s3(url):
+            raise _s3_error(url, exc, "read") from exc
+        raise StorageError(f"cannot read {url}: {exc}") from exc
+    finally:
+        stream.close()
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Write an object whole; locally via a temporary file and rename (never half-visible)."""
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        try:
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+        except Exception as exc:
+            raise _s3_error(url, exc, "write") from exc
+        return
+    path = local_path(url)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def upload_file(src: str | Path, url: str) -> None:
+    """Copy a local file to a URL; S3 uses boto3's managed (multipart) upload."""
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        try:
+            s3_client().upload_file(str(src), bucket, key)
+        except Exception as exc:
+            raise _s3_error(url, exc, "upload to") from exc
+        return
+    path = local_path(url)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(src, "rb") as fin, open(tmp, "wb") as fout:
+        while chunk := fin.read(1 << 20):
+            fout.write(chunk)
+    os.replace(tmp, path)
+
+
+def exists(url: str) -> bool:
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        try:
+            s3_client().head_object(Bucket=bucket, Key=key)
+            return True
+        except Exception as exc:
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+            if code in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise _s3_error(url, exc, "check") from exc
+    return local_path(url).exists()
+
+
+def check_bucket(url: str) -> None:
+    """Fail early, with a clear message, when an s3:// destination cannot be reached."""
+    if not is_s3(url):
+        return
+    bucket, _ = split_s3(url)
+    try:
+        s3_client().head_bucket(Bucket=bucket)
+    except Exception as exc:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchBucket"):
+            raise StorageError(f"bucket {bucket!r} does not exist at endpoint {endpoint()} ({url})") from exc
+        raise _s3_error(url, exc, "access") from exc
+
+
+def list_dir(url: str) -> list[str]:
+    """Names of the entries directly under a folder URL (objects and sub-prefixes for S3)."""
+    if is_s3(url):
+        bucket, key = split_s3(url.rstrip("/") + "/")
+        names: list[str] = []
+        try:
+            pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key, Delimiter="/")
+            for page in pages:
+                names += [p["Prefix"][len(key):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+                names += [o["Key"][len(key):] for o in page.get("Contents", [])]
+        except Exception as exc:
+            raise _s3_error(url, exc, "list") from exc
+        return sorted(names)
+    path = local_path(url)
+    return sorted(p.name for p in path.iterdir()) if path.is_dir() else []

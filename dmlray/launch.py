@@ -1,0 +1,166 @@
+"""Run training with Ray Train: a TorchTrainer whose workers each run ``run_worker``.
+
+Connects to the cluster named by ``RAY_ADDRESS`` (so ``ray job submit -- dmlray train``
+works) and starts a local one otherwise. ``run.num_workers=0`` runs in-process (Ray
+Train's local mode: no cluster, no fault tolerance) for quick runs and tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dmlray.config import Config, config_from_dict, config_to_dict
+from dmlray.data import storage
+from dmlray.metrics import WorkerMetrics
+from dmlray.runfolder import RunFolder
+from dmlray.worker import WorkerContext, run_worker
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+           "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
+
+
+def resolve_storage_path(path: str) -> str:
+    """Ray needs an absolute local path or a URI."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def train_function(config: dict) -> None:
+    """The per-worker entry point Ray Train calls (config arrives as a plain dict)."""
+    import ray
+    import ray.train
+
+    cfg = config_from_dict(config["config"])
+    trial = config.get("trial", "")
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(cfg.run.threads_per_worker)
+    device = torch.device("cpu")
+    if cfg.run.use_gpu and torch.cuda.is_available():
+        device = torch.device("cuda", context.get_local_rank())
+        torch.cuda.set_device(device)
+
+    restored = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            restored = torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=False)
+
+    backend = "ray" if ray.is_initialized() else "prometheus"
+    metrics = WorkerMetrics(run=cfg.run.name, rank=rank, trial=trial, backend=backend,
+                            port=cfg.run.metrics_port if backend == "prometheus" else 0)
+    folder = RunFolder(cfg.run.storage_path, cfg.run.name) if rank == 0 else None
+    def report(record: dict, history: list[dict], state: dict | None) -> None:
+        metrics.record(record)
+        if folder is not None:
+            folder.write_metrics(history)
+        if state is None:
+            return
+        flat = {k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None}
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:  # one copy of the state is enough: every rank holds the same
+                torch.save(state, Path(tmp) / STATE_FILE)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(flat, checkpoint=ckpt)
+
+    def wrap(model):
+        if world_size == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    final = run_worker(cfg, WorkerContext(rank=rank, world_size=world_size, device=device, report=report,
+                                          restored=restored, wrap_model=wrap))
+    if folder is not None:
+        folder.write_result(result_record(cfg, final))
+
+
+def result_record(cfg: Config, final: dict) -> dict:
+    """result.json: the final retrieval metrics of the model and of the raw-pixel baseline."""
+    model = {k: v for k, v in final.items() if k.startswith(("recall@", "map@r", "r_precision", "precision@1", "nmi"))}
+    return {
+        "run": cfg.run.name,
+        "steps": final.get("step"),
+        "test_split": cfg.data.test_split,
+        "ks": cfg.eval.ks,
+        "metrics": model,
+        "baseline_raw_pixels": final.get("baseline"),
+    }
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Connect to RAY_ADDRESS's cluster, or start a local one with S3 credentials passed on."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env = {k: os.environ[k] for k in AWS_ENV if k in os.environ}
+    runtime_env = {"env_vars": env} if env else None
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), runtime_env=runtime_env,
+                 include_dashboard=False, log_to_driver=True)
+
+
+def storage_arguments(storage_path: str) -> dict:
+    """RunConfig storage arguments; S3-compatible endpoints need an explicit filesystem."""
+    path = resolve_storage_path(storage_path)
+    if not storage.is_s3(path):
+        return {"storage_path": path}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return {"storage_path": path}
+    import pyarrow.fs
+
+    # pyarrow ignores AWS_ENDPOINT_URL (FIELD_NOTES): spell the endpoint out
+    scheme, _, host = endpoint.partition("://")
+    fs = pyarrow.fs.S3FileSystem(
+        endpoint_override=host, scheme=scheme or "https",
+        access_key=os.environ.get("AWS_ACCESS_KEY_ID"), secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+    )
+    return {"storage_path": path[len("s3://"):], "storage_filesystem": fs}
+
+
+def build_trainer(cfg: Config, trial: str = "", callbacks: list | None = None):
+    """The TorchTrainer for a config (also used by the Tune driver)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    scaling = ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
+                            resources_per_worker=None if cfg.run.num_workers == 0 else {"CPU": cfg.run.cpus_per_worker, **({"GPU": 1} if cfg.run.use_gpu else {})})
+    run = RunConfig(
+        name=cfg.run.name,
+        failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+        callbacks=callbacks,
+        **storage_arguments(cfg.run.storage_path),
+    )
+    return TorchTrainer(train_function, train_loop_config={"config": config_to_dict(cfg), "trial": trial},
+                        scaling_config=scaling, run_config=run)
+
+
+def launch(cfg: Config) -> dict:
+    """Train per the config; returns result.json's content. Writes config.yaml first."""
+    cfg.run.storage_path = resolve_storage_path(cfg.run.storage_path)
+    folder = RunFolder(cfg.run.storage_path, cfg.run.name)
+    folder.write_config(config_to_dict(cfg))
+    if cfg.run.num_workers > 0:
+        ensure_ray()
+    log.info("run folder: %s", folder.url)
+    build_trainer(cfg).fit()
+    result = folder.read_result()
+    result["run_folder"] = folder.url
+    return result

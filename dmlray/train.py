@@ -1,0 +1,198 @@
+"""The per-worker training loop: a small Trainer that knows nothing of Ray.
+
+A step embeds the local P×K batch, gathers embeddings and labels from every rank (in
+rank order), and minimises ``L(local, global batch) + w · L(local, memory)``; the memory
+holds the detached global batches, so it is identical on every rank.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dmlray.distributed import all_gather_no_grad, all_gather_with_grad, world
+from dmlray.memory import CrossBatchMemory
+
+
+@dataclass
+class StepResult:
+    """What one step computed (tensors stay on device: no host sync in the step)."""
+
+    loss: torch.Tensor
+    batch_loss: torch.Tensor
+    memory_loss: torch.Tensor | None
+
+
+def training_loss(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    memory: CrossBatchMemory | None = None,
+    memory_weight: float = 1.0,
+) -> StepResult:
+    """Forward pass and loss of one step (no backward), with the global gather and memory.
+
+    With memory given, the detached global batch is enqueued *before* the memory term is
+    computed (as in XBM); each anchor's own freshly written slot is excluded by identity.
+    """
+    rank, _ = world()
+    local = model(images)
+    b = local.shape[0]
+    global_emb = all_gather_with_grad(local)
+    global_labels = all_gather_no_grad(labels)
+    own = torch.arange(b, device=local.device) + rank * b
+    batch_loss = loss_fn(local, labels, global_emb, global_labels, own)
+    if memory is None:
+        return StepResult(batch_loss, batch_loss, None)
+    slots = memory.enqueue(global_emb.detach(), global_labels)
+    mem_emb, mem_labels = memory.contents()
+    memory_loss = loss_fn(local, labels, mem_emb, mem_labels, slots[own])
+    return StepResult(batch_loss + memory_weight * memory_loss, batch_loss, memory_loss)
+
+
+def average_gradients(params: list[nn.Parameter]) -> None:
+    """All-reduce-mean gradients of parameters outside DDP (loss proxies, centres)."""
+    _, world_size = world()
+    if world_size == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(world_size)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+class Trainer:
+    """Runs ``steps`` optimisation steps, evaluating and reporting every ``eval_every``.
+
+    ``report(record, history, state)`` receives the new metrics record and the whole
+    history at each log step (state None), and at each evaluation also the full
+    checkpoint state; ``evaluate(step)`` returns metrics.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+        batches: Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]],
+        steps: int,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        memory: CrossBatchMemory | None = None,
+        memory_start: int = 0,
+        memory_weight: float = 1.0,
+        evaluate: Callable[[int], dict] | None = None,
+        eval_every: int = 100,
+        log_every: int = 10,
+        report: Callable[[dict, list[dict], dict | None], None] = lambda record, history, state: None,
+        raw_model: nn.Module | None = None,
+    ):
+        self.model = model
+        self.raw_model = raw_model if raw_model is not None else model  # unwrapped (no DDP) for state
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.batches = batches
+        self.steps = steps
+        self.device = device
+        self.dtype = dtype
+        self.memory = memory
+        self.memory_start = memory_start
+        self.memory_weight = memory_weight
+        self.evaluate = evaluate
+        self.eval_every = eval_every
+        self.log_every = log_every
+        self.report = report
+        self.step = 0
+        self.history: list[dict] = []
+        self.loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
+        images = images.to(self.device, dtype=self.dtype, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        use_memory = self.memory is not None and self.step >= self.memory_start
+        result = training_loss(self.model, self.loss_fn, images, labels, self.memory if use_memory else None, self.memory_weight)
+        # flush the gradients as soon as we can, no need for this memory anymore
+        self.optimizer.zero_grad(set_to_none=True)
+        result.loss.backward()
+        average_gradients(self.loss_params)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return result
+
+    def train(self) -> list[dict]:
+        """Run from the current step to ``steps``; returns the metrics history."""
+        rank, world_size = world()
+        stream = iter(self.batches(self.step))
+        window_start, window_samples, wait = time.perf_counter(), 0, 0.0
+        while self.step < self.steps:
+            t0 = time.perf_counter()
+            images, labels = next(stream)
+            wait += time.perf_counter() - t0
+            result = self.train_step(images, labels)
+            self.step += 1
+            window_samples += labels.shape[0] * world_size
+            is_eval = self.step % self.eval_every == 0 or self.step == self.steps
+            if self.step % self.log_every == 0 or is_eval:
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                record = {
+                    "step": self.step,
+                    "loss": float(result.loss.detach()),
+                    "batch_loss": float(result.batch_loss.detach()),
+                    "memory_loss": None if result.memory_loss is None else float(result.memory_loss.detach()),
+                    "samples_per_second": window_samples / elapsed,
+                    "data_wait_fraction": wait / elapsed,
+                    "memory_fill": len(self.memory) if self.memory is not None else 0,
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                }
+                window_start, window_samples, wait = time.perf_counter(), 0, 0.0
+                if is_eval and self.evaluate is not None:
+                    record.update(self.evaluate(self.step))
+                self.history.append(record)
+                self.report(record, self.history, self.state_dict() if is_eval else None)
+        return self.history
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.raw_model.state_dict(),
+            "loss": self.loss_fn.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "memory": self.memory.state_dict() if self.memory is not None else None,
+            "step": self.step,
+            "history": list(self.history),
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.raw_model.load_state_dict(state["model"])
+        self.loss_fn.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.memory is not None and state.get("memory") is not None:
+            self.memory.load_state_dict(state["memory"])
+        self.step = int(state["step"])
+        self.history = list(state.get("history", []))
+        set_rng_state(state["rng"])

@@ -1,0 +1,142 @@
+"""Build a Trainer from a Config and run it: the body of every training worker.
+
+It knows the rank and how to report, nothing else of Ray: ``launch.py`` supplies a
+``WorkerContext`` backed by Ray Train, tests supply their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from dmlray import losses, models
+from dmlray.config import Config, LossConfig, ModelConfig, OptimConfig
+from dmlray.data.shards import read_manifest
+from dmlray.data.stream import PKBatches
+from dmlray.data.transforms import ImageTransform
+from dmlray.extract import embed_split, score
+from dmlray.memory import CrossBatchMemory
+from dmlray.train import Trainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerContext:
+    """What a worker gets from whoever runs it."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    report: Callable[[dict, list[dict], dict | None], None] = lambda record, history, state: None
+    """Called with (record, history, state) at log steps (state None) and evaluations."""
+    restored: dict | None = None
+    """Checkpoint state to resume from."""
+    wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m
+    """DDP wrapping (identity in one process)."""
+
+
+def build_model(cfg: ModelConfig, channels: int) -> models.EmbeddingModel:
+    kwargs = dict(cfg.backbone_args)
+    if cfg.pretrained:
+        kwargs["pretrained"] = cfg.pretrained
+    if cfg.backbone == "glyph_cnn":
+        kwargs.setdefault("in_channels", channels)
+    backbone = models.build_backbone(cfg.backbone, **kwargs)
+    return models.EmbeddingModel(backbone, cfg.embedding_dim, cfg.hidden_dim)
+
+
+def build_loss(cfg: LossConfig, num_classes: int, embedding_dim: int) -> nn.Module:
+    params = dict(cfg.params)
+    if getattr(losses.loss_class(cfg.name), "needs_classes", False):
+        params.setdefault("num_classes", num_classes)
+        params.setdefault("embedding_dim", embedding_dim)
+    return losses.build(cfg.name, **params)
+
+
+def build_optimizer(cfg: OptimConfig, model: nn.Module, loss_fn: nn.Module) -> torch.optim.Optimizer:
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr}]
+    loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
+    if loss_params:
+        groups.append({"params": loss_params, "lr": cfg.loss_lr or cfg.lr})
+    if cfg.name == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+
+def run_worker(cfg: Config, ctx: WorkerContext) -> dict:
+    """Train per the config; returns the final metrics (on every rank)."""
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+    dtype = torch.float64 if cfg.train.dtype == "float64" else torch.float32
+    manifest = read_manifest(cfg.data.url)
+    train_classes = manifest.classes(cfg.data.train_split)
+
+    model = build_model(cfg.model, cfg.data.channels).to(ctx.device, dtype)
+    loss_fn = build_loss(cfg.loss, len(train_classes), cfg.model.embedding_dim).to(ctx.device, dtype)
+    optimizer = build_optimizer(cfg.optim, model, loss_fn)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.optim.milestones, cfg.optim.gamma) if cfg.optim.milestones else None
+    memory = CrossBatchMemory(cfg.memory.size, cfg.model.embedding_dim, dtype=dtype, device=ctx.device) if cfg.memory.size else None
+    wrapped = ctx.wrap_model(model)
+
+    train_tf = ImageTransform(cfg.data.image_size, cfg.data.channels, train=cfg.data.augment)
+    eval_tf = ImageTransform(cfg.data.image_size, cfg.data.channels, train=False)
+    train_urls = manifest.shard_urls(cfg.data.train_split)
+    if getattr(losses.loss_class(cfg.loss.name), "needs_classes", False):
+        # per-class parameters are indexed 0..C-1; shards carry the dataset's class ids
+        remap = {c: i for i, c in enumerate(train_classes)}
+    else:
+        remap = None
+
+    def batches(start_step: int):
+        stream = PKBatches(
+            train_urls, cfg.data.classes_per_batch, cfg.data.samples_per_class, train_tf,
+            # a resumed run reseeds by its step: deterministic, and no batch is replayed
+            seed=cfg.train.seed * 1_000_003 + start_step, rank=ctx.rank,
+            class_buffer=cfg.data.class_buffer, open_shards=cfg.data.open_shards,
+        )
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.loader_workers,
+                                             persistent_workers=cfg.data.loader_workers > 0)
+        for images, labels in loader:
+            if remap is not None:
+                labels = torch.tensor([remap[int(c)] for c in labels], dtype=torch.long)
+            yield images, labels
+
+    def evaluate(step: int) -> dict:
+        final = step >= cfg.train.steps
+        t0 = time.perf_counter()
+        pixels = final and cfg.eval.baseline
+        query = embed_split(wrapped_eval, manifest.shard_urls(cfg.data.test_split), eval_tf, cfg.data.eval_batch_size,
+                            ctx.device, expected=manifest.num_samples(cfg.data.test_split), pixels=pixels)
+        gallery = None
+        if cfg.data.gallery_split:
+            gallery = embed_split(wrapped_eval, manifest.shard_urls(cfg.data.gallery_split), eval_tf, cfg.data.eval_batch_size,
+                                  ctx.device, expected=manifest.num_samples(cfg.data.gallery_split), pixels=pixels)
+        metrics = score(query, cfg.eval.ks, gallery, nmi=final)
+        out = {k: v for k, v in metrics.items()}
+        if pixels:
+            out["baseline"] = score(query, cfg.eval.ks, gallery, key="pixels", nmi=True)
+        out["eval_seconds"] = time.perf_counter() - t0
+        if ctx.rank == 0:
+            log.info("step %d: Recall@1 %.4f MAP@R %.4f (%.1fs)", step, out.get("recall@1", float("nan")), out.get("map@r", float("nan")), out["eval_seconds"])
+        return out
+
+    wrapped_eval = model  # evaluation needs no DDP (no backward); every rank embeds its own shards
+
+    trainer = Trainer(
+        model=wrapped, raw_model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
+        batches=batches, steps=cfg.train.steps, device=ctx.device, dtype=dtype,
+        memory=memory, memory_start=cfg.memory.start, memory_weight=cfg.memory.weight,
+        evaluate=evaluate, eval_every=cfg.train.eval_every, log_every=cfg.train.log_every, report=ctx.report,
+    )
+    if ctx.restored is not None:
+        trainer.load_state_dict(ctx.restored)
+        log.info("rank %d resumed at step %d", ctx.rank, trainer.step)
+    history = trainer.train()
+    return history[-1] if history else {}
