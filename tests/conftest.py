@@ -1,0 +1,45 @@
+"""Shared fixtures: a SeaweedFS S3 server, packed glyph subsets, loopback-only services."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    """A SeaweedFS S3 server on loopback with enforced credentials (stopped at the end)."""
+    from dmlray.seaweed import SeaweedS3
+
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweed"), buckets=["dmlray-test"])
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(seaweed, monkeypatch):
+    """Point boto3 (and dmlray.data.storage) at the test server for one test."""
+    for key, value in seaweed.env.items():
+        monkeypatch.setenv(key, value)
+    from dmlray.data import storage
+
+    storage._local.__dict__.clear()  # drop clients made with other credentials
+    yield seaweed
+    storage._local.__dict__.clear()
+
+
+@pytest.fixture(scope="session")
+def glyphs_small(tmp_path_factory):
+    """A packed 60-class glyph subset on local disk (30 train / 30 test classes)."""
+    from dmlray.data.pack import Recipe, pack
+
+    root = tmp_path_factory.mktemp("glyphs-small")
+    pack(Recipe(dataset="glyphs", shard_bytes=64 * 1024, options={"max_classes": 60}), str(root), progress=False)
+    return str(root)

@@ -1,0 +1,132 @@
+"""Exact distributed semantics, for real: R gloo processes against one process on R·b.
+
+With R ranks of local batch b, each step (global gather, loss against the global batch,
+cross-batch memory of global batches, DDP gradient averaging) must give the parameter
+gradients of one process on the concatenated batch, and every rank must hold the same
+memory after every step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from dmlray import losses
+from dmlray.distributed import all_gather_variable, all_gather_with_grad
+from dmlray.memory import CrossBatchMemory
+from dmlray.models import EmbeddingModel
+from dmlray.models.glyph_cnn import GlyphCNN
+from dmlray.train import training_loss
+
+STEPS = 3
+LOCAL_BATCH = 6
+
+
+def make_model() -> EmbeddingModel:
+    torch.manual_seed(0)
+    # no BatchNorm: batch statistics are per rank by design (frozen or SyncBN in recipes)
+    return EmbeddingModel(GlyphCNN(in_channels=1, width=4, norm="none"), embedding_dim=8).double()
+
+
+def make_batches(world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    n = world_size * LOCAL_BATCH
+    return [(torch.randn(n, 1, 8, 8, generator=gen, dtype=torch.float64), torch.randint(0, 4, (n,), generator=gen))
+            for _ in range(STEPS)]
+
+
+def run_steps(model, loss_fn, batches, rank, world_size, memory, wrap):
+    """STEPS SGD steps; returns per-step (loss of this rank, flat grads, memory digest)."""
+    net = wrap(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    out = []
+    for images, labels in batches:
+        lo, hi = rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH
+        if world_size > 1:
+            images, labels = images[lo:hi], labels[lo:hi]
+        opt.zero_grad()
+        result = training_loss(net, loss_fn, images, labels, memory)
+        result.loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        contents = None
+        if memory is not None:
+            emb, lab = memory.contents()
+            contents = (emb.clone(), lab.clone(), hashlib.sha256(emb.numpy().tobytes() + lab.numpy().tobytes()).hexdigest())
+        out.append((result.loss.detach().clone(), grads.clone(), contents))
+        opt.step()
+    return out
+
+
+MODES = {"no-memory": 0, "memory": 20}
+
+
+def _worker(rank, world_size, init_file, loss_name, results):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        out = {}
+        for mode, size in MODES.items():  # one process group for both modes: spawning is slow
+            memory = CrossBatchMemory(size, 8, dtype=torch.float64) if size else None
+            out[mode] = run_steps(make_model(), losses.build(loss_name), make_batches(world_size), rank, world_size,
+                                  memory, lambda m: DistributedDataParallel(m))
+        torch.save(out, f"{results}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_match_one_process_on_the_concatenated_batch(tmp_path, world_size):
+    loss_name = "multi_similarity"
+    mp.spawn(_worker, args=(world_size, str(tmp_path / "init"), loss_name, str(tmp_path / "res")),
+             nprocs=world_size, join=True)
+    ranks = [torch.load(f"{tmp_path / 'res'}.{r}", weights_only=False) for r in range(world_size)]
+    for mode, size in MODES.items():
+        memory = CrossBatchMemory(size, 8, dtype=torch.float64) if size else None
+        reference = run_steps(make_model(), losses.build(loss_name), make_batches(world_size), 0, 1, memory, lambda m: m)
+        for step, (ref_loss, ref_grad, ref_memory) in enumerate(reference):
+            assert ref_grad.abs().sum() > 0, "degenerate test: no gradient"
+            # the global loss is the mean of the ranks' local means (equal local batches)
+            mean_loss = sum(r[mode][step][0] for r in ranks) / world_size
+            torch.testing.assert_close(mean_loss, ref_loss, rtol=1e-9, atol=1e-12)
+            for r in ranks:
+                torch.testing.assert_close(r[mode][step][1], ref_grad, rtol=1e-5, atol=1e-9, msg=f"{mode} step {step}")
+            if ref_memory is not None:
+                digests = {r[mode][step][2][2] for r in ranks}
+                assert len(digests) == 1, "ranks hold different memories"
+                torch.testing.assert_close(ranks[0][mode][step][2][0], ref_memory[0], rtol=1e-9, atol=1e-12)
+                assert torch.equal(ranks[0][mode][step][2][1], ref_memory[1])
+
+
+def _gather_worker(rank, world_size, init_file, results):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        x = torch.full((2, 3), float(rank + 1), dtype=torch.float64, requires_grad=True)
+        gathered = all_gather_with_grad(x)
+        weights = torch.arange(gathered.numel(), dtype=torch.float64).view_as(gathered)
+        (gathered * weights * (rank + 1)).sum().backward()
+        variable = all_gather_variable(torch.full((rank + 1, 2), float(rank)))
+        torch.save({"gathered": gathered.detach(), "grad": x.grad, "variable": variable}, f"{results}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_orders_by_rank_and_routes_summed_gradients_to_the_owner(tmp_path):
+    world_size = 3
+    mp.spawn(_gather_worker, args=(world_size, str(tmp_path / "init"), str(tmp_path / "res")), nprocs=world_size, join=True)
+    outs = [torch.load(f"{tmp_path / 'res'}.{r}", weights_only=False) for r in range(world_size)]
+    weights = torch.arange(18, dtype=torch.float64).view(6, 3)
+    total_scale = sum(r + 1 for r in range(world_size))  # every rank's loss reaches every row
+    for rank, out in enumerate(outs):
+        assert out["gathered"][:, 0].tolist() == [1, 1, 2, 2, 3, 3]
+        torch.testing.assert_close(out["grad"], weights[2 * rank: 2 * rank + 2] * total_scale)
+        assert out["variable"][:, 0].tolist() == [0, 1, 1, 2, 2, 2]
+
+
+def test_gather_is_identity_without_a_process_group():
+    x = torch.randn(4, 3, requires_grad=True)
+    assert all_gather_with_grad(x) is x
