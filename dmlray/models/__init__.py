@@ -6,8 +6,13 @@
 
 from dmlray.models.head import EmbeddingHead, EmbeddingModel
 from dmlray.models.registry import backbone_names, build_backbone, register_backbone
+from dmlray.models.frozen_bn import freeze_batchnorm
+from dmlray.models.inputs import INPUT_CONVENTIONS, input_convention
+from dmlray.models.pooling import GlobalPool
+from dmlray.models.pretrained import StateDictMismatchError, load_pretrained, load_state_dict_from_url
 
 # importing a module registers its backbones
 from dmlray.models import glyph_cnn  # noqa: F401
+from dmlray.models import bn_inception, torchvision_backbones, vit  # noqa: F401
 
 __all__ = ["EmbeddingHead", "EmbeddingModel", "backbone_names", "build_backbone", "register_backbone"]

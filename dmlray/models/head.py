@@ -32,3 +32,19 @@ class EmbeddingModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.head(self.backbone(images)), dim=1)
+
+    def param_groups(self, backbone_lr: float, head_lr: float | None = None) -> list[dict]:
+        """Optimizer parameter groups: backbone at ``backbone_lr``, head at ``head_lr``
+        (``backbone_lr`` when None). The DML recipes train a freshly initialised head faster
+        than a pretrained backbone. Parameters without grad (frozen BatchNorm) are left out,
+        so the optimizer neither holds state for them nor applies weight decay to them.
+        Both groups are always returned, in this order, each with a ``name`` ("backbone",
+        "head"), so schedulers and loggers can rely on their positions.
+        """
+        head_lr = backbone_lr if head_lr is None else head_lr
+        backbone_params = [p for p in self.backbone.parameters() if p.requires_grad]
+        head_params = [p for p in self.head.parameters() if p.requires_grad]
+        return [
+            {"name": "backbone", "params": backbone_params, "lr": backbone_lr},
+            {"name": "head", "params": head_params, "lr": head_lr},
+        ]
