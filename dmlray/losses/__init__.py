@@ -1,13 +1,34 @@
 """The loss library: one module per family, every loss registered by name.
 
 ``build(name, **kwargs)`` makes a loss, ``names()`` lists them. All follow the pair
-contract documented in ``dmlray.losses.base``.
+contract documented in ``dmlray.losses.base``; row-wise pair losses run on the chunked
+engine of ``dmlray.losses.rowwise``.
 """
 
 from dmlray.losses.base import PairLoss
 from dmlray.losses.registry import build, loss_class, names, register
+from dmlray.losses.rowwise import RowwiseLoss
 
 # importing a family registers its losses
-from dmlray.losses import multi_similarity  # noqa: F401  (registers)
+from dmlray.losses import (  # noqa: F401  (registers)
+    adversarial,
+    binomial_deviance,
+    cbml,
+    circle,
+    classification,
+    cluster,
+    contrastive,
+    histogram,
+    lifted_structure,
+    margin,
+    multi_similarity,
+    nca,
+    npair,
+    proxy,
+    ranked_list,
+    softtriple,
+    supcon,
+    triplet,
+)
 
-__all__ = ["PairLoss", "build", "loss_class", "names", "register"]
+__all__ = ["PairLoss", "RowwiseLoss", "build", "loss_class", "names", "register"]

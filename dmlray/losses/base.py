@@ -30,6 +30,8 @@ class Pairs:
     """(M,) labels of the references."""
     not_self: torch.Tensor
     """(B, M) bool: False only at each anchor's own position."""
+    dim: int = 0
+    """Embedding dimension (distance-weighted sampling needs it); 0 when unknown."""
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -83,6 +85,41 @@ def self_mask(self_index: torch.Tensor | None, num_anchors: int, num_refs: int, 
     return cols.unsqueeze(0) == self_index.to(device).long().unsqueeze(1)
 
 
+def not_self_mask(self_index: torch.Tensor | None, num_anchors: int, num_refs: int, device) -> torch.Tensor:
+    """(B, M) bool, False only at each anchor's own position (``~self_mask``, built by scatter).
+
+    A scatter touches B entries where a comparison against ``arange(M)`` touches B·M.
+    """
+    keep = torch.ones(num_anchors, num_refs, dtype=torch.bool, device=device)
+    if self_index is None or num_refs == 0:
+        return keep
+    index = self_index.to(device).long()
+    # rows with -1 write True (a no-op) into column 0; the others write False at their own column
+    keep.scatter_(1, index.clamp(min=0).unsqueeze(1), (index < 0).unsqueeze(1))
+    return keep
+
+
+def pairs_from_sim(
+    sim: torch.Tensor,
+    labels: torch.Tensor,
+    ref_labels: torch.Tensor,
+    self_index: torch.Tensor | None,
+    dim: int = 0,
+) -> Pairs:
+    """Masks for a (B, M) similarity block whose rows are the anchors ``labels``."""
+    not_self = not_self_mask(self_index, sim.shape[0], sim.shape[1], sim.device)
+    same = labels.unsqueeze(1) == ref_labels.to(labels.device).unsqueeze(0)
+    return Pairs(sim=sim, pos=same & not_self, neg=~same & not_self, ref_labels=ref_labels, not_self=not_self, dim=dim)
+
+
+def similarity(embeddings: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+    """(B, M) cosine similarities in float32 (float64 stays float64), whatever autocast says."""
+    dtype = compute_dtype(embeddings)
+    # autocast would run the product in bf16; similarities feed exp(50·s), so keep fp32
+    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        return embeddings.to(dtype) @ refs.to(dtype).T
+
+
 def build_pairs(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
@@ -94,22 +131,19 @@ def build_pairs(
     refs, ref_labels, self_index = resolve_references(
         embeddings, labels, ref_embeddings, ref_labels, self_index
     )
-    dtype = compute_dtype(embeddings)
-    # autocast would run the product in bf16; similarities feed exp(50·s), so keep fp32
-    with torch.autocast(device_type=embeddings.device.type, enabled=False):
-        sim = embeddings.to(dtype) @ refs.to(dtype).T
-    is_self = self_mask(self_index, embeddings.shape[0], refs.shape[0], embeddings.device)
-    same = labels.unsqueeze(1) == ref_labels.to(labels.device).unsqueeze(0)
-    not_self = ~is_self
-    return Pairs(sim=sim, pos=same & not_self, neg=~same & not_self, ref_labels=ref_labels, not_self=not_self)
+    sim = similarity(embeddings, refs)
+    return pairs_from_sim(sim, labels, ref_labels, self_index, dim=embeddings.shape[1])
 
 
 def masked_logsumexp_plus_one(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Row-wise log(1 + Σ_{mask} e^x), stable for large x, exactly 0 for an empty row."""
-    neg_inf = torch.finfo(x.dtype).min
-    masked = torch.where(mask, x, torch.full_like(x, neg_inf))
-    zeros = torch.zeros(x.shape[0], 1, dtype=x.dtype, device=x.device)
-    return torch.logsumexp(torch.cat([zeros, masked], dim=1), dim=1)
+    """Row-wise log(1 + Σ_{mask} e^x), stable for large x, exactly 0 for an empty row.
+
+    Shifted by m = max(0, max_mask x): m + log(e^{-m} + Σ e^{x-m}). No (B, M+1) copy is made.
+    """
+    masked = x.masked_fill(~mask, float("-inf"))
+    shift = masked.detach().amax(dim=1).clamp(min=0) if x.shape[1] else x.new_zeros(x.shape[0])
+    total = torch.exp(masked - shift.unsqueeze(1)).sum(dim=1) + torch.exp(-shift)
+    return shift + torch.log(total)
 
 
 def masked_logsumexp(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,8 +151,22 @@ def masked_logsumexp(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
     neg_inf = torch.finfo(x.dtype).min
     masked = torch.where(mask, x, torch.full_like(x, neg_inf))
     has_any = mask.any(dim=1)
+    if x.shape[1] == 0:
+        return x.sum(dim=1) * 0, has_any
     lse = torch.logsumexp(masked, dim=1)
     return torch.where(has_any, lse, torch.zeros_like(lse)), has_any
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Row-wise mean of x over mask; 0 for an empty row (gradient 0 there, never nan)."""
+    count = mask.sum(dim=1)
+    total = torch.where(mask, x, torch.zeros_like(x)).sum(dim=1)
+    return total / count.clamp(min=1).to(x.dtype)
+
+
+def euclidean_from_sim(sim: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """‖x − y‖ of unit vectors from their cosine: sqrt(2 − 2s), clamped so the gradient is finite."""
+    return torch.sqrt((2.0 - 2.0 * sim).clamp(min=eps))
 
 
 def zero_loss(like: torch.Tensor) -> torch.Tensor:
@@ -146,3 +194,22 @@ class PairLoss(nn.Module):
         self_index: torch.Tensor | None = None,
     ) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def reject_references(self, embeddings: torch.Tensor, ref_embeddings: torch.Tensor | None) -> None:
+        """For ``supports_references = False`` losses: refuse references other than the anchors.
+
+        The anchors passed again as their own references (what a trainer at world size 1
+        hands over: the gathered batch *is* the local batch) mean "no references" and pass.
+        """
+        if ref_embeddings is None or ref_embeddings is embeddings:
+            return
+        raise ValueError(
+            f"{type(self).__name__} does not pair anchors with references (memory or gathered "
+            "batch); call it with embeddings and labels only"
+        )
+
+
+def class_logits_inputs(embeddings: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings and a parameter in the loss's compute dtype (float32 under bf16 autocast)."""
+    dtype = compute_dtype(embeddings)
+    return embeddings.to(dtype), weight.to(dtype)
