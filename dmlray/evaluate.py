@@ -46,10 +46,11 @@ __all__ = [
 
 ArrayLike = Any  # torch.Tensor or numpy array
 
-# Bytes of similarity scores one query chunk may hold (chunk x N_gallery x itemsize).
-# 256 MiB keeps the SOP test set (60k) at ~1000 queries per chunk: large enough for the
-# matmul to run at full BLAS speed, small enough to stay far below 2 GB peak.
-_DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
+# Bytes of similarity scores one query chunk may hold (chunk x N_gallery x itemsize), and
+# a cap on its rows. 128 MiB gives the SOP test set (60k) ~550 queries per chunk: already
+# at full BLAS speed on CPU (larger blocks measured no faster), and far below 2 GB peak.
+_DEFAULT_CHUNK_BYTES = 128 * 1024 * 1024
+_MAX_CHUNK_ROWS = 1024
 
 
 # --------------------------------------------------------------------------- inputs
@@ -102,7 +103,7 @@ def _auto_chunk(n_gallery: int, itemsize: int, chunk_size: int | None) -> int:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         return int(chunk_size)
-    return max(1, _DEFAULT_CHUNK_BYTES // max(1, n_gallery * itemsize))
+    return max(1, min(_MAX_CHUNK_ROWS, _DEFAULT_CHUNK_BYTES // max(1, n_gallery * itemsize)))
 
 
 # ----------------------------------------------------------------------- neighbours
@@ -305,33 +306,65 @@ _TOPK_FOR_RECALL = 64
 _COUNT_ROWS = 256
 
 
+class _ClassIndex:
+    """Gallery indices grouped by label, for gathering each query's positives directly.
+
+    A stable sort by label keeps each class's members in ascending gallery index, which
+    is what makes "first maximum" mean "lowest index" below.
+    """
+
+    def __init__(self, gallery_labels: torch.Tensor) -> None:
+        self.order = torch.sort(gallery_labels, stable=True).indices
+        self.uniq, self.counts = torch.unique(gallery_labels, return_counts=True)
+        self.starts = torch.cumsum(self.counts, 0) - self.counts
+
+    def members(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices, valid): padded (len(labels), max class size) member table."""
+        pos = torch.searchsorted(self.uniq, labels).clamp(max=self.uniq.numel() - 1)
+        present = self.uniq[pos] == labels
+        count = torch.where(present, self.counts[pos], 0)
+        width = max(int(count.max()), 1)
+        offs = torch.arange(width, device=labels.device)
+        valid = offs[None, :] < count[:, None]
+        flat = (self.starts[pos][:, None] + offs[None, :]).clamp(max=self.order.numel() - 1)
+        return self.order[flat], valid
+
+
 def _first_hit_rank(
     block: torch.Tensor,
     rows: torch.Tensor,
     start: int,
     query_labels: torch.Tensor,
-    gallery_labels: torch.Tensor,
-    leave_one_out: bool,
+    classes: _ClassIndex,
 ) -> torch.Tensor:
     """Exact 0-based rank of each row's best same-class item, by counting.
 
     The best positive is the most similar same-class item, the lowest index among equals;
     its rank is the number of items ranked before it under (similarity desc, index asc).
-    The query itself is -inf in ``block`` (leave-one-out) and never counts. Every row
-    must have at least one positive.
+    Positives are gathered from the class table (R per row, not N), so the only full
+    passes over a row are two comparisons. The query itself is -inf in ``block``
+    (leave-one-out) and never wins or counts. Every row must have a positive.
     """
     out = torch.empty(rows.numel(), dtype=torch.long, device=block.device)
-    cols = torch.arange(block.shape[1], device=block.device)
     for a in range(0, rows.numel(), _COUNT_ROWS):
         sub = rows[a:a + _COUNT_ROWS]
         s = block[sub]
-        pos = gallery_labels[None, :] == query_labels[start + sub, None]
-        if leave_one_out:
-            pos[torch.arange(sub.numel(), device=s.device), start + sub] = False
-        best = s.masked_fill(~pos, float("-inf")).amax(1, keepdim=True)
-        at_best = s == best
-        best_idx = (pos & at_best).to(torch.uint8).argmax(1, keepdim=True)
-        out[a:a + _COUNT_ROWS] = (s > best).sum(1) + (at_best & (cols < best_idx)).sum(1)
+        members, valid = classes.members(query_labels[start + sub])
+        pos_sims = torch.gather(s, 1, members).masked_fill(~valid, float("-inf"))
+        best = pos_sims.amax(1, keepdim=True)
+        # max() does not promise the first of equal maxima; argmax of the equality does.
+        arg = (pos_sims == best).to(torch.uint8).argmax(1, keepdim=True)
+        best_idx = torch.gather(members, 1, arg)
+        gt = (s > best).sum(1)
+        ge = (s >= best).sum(1)
+        rank = gt.clone()
+        # Items tied with the best positive rank before it only at a lower index; such
+        # ties are rare, so only the rows that have any are examined element by element.
+        tied = (ge - gt > 1).nonzero().flatten()
+        if tied.numel():
+            cols = torch.arange(s.shape[1], device=s.device)
+            rank[tied] += ((s[tied] == best[tied]) & (cols < best_idx[tied])).sum(1)
+        out[a:a + _COUNT_ROWS] = rank
     return out
 
 
@@ -362,6 +395,7 @@ def _score(
     # similarity block, so a large K (SOP's 1000) needs no top-1000 selection: top-k only
     # has to reach R for MAP@R. faiss returns neighbour tables only, so it searches K deep.
     counting = _resolve_backend(backend) == "torch" and max_k > _TOPK_FOR_RECALL
+    classes = _ClassIndex(gl) if counting else None
 
     def k_for_chunk(a: int, b: int) -> int:
         # MAP@R needs each query's top R; asking per chunk keeps one large class from
@@ -387,7 +421,7 @@ def _score(
         if counting:
             deep = (~found & (rr > 0)).nonzero().flatten()
             if deep.numel():
-                first[deep] = _first_hit_rank(block, deep, a, ql, gl, loo)
+                first[deep] = _first_hit_rank(block, deep, a, ql, classes)
         for k in ks:
             hits[k] += float((first < k).sum())
         if need_r and int(rr.max()) > 0:

@@ -123,7 +123,8 @@ def ensure_ray(num_cpus: int | None = None, metrics_export_port: int | None = No
         extra["_metrics_export_port"] = metrics_export_port
     if metrics_interval_ms:
         extra["_system_config"] = {"metrics_report_interval_ms": metrics_interval_ms}
-    ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), runtime_env=runtime_env,
+    # a local cluster talks over loopback only
+    ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), runtime_env=runtime_env, _node_ip_address="127.0.0.1",
              dashboard_host="127.0.0.1", dashboard_port=free_ports(1)[0], log_to_driver=True, **extra)
 
 

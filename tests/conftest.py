@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from dmlray.data.pack import Recipe
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -30,9 +32,9 @@ def s3_env(seaweed, monkeypatch):
         monkeypatch.setenv(key, value)
     from dmlray.data import storage
 
-    storage._local.__dict__.clear()  # drop clients made with other credentials
+    storage.reset_clients()  # drop clients made with other credentials
     yield seaweed
-    storage._local.__dict__.clear()
+    storage.reset_clients()
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +45,29 @@ def glyphs_small(tmp_path_factory):
     root = tmp_path_factory.mktemp("glyphs-small")
     pack(Recipe(dataset="glyphs", shard_bytes=64 * 1024, options={"max_classes": 60}), str(root), progress=False)
     return str(root)
+
+
+# a 40-class glyph subset (20 train / 20 test classes): small enough for CI
+RECIPE_40 = Recipe(dataset="glyphs", shard_bytes=64 * 1024, options={"max_classes": 40})
+
+
+@pytest.fixture(scope="session")
+def glyphs_s3(seaweed):
+    """The 40-class glyph subset packed into the test bucket; returns its s3:// root."""
+    from dmlray.data import storage
+    from dmlray.data.pack import pack
+
+    saved = {k: os.environ.get(k) for k in seaweed.env}
+    os.environ.update(seaweed.env)
+    storage.reset_clients()
+    try:
+        url = "s3://dmlray-test/glyphs40"
+        pack(RECIPE_40, url, progress=False)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        storage.reset_clients()
+    return url

@@ -152,30 +152,26 @@ def test_unknown_url_scheme_and_empty_checkpoint_are_refused(tmp_path):
         load_state_dict_from_url(str(path))
 
 
-def test_s3_urls_go_through_boto3_with_the_endpoint(monkeypatch, tmp_path):
-    # the real SeaweedFS test belongs to the storage suite; here boto3 is replaced by a fake
-    # that records how the client was made and serves the bytes of a saved checkpoint
+def test_s3_urls_read_through_the_storage_client(monkeypatch):
+    # the real SeaweedFS round trip belongs to the storage tests; here the project's S3
+    # client is replaced by a fake that serves a saved checkpoint and records the request
     import io
     import types
 
+    from dmlray.data import storage
+
     buffer = io.BytesIO()
     torch.save({"state_dict": {"w": torch.arange(3.0)}}, buffer)
-    calls = {}
+    requests = []
 
-    def client(service, endpoint_url=None):
-        calls["client"] = (service, endpoint_url)
+    def get_object(Bucket, Key):
+        requests.append((Bucket, Key))
+        return {"Body": io.BytesIO(buffer.getvalue())}
 
-        def get_object(Bucket, Key):
-            calls["object"] = (Bucket, Key)
-            return {"Body": io.BytesIO(buffer.getvalue())}
-
-        return types.SimpleNamespace(get_object=get_object)
-
-    monkeypatch.setitem(sys.modules, "boto3", types.SimpleNamespace(client=client))
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:8333")
+    monkeypatch.setattr(storage, "s3_client", lambda: types.SimpleNamespace(get_object=get_object))
     state = load_state_dict_from_url("s3://weights/imagenet/w.pth")
     assert torch.equal(state["w"], torch.arange(3.0))
-    assert calls == {"client": ("s3", "http://127.0.0.1:8333"), "object": ("weights", "imagenet/w.pth")}
+    assert requests == [("weights", "imagenet/w.pth")]
 
 
 @pytest.mark.parametrize("name", ["resnet18", "googlenet", "bn_inception"])
@@ -305,3 +301,26 @@ def test_models_package_imports_without_timm_or_boto3():
         "else:\n    raise SystemExit('timm should have been needed')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_pretrained_from_a_real_s3_server(tmp_path, monkeypatch):
+    """A backbone's weights uploaded to SeaweedFS load through build_backbone(pretrained=s3://...)."""
+    import io
+
+    from dmlray.data import storage
+    from dmlray.seaweed import SeaweedS3
+
+    model = build_backbone("googlenet").eval()
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict()}, buffer)
+    with SeaweedS3(tmp_path / "s3", buckets=["weights"]) as s3:
+        for key, value in s3.env.items():
+            monkeypatch.setenv(key, value)
+        storage.reset_clients()
+        storage.write_bytes("s3://weights/googlenet/ckpt.pth", buffer.getvalue())
+        restored = build_backbone("googlenet", pretrained="s3://weights/googlenet/ckpt.pth").eval()
+    storage.reset_clients()
+    x = _images("googlenet")
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), model(x), rtol=0, atol=0)

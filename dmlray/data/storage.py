@@ -54,6 +54,11 @@ def endpoint() -> str:
 _local = threading.local()
 
 
+def reset_clients() -> None:
+    """Forget this thread's S3 client (after the credentials or endpoint changed)."""
+    _local.__dict__.clear()
+
+
 def s3_client():
     """A boto3 S3 client for this thread and process (boto3 clients are not fork-safe)."""
     key = os.getpid()
@@ -69,7 +74,8 @@ def s3_client():
             connect_timeout=10,
             read_timeout=60,
         )
-        cached = {key: boto3.client("s3", region_name=region, config=cfg)}
+        # a fresh session reads the credentials now (the default session caches them)
+        cached = {key: boto3.session.Session().client("s3", region_name=region, config=cfg)}
         _local.clients = cached
     return cached[key]
 

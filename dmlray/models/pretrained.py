@@ -13,7 +13,6 @@ skipped silently, so a full ImageNet checkpoint loads into the headless backbone
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -40,10 +39,17 @@ class StateDictMismatchError(ValueError):
 
 
 def read_url_bytes(url: str) -> bytes:
-    """The bytes at a local path, ``file://`` or ``s3://`` URL."""
-    parsed = urlparse(url)
-    if parsed.scheme == "s3":
-        return _read_s3(parsed.netloc, parsed.path.lstrip("/"))
+    """The bytes at a local path, ``file://`` or ``s3://`` URL.
+
+    S3 goes through ``dmlray.data.storage``, the project's one S3 path: boto3 (imported only
+    there, only when needed) with the standard credential chain, ``AWS_ENDPOINT_URL`` for
+    S3-compatible storage (SeaweedFS, MinIO), path-style addressing, retries, and errors
+    that name the endpoint and bucket.
+    """
+    if urlparse(url).scheme == "s3":
+        from dmlray.data import storage
+
+        return storage.read_bytes(url)
     return _local_path(url).read_bytes()
 
 
@@ -56,20 +62,6 @@ def _local_path(url: str) -> Path:
     if len(parsed.scheme) > 1:
         raise ValueError(f"pretrained weights must be a local path, file:// or s3:// URL, got {url!r}")
     return Path(url).expanduser()
-
-
-def _read_s3(bucket: str, key: str) -> bytes:
-    """Fetch one object. boto3 is imported here so the package imports without it.
-
-    Credentials come from boto3's standard chain (environment, shared config, instance or
-    pod role); ``AWS_ENDPOINT_URL`` points at S3-compatible storage such as SeaweedFS/MinIO.
-    """
-    import boto3
-
-    if not bucket or not key:
-        raise ValueError(f"an s3 URL needs a bucket and a key: s3://{bucket}/{key}")
-    client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
-    return client.get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
 def _deserialize(url: str, data: bytes | None) -> object:
