@@ -7,6 +7,7 @@ Train's local mode: no cluster, no fault tolerance) for quick runs and tests.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import tempfile
@@ -64,6 +65,12 @@ def train_function(config: dict) -> None:
             folder.write_metrics(history)
         if state is None:
             return
+        if folder is not None and not ray.is_initialized():
+            # local mode keeps Ray's checkpoints in a temporary folder: keep the latest
+            # one in the run folder too, so `dmlray eval RUN` finds it
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            storage.write_bytes(folder.file(f"checkpoint_local/{STATE_FILE}"), buffer.getvalue())
         flat = {k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None}
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
