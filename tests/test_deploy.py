@@ -198,7 +198,8 @@ def crd_validators():
 
     validators = {}
     for kind, file in (("RayCluster", "ray.io_rayclusters.yaml"), ("RayJob", "ray.io_rayjobs.yaml")):
-        crd = yaml.safe_load((CRD_DIR / file).read_text())
+        # the CRDs are megabytes of YAML: use libyaml when it is there
+        crd = yaml.load((CRD_DIR / file).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         assert crd["spec"]["names"]["kind"] == kind
         (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
         schema = v1["schema"]["openAPIV3Schema"]
