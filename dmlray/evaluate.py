@@ -304,6 +304,7 @@ def _class_counts(query_labels: torch.Tensor, gallery_labels: torch.Tensor, loo:
 _TOPK_FOR_RECALL = 64
 # Rows per sub-block when counting ranks: bounds the temporaries to a few x 256 x N.
 _COUNT_ROWS = 256
+_NO_HIT = torch.iinfo(torch.long).max
 
 
 class _ClassIndex:
@@ -414,10 +415,10 @@ def _score(
         rr = r[a:b]
         match = gl[idx] == ql[a:b, None]  # (chunk, k)
         # Rank (0-based) of the first correct neighbour; recall@K counts first < K.
-        # Not in the table: rank >= table depth >= max K (or no positive at all), so a
-        # rank past the gallery end marks a miss for every K, unless counted below.
+        # Not in the table: rank >= table depth >= max K (or no positive at all), so an
+        # "infinite" rank marks a miss for every K, unless it is counted below.
         found = match.any(1)
-        first = torch.where(found, match.to(torch.uint8).argmax(1), g.shape[0])
+        first = torch.where(found, match.to(torch.uint8).argmax(1), _NO_HIT)
         if counting:
             deep = (~found & (rr > 0)).nonzero().flatten()
             if deep.numel():
