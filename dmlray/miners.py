@@ -43,12 +43,15 @@ def semihard_negatives(dist: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor)
     """
     d = dist.detach()
     inf = torch.full_like(d, float("inf"))
-    neg_sorted, order = torch.sort(torch.where(neg, d, inf), dim=1)
+    # stable: among equal distances the lowest index comes first, as a loop's min() picks
+    neg_sorted, order = torch.sort(torch.where(neg, d, inf), dim=1, stable=True)
     num_neg = neg.sum(dim=1, keepdim=True)
     # first negative strictly farther than the positive (sorted are +inf past num_neg)
     first_farther = torch.searchsorted(neg_sorted, d.contiguous(), right=True)
-    slot = torch.where(first_farther < num_neg, first_farther, num_neg - 1).clamp(min=0)
-    index = torch.gather(order, 1, slot)
+    farther = torch.gather(order, 1, first_farther.clamp(max=d.shape[1] - 1))
+    # none farther: the farthest negative (argmax returns the first of equal maxima)
+    farthest = torch.where(neg, d, -inf).argmax(dim=1, keepdim=True)
+    index = torch.where(first_farther < num_neg, farther, farthest)
     return index, pos & (num_neg > 0)
 
 
