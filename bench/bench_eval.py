@@ -76,10 +76,11 @@ def metrics_from_table(idx: np.ndarray, labels: np.ndarray, ks: tuple[int, ...])
     return out
 
 
-def worker(method: str, n: int, dim: int, per_class: float, seed: int, out: str) -> None:
+def worker(method: str, n: int, dim: int, per_class: float, seed: int, out: str,
+           ks_all: tuple[int, ...] = KS) -> None:
     """Runs one method on fresh data in this process; writes results to ``out``."""
     x, y = make_data(n, dim, per_class, seed)
-    ks = tuple(k for k in KS if k < n)
+    ks = tuple(k for k in ks_all if k < n)
     result: dict = {"method": method}
     saved: dict[str, np.ndarray] = {}
     if method == "dmlray":
@@ -89,9 +90,10 @@ def worker(method: str, n: int, dim: int, per_class: float, seed: int, out: str)
 
         xt, yt = torch.from_numpy(x), torch.from_numpy(y)
         rss0 = _rss_kb("VmRSS")
-        t0 = time.perf_counter()
+        cpu0, t0 = time.process_time(), time.perf_counter()
         s = _score(xt, yt, None, None, ks, True, None, "torch", keep_top=COMPARE_TOP)
         result["seconds"] = time.perf_counter() - t0
+        result["cpu_seconds"] = time.process_time() - cpu0
         result["metrics"] = {**{f"recall@{k}": v for k, v in s["recall"].items()},
                              "map@r": s["map_at_r"]}
         saved = {"idx": s["neighbours"].numpy(), "sims": s["neighbour_sims"].numpy()}
@@ -100,7 +102,7 @@ def worker(method: str, n: int, dim: int, per_class: float, seed: int, out: str)
         import faiss
 
         rss0 = _rss_kb("VmRSS")
-        t0 = time.perf_counter()
+        cpu0, t0 = time.process_time(), time.perf_counter()
         index = faiss.IndexFlatIP(dim)
         index.add(x)
         d, i = index.search(x, max(ks) + 1)
@@ -113,6 +115,7 @@ def worker(method: str, n: int, dim: int, per_class: float, seed: int, out: str)
         d = d[keep].reshape(n, -1)
         result["metrics"] = metrics_from_table(i, y, ks)
         result["seconds"] = time.perf_counter() - t0
+        result["cpu_seconds"] = time.process_time() - cpu0
         saved = {"idx": i[:, :COMPARE_TOP].copy(), "sims": d[:, :COMPARE_TOP].copy()}
         result["threads"] = faiss.omp_get_max_threads()
     elif method == "pml":
@@ -123,13 +126,15 @@ def worker(method: str, n: int, dim: int, per_class: float, seed: int, out: str)
         calc = AccuracyCalculator(include=("mean_average_precision_at_r", "precision_at_1"),
                                   k="max_bin_count")
         rss0 = _rss_kb("VmRSS")
-        t0 = time.perf_counter()
+        cpu0, t0 = time.process_time(), time.perf_counter()
         acc = calc.get_accuracy(xt, yt)
         result["seconds"] = time.perf_counter() - t0
+        result["cpu_seconds"] = time.process_time() - cpu0
         result["metrics"] = {"recall@1": float(acc["precision_at_1"]),
                              "map@r": float(acc["mean_average_precision_at_r"])}
     else:
         raise ValueError(method)
+    result.setdefault("cpu_seconds", time.process_time() - cpu0)
     result["peak_mb"] = _rss_kb("VmHWM") / 1024
     result["added_mb"] = (_rss_kb("VmHWM") - rss0) / 1024
     if saved:
@@ -141,7 +146,7 @@ def run_method(method: str, args: argparse.Namespace, tmp: Path, timeout: float)
     out = str(tmp / f"{method}.json")
     cmd = [sys.executable, __file__, "--worker", method, "--n", str(args.n), "--dim",
            str(args.dim), "--per-class", str(args.per_class), "--seed", str(args.seed),
-           "--out", out]
+           "--out", out, "--ks", args.ks]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])
            + os.pathsep + os.environ.get("PYTHONPATH", "")}
     try:
@@ -171,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--per-class", type=float, default=60502 / 11316)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ks", default=",".join(map(str, KS)),
+                   help="Recall@K list (default SOP's); faiss searches max(K)+1 deep")
     p.add_argument("--methods", default="dmlray,faiss,pml")
     p.add_argument("--pml-timeout", type=float, default=600.0)
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -179,13 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.n is None:
         args.n = 10_000 if args.quick else 60_502
     if args.worker:
-        worker(args.worker, args.n, args.dim, args.per_class, args.seed, args.out)
+        worker(args.worker, args.n, args.dim, args.per_class, args.seed, args.out,
+               tuple(int(k) for k in args.ks.split(",")))
         return 0
 
     import tempfile
 
-    print(f"N={args.n} D={args.dim} ~{args.per_class:.2f} items/class, K={KS}, "
-          f"leave-one-out, {os.cpu_count()} CPUs")
+    print(f"N={args.n} D={args.dim} ~{args.per_class:.2f} items/class, K=({args.ks}), "
+          f"leave-one-out, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     results = {}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -194,22 +202,26 @@ def main(argv: list[str] | None = None) -> int:
             r = run_method(m, args, tmp, timeout)
             if r is not None:
                 results[m] = r
-        print(f"{'method':<8} {'seconds':>8} {'peak MB':>8} {'added MB':>9}  metrics")
+        print(f"{'method':<8} {'wall s':>8} {'CPU s':>8} {'peak MB':>8} {'added MB':>9}  metrics")
         for m, r in results.items():
             ms = " ".join(f"{k}={v:.4f}" for k, v in r["metrics"].items())
-            print(f"{m:<8} {r['seconds']:8.2f} {r['peak_mb']:8.0f} {r['added_mb']:9.0f}  {ms}")
+            print(f"{m:<8} {r['seconds']:8.2f} {r['cpu_seconds']:8.2f} {r['peak_mb']:8.0f} "
+                  f"{r['added_mb']:9.0f}  {ms}")
         if "dmlray" in results and "faiss" in results:
             dm, fa = results["dmlray"], results["faiss"]
-            print(f"dmlray / faiss: time {dm['seconds'] / fa['seconds']:.2f}x, "
+            # On a shared machine wall time depends on the neighbours' load; CPU time less so.
+            print(f"dmlray / faiss: CPU time {dm['cpu_seconds'] / fa['cpu_seconds']:.2f}x, "
+                  f"wall time {dm['seconds'] / fa['seconds']:.2f}x, "
                   f"peak memory {dm['peak_mb'] / fa['peak_mb']:.2f}x "
                   f"(goal: time <= 1.5x, peak < 2048 MB: "
-                  f"{'met' if dm['seconds'] <= 1.5 * fa['seconds'] and dm['peak_mb'] < 2048 else 'NOT met'})")
+                  f"{'met' if dm['cpu_seconds'] <= 1.5 * fa['cpu_seconds'] and dm['peak_mb'] < 2048 else 'NOT met'}"
+                  f", time judged on CPU seconds)")
             agree = all(abs(dm["metrics"][k] - fa["metrics"][k]) < 1e-4 for k in fa["metrics"])
             print(f"metrics agree with faiss: {agree}")
             print(compare_neighbours(tmp))
         if "dmlray" in results and "pml" in results:
             dm, pm = results["dmlray"], results["pml"]
-            print(f"dmlray / pml: time {dm['seconds'] / pm['seconds']:.2f}x, "
+            print(f"dmlray / pml: CPU time {dm['cpu_seconds'] / pm['cpu_seconds']:.2f}x, "
                   f"MAP@R diff {abs(dm['metrics']['map@r'] - pm['metrics']['map@r']):.2e}")
     return 0
 

@@ -490,6 +490,26 @@ def map_at_r(
 # --------------------------------------------------------------------------- NMI
 
 
+def _cluster_sums(
+    x: torch.Tensor, assign: torch.Tensor, n_clusters: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cluster sums of x (float64) and counts, deterministic on any device.
+
+    ``index_add_`` accumulates with atomics on CUDA, in an order that changes from run to
+    run; prefix sums over the points sorted by cluster give the same bits every time.
+    Done in column blocks so the float64 copy stays small.
+    """
+    order = torch.argsort(assign, stable=True)
+    counts = torch.bincount(assign, minlength=n_clusters)
+    ends = torch.cumsum(counts, 0)
+    sums = torch.empty(n_clusters, x.shape[1], dtype=torch.float64, device=x.device)
+    for d0 in range(0, x.shape[1], 64):
+        cs = torch.cumsum(x[order, d0:d0 + 64].double(), 0)
+        cs = torch.cat([cs.new_zeros(1, cs.shape[1]), cs])
+        sums[:, d0:d0 + 64] = cs[ends] - cs[ends - counts]
+    return sums, counts
+
+
 def kmeans(
     x: ArrayLike,
     n_clusters: int,
@@ -541,10 +561,7 @@ def kmeans(
         if torch.equal(new, assign):
             break
         assign = new
-        # Sums in float64 so the result does not depend on accumulation order.
-        sums = torch.zeros(n_clusters, x.shape[1], dtype=torch.float64, device=x.device)
-        sums.index_add_(0, assign, x.double())
-        counts = torch.bincount(assign, minlength=n_clusters)
+        sums, counts = _cluster_sums(x, assign, n_clusters)
         filled = counts > 0
         centres[filled] = (sums[filled] / counts[filled, None]).to(x.dtype)
     return assign
