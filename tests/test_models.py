@@ -97,6 +97,12 @@ def test_file_url_and_checkpoint_wrappers(tmp_path):
     assert loaded.keys() == state.keys()
     assert all(torch.equal(loaded[k], state[k]) for k in state)
 
+    from safetensors.torch import save_file  # timm / Hugging Face weights often come this way
+
+    st_path = tmp_path / "model.safetensors"
+    save_file(state, str(st_path))
+    assert all(torch.equal(v, state[k]) for k, v in load_state_dict_from_url(str(st_path)).items())
+
 
 def test_full_torchvision_checkpoint_loads_without_its_classifier(tmp_path):
     # torchvision's own layouts, classifier and GoogLeNet's auxiliary heads included
