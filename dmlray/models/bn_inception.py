@@ -23,6 +23,8 @@ max pool, which agree only when the map entering 3c and 4e has an even side: inp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -119,7 +121,9 @@ class BNInception(nn.Module):
         return self.global_pool(x)
 
 
-def bgr255_from_rgb(images: torch.Tensor, rgb_mean=None, rgb_std=None) -> torch.Tensor:
+def bgr255_from_rgb(
+    images: torch.Tensor, rgb_mean: Sequence[float] | None = None, rgb_std: Sequence[float] | None = None
+) -> torch.Tensor:
     """RGB images in [0, 1] (optionally normalised with ``rgb_mean``/``rgb_std``, which is
     then undone) → BN-Inception's input: BGR in [0, 255] minus (104, 117, 128)."""
     return INPUT_CONVENTIONS["bgr255"].from_rgb(images, rgb_mean, rgb_std)
