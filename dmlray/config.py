@@ -52,6 +52,8 @@ class DataConfig:
     """DataLoader worker processes per rank (0 = read in the training process)."""
     eval_batch_size: int = 256
     """Batch size when embedding the evaluation split."""
+    val_fraction: float = 0.0
+    """Fraction of training classes held out (class-disjoint) for model selection; 0 = none."""
 
 
 @dataclass(kw_only=True)
@@ -68,6 +70,8 @@ class ModelConfig:
     """Size of the L2-normalised embedding."""
     hidden_dim: int = 0
     """Hidden width of an MLP head; 0 = linear head."""
+    batchnorm: str = "train"
+    """BatchNorm layers: train (per-rank statistics), frozen (eval mode, no grad; the seed recipes) or sync."""
 
 
 @dataclass(kw_only=True)
@@ -90,6 +94,8 @@ class MemoryConfig:
     """Step from which the memory is filled and its loss term used."""
     weight: float = 1.0
     """Weight w of the memory term L(batch, memory)."""
+    ramp_steps: int = 0
+    """Ramp the memory weight linearly from 0 to w over this many steps after start (0 = switch on at once)."""
 
 
 @dataclass(kw_only=True)
@@ -102,6 +108,8 @@ class OptimConfig:
     """Learning rate of the network."""
     weight_decay: float = 0.0
     """Weight decay."""
+    head_lr: float = 0.0
+    """Learning rate of the embedding head; 0 = same as lr (recipes train a fresh head faster)."""
     loss_lr: float = 0.0
     """Learning rate of loss parameters (proxies, centres); 0 = same as lr."""
     milestones: list[int] = field(default_factory=list)
@@ -118,12 +126,20 @@ class TrainConfig:
     """Optimisation steps (every rank runs exactly this many)."""
     eval_every: int = 100
     """Evaluate (and checkpoint) every this many steps, and at the end."""
+    checkpoint_every: int = 0
+    """Also checkpoint every this many steps without evaluating; 0 = only at evaluations."""
     log_every: int = 10
     """Record metrics every this many steps."""
     seed: int = 0
     """Run seed; data and init seeds derive from (seed, rank, worker)."""
     dtype: str = "float32"
     """Parameter dtype: float32 or float64 (float64 for exactness tests)."""
+    amp: str = "none"
+    """Autocast: none or bf16 (losses still compute similarities in float32)."""
+    channels_last: bool = False
+    """Channels-last memory format for images and model (faster convolutions on GPU)."""
+    accumulate: int = 1
+    """Micro-batches per optimisation step (gradient accumulation); each is gathered and enters the memory."""
 
 
 @dataclass(kw_only=True)
@@ -141,7 +157,9 @@ class RunConfig:
     """Where the run lives and how Ray runs it."""
 
     name: str = "demo"
-    """Run name; the run folder is storage_path/name."""
+    """Run name; the run folder is storage_path/name. An existing run of that name resumes."""
+    fresh: bool = False
+    """Delete an existing run folder of the same name and start over instead of resuming."""
     storage_path: str = "runs"
     """Local folder or s3:// URL holding run folders."""
     num_workers: int = 2
@@ -328,6 +346,13 @@ def validate(cfg: Config) -> None:
     need(cfg.data.channels in (1, 3), "data.channels must be 1 or 3")
     need(cfg.data.loader_workers >= 0, "data.loader_workers must be >= 0")
     need(cfg.model.embedding_dim >= 1, "model.embedding_dim must be >= 1")
+    need(cfg.model.batchnorm in ("train", "frozen", "sync"), f"model.batchnorm must be train, frozen or sync, got {cfg.model.batchnorm!r}")
+    need(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
+    need(cfg.memory.ramp_steps >= 0, "memory.ramp_steps must be >= 0")
+    need(cfg.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0")
+    need(cfg.train.amp in ("none", "bf16"), f"train.amp must be none or bf16, got {cfg.train.amp!r}")
+    need(cfg.train.accumulate >= 1, "train.accumulate must be >= 1")
+    need(not (cfg.train.amp == "bf16" and cfg.train.dtype == "float64"), "train.amp=bf16 needs train.dtype=float32")
     if cfg.model.backbone not in models.backbone_names():
         raise ConfigError(f"model.backbone: unknown backbone {cfg.model.backbone!r}; known: {', '.join(models.backbone_names())}")
     if cfg.loss.name not in losses.names():

@@ -63,6 +63,7 @@ def train_function(config: dict) -> None:
         metrics.record(record)
         if folder is not None:
             folder.write_metrics(history)
+            print(progress_line(record, cfg.train.steps), flush=True)  # rank 0 only
         if state is None:
             return
         if folder is not None and not ray.is_initialized():
@@ -92,15 +93,31 @@ def train_function(config: dict) -> None:
         folder.write_result(result_record(cfg, final))
 
 
+def progress_line(record: dict, steps: int) -> str:
+    """One line of training progress, as printed by rank 0 at each log step."""
+    parts = [f"step {record['step']}/{steps}", f"loss {record['loss']:.4f}"]
+    if record.get("memory_loss") is not None:
+        parts.append(f"(batch {record['batch_loss']:.4f} + memory {record['memory_loss']:.4f})")
+    parts.append(f"{record['samples_per_second']:.0f} samples/s")
+    for key in ("val/recall@1", "recall@1", "map@r"):
+        if key in record:
+            parts.append(f"{key.replace('recall@1', 'R@1').replace('map@r', 'MAP@R')} {record[key]:.4f}")
+    return "[dmlray] " + "  ".join(parts)
+
+
 def result_record(cfg: Config, final: dict) -> dict:
     """result.json: the final retrieval metrics of the model and of the raw-pixel baseline."""
-    model = {k: v for k, v in final.items() if k.startswith(("recall@", "map@r", "r_precision", "precision@1", "nmi"))}
+    keys = ("recall@", "map@r", "r_precision", "precision@1", "nmi")
+    model = {k: v for k, v in final.items() if k.startswith(keys)}
+    validation = {k[4:]: v for k, v in final.items() if k.startswith("val/")}
     return {
         "run": cfg.run.name,
         "steps": final.get("step"),
         "test_split": cfg.data.test_split,
         "ks": cfg.eval.ks,
         "metrics": model,
+        "validation": validation or None,
+        "restarts": final.get("restarts", 0),
         "baseline_raw_pixels": final.get("baseline"),
     }
 
@@ -177,6 +194,12 @@ def launch(cfg: Config) -> dict:
     """Train per the config; returns result.json's content. Writes config.yaml first."""
     cfg.run.storage_path = resolve_storage_path(cfg.run.storage_path)
     folder = RunFolder(cfg.run.storage_path, cfg.run.name)
+    if storage.list_dir(folder.url):
+        if cfg.run.fresh:
+            log.info("run.fresh: deleting the previous run in %s", folder.url)
+            storage.remove_tree(folder.url)
+        else:
+            log.info("%s exists: resuming from its latest checkpoint (run.fresh=true starts over)", folder.url)
     folder.write_config(config_to_dict(cfg))
     if cfg.run.num_workers > 0:
         ensure_ray()

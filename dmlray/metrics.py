@@ -21,13 +21,18 @@ GAUGES = {
     "memory_fill": "Entries in the cross-batch memory",
     "recall_at_1": "Last evaluated Recall@1",
     "map_at_r": "Last evaluated MAP@R",
+    "val_recall_at_1": "Last validation Recall@1 (held-out training classes)",
+    "val_map_at_r": "Last validation MAP@R (held-out training classes)",
+    "memory_weight": "Current weight of the memory loss term",
+    "restarts": "Times this run restarted from a checkpoint",
+    "skipped_samples": "Bad samples skipped by the data stream",
 }
 TAG_KEYS = ("run", "trial", "rank")
 PREFIX = "dmlray_"
 
 
 def _metric_key(record_key: str) -> str:
-    return record_key.replace("@", "_at_")
+    return record_key.replace("val/", "val_").replace("@", "_at_")
 
 
 class WorkerMetrics:

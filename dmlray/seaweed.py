@@ -77,6 +77,8 @@ class SeaweedS3:
             f"-volume.port={volume}", f"-volume.port.grpc={volume + 10000}", "-volume.max=0",
             "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer + 10000}",
             "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3 + 10000}", f"-s3.config={creds}",
+            # Iceberg and Lance endpoints listen on fixed ports: two servers would clash
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
             f"-metricsPort={metrics}",
         ]
         log = open(self.folder / "weed.log", "wb")

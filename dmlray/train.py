@@ -7,6 +7,7 @@ holds the detached global batches, so it is identical on every rank.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from dataclasses import dataclass
@@ -101,9 +102,14 @@ class Trainer:
         memory: CrossBatchMemory | None = None,
         memory_start: int = 0,
         memory_weight: float = 1.0,
+        memory_ramp_steps: int = 0,
         evaluate: Callable[[int], dict] | None = None,
         eval_every: int = 100,
         log_every: int = 10,
+        checkpoint_every: int = 0,
+        accumulate: int = 1,
+        amp: str = "none",
+        channels_last: bool = False,
         report: Callable[[dict, list[dict], dict | None], None] = lambda record, history, state: None,
         raw_model: nn.Module | None = None,
     ):
@@ -119,27 +125,66 @@ class Trainer:
         self.memory = memory
         self.memory_start = memory_start
         self.memory_weight = memory_weight
+        self.memory_ramp_steps = memory_ramp_steps
         self.evaluate = evaluate
         self.eval_every = eval_every
         self.log_every = log_every
+        self.checkpoint_every = checkpoint_every
+        self.accumulate = accumulate
+        self.amp = amp
+        self.channels_last = channels_last
         self.report = report
         self.step = 0
+        self.restarts = 0
         self.history: list[dict] = []
         self.loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
-        images = images.to(self.device, dtype=self.dtype, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
+    def memory_weight_at(self, step: int) -> float:
+        """The memory term's weight at a step: 0 before start, then ramped up if asked.
+
+        A linear ramp avoids the loss jump users report when a full-weight memory
+        switches on.
+        """
+        if self.memory is None or step < self.memory_start:
+            return 0.0
+        if self.memory_ramp_steps <= 0:
+            return self.memory_weight
+        return self.memory_weight * min(1.0, (step - self.memory_start + 1) / self.memory_ramp_steps)
+
+    def _autocast(self):
+        if self.amp == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
+        """One optimisation step over ``accumulate`` micro-batches (each gathered globally)."""
         use_memory = self.memory is not None and self.step >= self.memory_start
-        result = training_loss(self.model, self.loss_fn, images, labels, self.memory if use_memory else None, self.memory_weight)
+        weight = self.memory_weight_at(self.step)
         # flush the gradients as soon as we can, no need for this memory anymore
         self.optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
+        totals = None
+        for i, (images, labels) in enumerate(micro_batches):
+            images = images.to(self.device, dtype=self.dtype, non_blocking=True)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            labels = labels.to(self.device, non_blocking=True)
+            last = i == len(micro_batches) - 1
+            # DDP all-reduces only on the last micro-batch's backward
+            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            with sync:
+                with self._autocast():
+                    result = training_loss(self.model, self.loss_fn, images, labels,
+                                           self.memory if use_memory else None, weight)
+                (result.loss / len(micro_batches)).backward()
+            parts = (result.loss.detach(), result.batch_loss.detach(),
+                     None if result.memory_loss is None else result.memory_loss.detach())
+            totals = parts if totals is None else tuple(None if a is None else a + b for a, b in zip(totals, parts))
         average_gradients(self.loss_params)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
-        return result
+        n = len(micro_batches)
+        return StepResult(*(None if t is None else t / n for t in totals))
 
     def train(self) -> list[dict]:
         """Run from the current step to ``steps``; returns the metrics history."""
@@ -148,13 +193,14 @@ class Trainer:
         window_start, window_samples, wait = time.perf_counter(), 0, 0.0
         while self.step < self.steps:
             t0 = time.perf_counter()
-            images, labels = next(stream)
+            micro = [next(stream) for _ in range(self.accumulate)]
             wait += time.perf_counter() - t0
-            result = self.train_step(images, labels)
+            result = self.train_step(micro)
             self.step += 1
-            window_samples += labels.shape[0] * world_size
+            window_samples += sum(labels.shape[0] for _, labels in micro) * world_size
             is_eval = self.step % self.eval_every == 0 or self.step == self.steps
-            if self.step % self.log_every == 0 or is_eval:
+            is_checkpoint = is_eval or (self.checkpoint_every > 0 and self.step % self.checkpoint_every == 0)
+            if self.step % self.log_every == 0 or is_checkpoint:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 record = {
                     "step": self.step,
@@ -164,13 +210,15 @@ class Trainer:
                     "samples_per_second": window_samples / elapsed,
                     "data_wait_fraction": wait / elapsed,
                     "memory_fill": len(self.memory) if self.memory is not None else 0,
+                    "memory_weight": self.memory_weight_at(self.step - 1),
                     "lr": self.optimizer.param_groups[0]["lr"],
+                    "restarts": self.restarts,
                 }
                 window_start, window_samples, wait = time.perf_counter(), 0, 0.0
                 if is_eval and self.evaluate is not None:
                     record.update(self.evaluate(self.step))
                 self.history.append(record)
-                self.report(record, self.history, self.state_dict() if is_eval else None)
+                self.report(record, self.history, self.state_dict() if is_checkpoint else None)
         return self.history
 
     def state_dict(self) -> dict:
@@ -181,6 +229,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "memory": self.memory.state_dict() if self.memory is not None else None,
             "step": self.step,
+            "restarts": self.restarts,
             "history": list(self.history),
             "rng": rng_state(),
         }
@@ -194,5 +243,6 @@ class Trainer:
         if self.memory is not None and state.get("memory") is not None:
             self.memory.load_state_dict(state["memory"])
         self.step = int(state["step"])
+        self.restarts = int(state.get("restarts", 0)) + 1  # loading a checkpoint is a restart
         self.history = list(state.get("history", []))
         set_rng_state(state["rng"])

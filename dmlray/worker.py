@@ -7,6 +7,7 @@ It knows the rank and how to report, nothing else of Ray: ``launch.py`` supplies
 from __future__ import annotations
 
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -17,7 +18,7 @@ from torch import nn
 from dmlray import losses, models
 from dmlray.config import Config, LossConfig, ModelConfig, OptimConfig
 from dmlray.data.shards import read_manifest
-from dmlray.data.stream import PKBatches
+from dmlray.data.stream import PKBatches, iter_shard
 from dmlray.data.transforms import ImageTransform
 from dmlray.extract import embed_split, score
 from dmlray.memory import CrossBatchMemory
@@ -48,7 +49,36 @@ def build_model(cfg: ModelConfig, channels: int) -> models.EmbeddingModel:
     if cfg.backbone == "glyph_cnn":
         kwargs.setdefault("in_channels", channels)
     backbone = models.build_backbone(cfg.backbone, **kwargs)
-    return models.EmbeddingModel(backbone, cfg.embedding_dim, cfg.hidden_dim)
+    model = models.EmbeddingModel(backbone, cfg.embedding_dim, cfg.hidden_dim)
+    if cfg.batchnorm == "frozen":
+        from dmlray.models.frozen_bn import freeze_batchnorm
+
+        freeze_batchnorm(model)
+    elif cfg.batchnorm == "sync":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def split_validation(train_classes: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training classes, validation classes): a seeded, class-disjoint hold-out."""
+    if fraction <= 0:
+        return list(train_classes), []
+    held = sorted(random.Random(f"val-{seed}").sample(sorted(train_classes), max(2, round(fraction * len(train_classes)))))
+    keep = sorted(set(train_classes) - set(held))
+    if len(keep) < 2:
+        raise ValueError(f"data.val_fraction={fraction} leaves {len(keep)} training classes")
+    return keep, held
+
+
+def only_classes(read_shard, classes: set[int], keep: bool):
+    """A shard reader that keeps (or drops) the samples of the given classes."""
+
+    def read(url: str):
+        for sample in read_shard(url):
+            if (sample[1] in classes) == keep:
+                yield sample
+
+    return read
 
 
 def build_loss(cfg: LossConfig, num_classes: int, embedding_dim: int) -> nn.Module:
@@ -59,8 +89,8 @@ def build_loss(cfg: LossConfig, num_classes: int, embedding_dim: int) -> nn.Modu
     return losses.build(cfg.name, **params)
 
 
-def build_optimizer(cfg: OptimConfig, model: nn.Module, loss_fn: nn.Module) -> torch.optim.Optimizer:
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr}]
+def build_optimizer(cfg: OptimConfig, model: models.EmbeddingModel, loss_fn: nn.Module) -> torch.optim.Optimizer:
+    groups = model.param_groups(cfg.lr, cfg.head_lr or None)
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
     if loss_params:
         groups.append({"params": loss_params, "lr": cfg.loss_lr or cfg.lr})
@@ -76,9 +106,11 @@ def run_worker(cfg: Config, ctx: WorkerContext) -> dict:
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     dtype = torch.float64 if cfg.train.dtype == "float64" else torch.float32
     manifest = read_manifest(cfg.data.url)
-    train_classes = manifest.classes(cfg.data.train_split)
+    train_classes, val_classes = split_validation(manifest.classes(cfg.data.train_split), cfg.data.val_fraction, cfg.train.seed)
 
     model = build_model(cfg.model, cfg.data.channels).to(ctx.device, dtype)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     loss_fn = build_loss(cfg.loss, len(train_classes), cfg.model.embedding_dim).to(ctx.device, dtype)
     optimizer = build_optimizer(cfg.optim, model, loss_fn)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.optim.milestones, cfg.optim.gamma) if cfg.optim.milestones else None
@@ -88,6 +120,10 @@ def run_worker(cfg: Config, ctx: WorkerContext) -> dict:
     train_tf = ImageTransform(cfg.data.image_size, cfg.data.channels, train=cfg.data.augment)
     eval_tf = ImageTransform(cfg.data.image_size, cfg.data.channels, train=False)
     train_urls = manifest.shard_urls(cfg.data.train_split)
+    val_set = set(val_classes)
+    # validation classes live in the training shards: keep them out of training
+    train_reader = only_classes(iter_shard, val_set, keep=False) if val_set else iter_shard
+    val_urls = [u for u, s in zip(train_urls, manifest.split(cfg.data.train_split)["shards"]) if val_set & set(s["classes"])]
     if getattr(losses.loss_class(cfg.loss.name), "needs_classes", False):
         # per-class parameters are indexed 0..C-1; shards carry the dataset's class ids
         remap = {c: i for i, c in enumerate(train_classes)}
@@ -99,7 +135,7 @@ def run_worker(cfg: Config, ctx: WorkerContext) -> dict:
             train_urls, cfg.data.classes_per_batch, cfg.data.samples_per_class, train_tf,
             # a resumed run reseeds by its step: deterministic, and no batch is replayed
             seed=cfg.train.seed * 1_000_003 + start_step, rank=ctx.rank,
-            class_buffer=cfg.data.class_buffer, open_shards=cfg.data.open_shards,
+            class_buffer=cfg.data.class_buffer, open_shards=cfg.data.open_shards, read_shard=train_reader,
         )
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.loader_workers,
                                              persistent_workers=cfg.data.loader_workers > 0)
@@ -120,6 +156,11 @@ def run_worker(cfg: Config, ctx: WorkerContext) -> dict:
                                   ctx.device, expected=manifest.num_samples(cfg.data.gallery_split), pixels=pixels)
         metrics = score(query, cfg.eval.ks, gallery, nmi=final)
         out = {k: v for k, v in metrics.items()}
+        if val_set:
+            # model selection looks at these, never at the test split
+            val = embed_split(wrapped_eval, val_urls, eval_tf, cfg.data.eval_batch_size, ctx.device,
+                              read_shard=only_classes(iter_shard, val_set, keep=True))
+            out.update({f"val/{k}": v for k, v in score(val, cfg.eval.ks, nmi=False).items()})
         if pixels:
             out["baseline"] = score(query, cfg.eval.ks, gallery, key="pixels", nmi=True)
         out["eval_seconds"] = time.perf_counter() - t0
@@ -133,7 +174,9 @@ def run_worker(cfg: Config, ctx: WorkerContext) -> dict:
         model=wrapped, raw_model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
         batches=batches, steps=cfg.train.steps, device=ctx.device, dtype=dtype,
         memory=memory, memory_start=cfg.memory.start, memory_weight=cfg.memory.weight,
-        evaluate=evaluate, eval_every=cfg.train.eval_every, log_every=cfg.train.log_every, report=ctx.report,
+        memory_ramp_steps=cfg.memory.ramp_steps, evaluate=evaluate, eval_every=cfg.train.eval_every,
+        log_every=cfg.train.log_every, checkpoint_every=cfg.train.checkpoint_every, report=ctx.report,
+        accumulate=cfg.train.accumulate, amp=cfg.train.amp, channels_last=cfg.train.channels_last,
     )
     if ctx.restored is not None:
         trainer.load_state_dict(ctx.restored)

@@ -202,3 +202,21 @@ def list_dir(url: str) -> list[str]:
         return sorted(names)
     path = local_path(url)
     return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+
+
+def remove_tree(url: str) -> None:
+    """Delete a folder URL and everything under it (all objects under the prefix on S3)."""
+    if is_s3(url):
+        bucket, key = split_s3(url.rstrip("/") + "/")
+        client = s3_client()
+        try:
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+                objects = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                if objects:
+                    client.delete_objects(Bucket=bucket, Delete={"Objects": objects})
+        except Exception as exc:
+            raise _s3_error(url, exc, "delete") from exc
+        return
+    import shutil
+
+    shutil.rmtree(local_path(url), ignore_errors=True)
