@@ -347,6 +347,7 @@ def validate(cfg: Config) -> None:
     need(cfg.data.loader_workers >= 0, "data.loader_workers must be >= 0")
     need(cfg.model.embedding_dim >= 1, "model.embedding_dim must be >= 1")
     need(cfg.model.batchnorm in ("train", "frozen", "sync"), f"model.batchnorm must be train, frozen or sync, got {cfg.model.batchnorm!r}")
+    need(cfg.model.batchnorm != "sync" or cfg.run.use_gpu, "model.batchnorm=sync needs run.use_gpu=true (torch's SyncBatchNorm runs on GPUs only)")
     need(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
     need(cfg.memory.ramp_steps >= 0, "memory.ramp_steps must be >= 0")
     need(cfg.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0")
