@@ -8,7 +8,6 @@ baseline and write the plot; then stop the server.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
@@ -28,9 +27,7 @@ def run_demo(out: str = "demo-out", overrides: list[str] = ()) -> dict:
     shutil.rmtree(out_dir / "s3", ignore_errors=True)
     t0 = time.monotonic()
     print(f"[1/3] starting SeaweedFS (S3 API on loopback, data in {out_dir / 's3'})", flush=True)
-    with SeaweedS3(out_dir / "s3", buckets=[bucket]) as s3:
-        saved = {k: os.environ.get(k) for k in s3.env}
-        os.environ.update(s3.env)
+    with SeaweedS3(out_dir / "s3", buckets=[bucket]) as s3, s3.activated():
         try:
             print(f"      endpoint {s3.endpoint}, bucket {bucket!r}", flush=True)
             print(f"[2/3] packing the glyphs dataset into {cfg.data.url}", flush=True)
@@ -42,11 +39,6 @@ def run_demo(out: str = "demo-out", overrides: list[str] = ()) -> dict:
 
             result = train_and_report(cfg)
         finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
             try:
                 import ray
 

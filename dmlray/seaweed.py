@@ -7,6 +7,7 @@ data folder, credentials that are enforced, and is killed after a short grace pe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from dmlray.ports import free_ports
 
@@ -90,6 +92,24 @@ class SeaweedS3:
             self.stop()
             raise
         return self
+
+    @contextlib.contextmanager
+    def activated(self) -> Iterator["SeaweedS3"]:
+        """Point this process's S3 access (os.environ, dmlray's clients) at the server, then restore."""
+        from dmlray.data import storage
+
+        saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        storage.reset_clients()
+        try:
+            yield self
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            storage.reset_clients()
 
     def client(self):
         import boto3

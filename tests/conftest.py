@@ -54,20 +54,9 @@ RECIPE_40 = Recipe(dataset="glyphs", shard_bytes=64 * 1024, options={"max_classe
 @pytest.fixture(scope="session")
 def glyphs_s3(seaweed):
     """The 40-class glyph subset packed into the test bucket; returns its s3:// root."""
-    from dmlray.data import storage
     from dmlray.data.pack import pack
 
-    saved = {k: os.environ.get(k) for k in seaweed.env}
-    os.environ.update(seaweed.env)
-    storage.reset_clients()
-    try:
-        url = "s3://dmlray-test/glyphs40"
+    url = "s3://dmlray-test/glyphs40"
+    with seaweed.activated():
         pack(RECIPE_40, url, progress=False)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        storage.reset_clients()
     return url
