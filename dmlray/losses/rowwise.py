@@ -10,13 +10,13 @@ similarity matrix (its mining thresholds included). For those the engine
 
 So a (B, M) block is allocated once — no autograd graph of B×M temporaries is kept, which
 is what makes a 55k-entry cross-batch memory cheap. The per-chunk gradient comes from
-autograd on the chunk unless the loss supplies a closed form (``per_anchor_and_grad``).
+autograd on the chunk unless the loss supplies a closed form (``block_value_and_grad``).
 Losses own no parameters here (their gradient would be lost); those use plain autograd.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +30,28 @@ from dmlray.losses.base import (
 )
 
 Values = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Block:
+    """A chunk of anchors' similarity rows and what is needed to build their masks."""
+
+    sim: torch.Tensor
+    """(b, M) similarities of the chunk's anchors (a view into the full matrix)."""
+    labels: torch.Tensor
+    """(b,) the chunk's anchor labels."""
+    ref_labels: torch.Tensor
+    """(M,) reference labels."""
+    self_index: torch.Tensor | None
+    """(b,) each anchor's own column or -1; None: every pair is formed."""
+    dim: int
+    """Embedding dimension."""
+    shared: dict = field(default_factory=dict)
+    """Per-forward cache shared by all chunks (e.g. reference labels in another dtype)."""
+
+    def pairs(self, sim: torch.Tensor | None = None) -> Pairs:
+        """The contract's masks for this chunk, around ``sim`` (default: the chunk's own)."""
+        return pairs_from_sim(self.sim if sim is None else sim, self.labels, self.ref_labels, self.self_index, self.dim)
 
 
 class RowwiseLoss(PairLoss):
@@ -47,15 +69,15 @@ class RowwiseLoss(PairLoss):
     def per_anchor(self, pairs: Pairs) -> torch.Tensor | Values:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def per_anchor_and_grad(self, pairs: Pairs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(values, weights, dΣvalues/dsim) of a chunk; may overwrite ``pairs.sim`` in place.
+    def block_value_and_grad(self, block: Block) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(values, weights, dΣvalues/dsim) of a chunk; may overwrite ``block.sim`` in place.
 
         The default differentiates ``per_anchor`` with autograd; override with a closed form
         where one is cheaper.
         """
-        sim = pairs.sim.detach().requires_grad_(True)
+        sim = block.sim.detach().requires_grad_(True)
         with torch.enable_grad():
-            values, weights = _split(self.per_anchor(replace(pairs, sim=sim)))
+            values, weights = _split(self.per_anchor(block.pairs(sim)))
             grad = None
             if values.requires_grad:
                 (grad,) = torch.autograd.grad(values.sum(), sim, allow_unused=True)
@@ -131,17 +153,17 @@ def _chunked(
     num_anchors = sim.shape[0]
     values = sim.new_empty(num_anchors)
     weights = sim.new_zeros(num_anchors)
+    shared: dict = {}
     for start in range(0, num_anchors, rows):
         stop = min(start + rows, num_anchors)
-        block = sim[start:stop]
         own = None if self_index is None else self_index[start:stop]
-        pairs = pairs_from_sim(block, labels[start:stop], ref_labels, own, dim)
+        block = Block(sim[start:stop], labels[start:stop], ref_labels, own, dim, shared)
         if with_grad:
-            value, weight, grad = loss.per_anchor_and_grad(pairs)
-            if grad.data_ptr() != block.data_ptr():
-                block.copy_(grad)
+            value, weight, grad = loss.block_value_and_grad(block)
+            if grad.data_ptr() != block.sim.data_ptr():
+                block.sim.copy_(grad)
         else:
-            value, weight = _split(loss.per_anchor(pairs))
+            value, weight = _split(loss.per_anchor(block.pairs()))
         values[start:stop] = value
         weights[start:stop] = weight
     return values, weights
@@ -161,6 +183,8 @@ class _RowwiseFunction(torch.autograd.Function):
             values, weights = _chunked(loss, sim, labels, ref_labels, self_index, rows, emb.shape[1], True)
         ctx.save_for_backward(emb, ref, sim)
         ctx.dtypes = (embeddings.dtype, refs.dtype)
+        # no references: the anchors are both sides of S, and one product serves both
+        ctx.symmetric = refs is embeddings
         ctx.mark_non_differentiable(weights)
         return values, weights
 
@@ -171,6 +195,11 @@ class _RowwiseFunction(torch.autograd.Function):
         scale = grad_values.to(jac.dtype).unsqueeze(1)
         grad_emb = grad_ref = None
         with torch.autocast(device_type=emb.device.type, enabled=False):
+            if ctx.symmetric:
+                # d/dE of S = E·Eᵀ: G·E + Gᵀ·E = (G + Gᵀ)·E with G = diag(scale)·J
+                weighted = jac * scale
+                grad_emb = ((weighted + weighted.T) @ emb).to(ctx.dtypes[0])
+                return grad_emb, None, None, None, None, None, None
             if ctx.needs_input_grad[0]:
                 # rows scale after the product: a (B, D) multiply instead of (B, M)
                 grad_emb = ((jac @ ref) * scale).to(ctx.dtypes[0])

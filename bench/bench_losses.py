@@ -1,0 +1,168 @@
+"""Multi-similarity loss: dmlray against pytorch-metric-learning and against the floor.
+
+    python bench/bench_losses.py [--quick] [--device cpu|cuda]
+
+On the same inputs, times forward+backward of
+  * the floor: the bare (B, M) similarity product E·Rᵀ, forward and backward
+    (``(E @ R.T).sum().backward()``) — no loss can do less;
+  * dmlray's MultiSimilarityLoss;
+  * pytorch-metric-learning (PML): MultiSimilarityLoss on MultiSimilarityMiner pairs for
+    the batch, and CrossBatchMemory(MultiSimilarityLoss, miner=MultiSimilarityMiner) for
+    a memory of M entries (its ring buffer holds the same entries, the batch enqueued);
+and prints the ratios and whether the two losses agree. Times are the minimum over
+repeats after a warm-up (the machine may be shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dmlray import losses  # noqa: E402
+
+
+def timed(fns: dict[str, Callable[[], object]], repeats: dict[str, int], device: torch.device, warmup_s: float = 0.3) -> dict[str, float]:
+    """Minimum wall time of each function in milliseconds, runs interleaved.
+
+    Interleaving spreads a shared machine's noise over all contenders, and the warm-up
+    matters: thread pools and the allocator settle over the first calls (a 1 ms product
+    can take 100+ ms for its first few runs on a busy machine).
+    """
+    for fn in fns.values():
+        start = time.perf_counter()
+        for i in range(100):
+            fn()
+            if i >= 1 and time.perf_counter() - start > warmup_s:
+                break
+    best = {name: float("inf") for name in fns}
+    for round_ in range(max(repeats.values())):
+        for name, fn in fns.items():
+            if round_ >= repeats[name]:
+                continue
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: t * 1e3 for name, t in best.items()}
+
+
+def make_inputs(batch: int, memory: int, dim: int, classes: int, device: torch.device, seed: int = 0):
+    """A batch of P×K-like labels and a memory whose classes overlap it (so pairs exist)."""
+    g = torch.Generator().manual_seed(seed)
+    emb = F.normalize(torch.randn(batch, dim, generator=g), dim=1).to(device)
+    labels = (torch.arange(batch) // 4 % classes).to(device)
+    mem = F.normalize(torch.randn(memory, dim, generator=g), dim=1).to(device)
+    mem_labels = torch.randint(0, classes, (memory,), generator=g).to(device)
+    return emb, labels, mem, mem_labels
+
+
+def bench_batch(batch: int, dim: int, repeats: int, device: torch.device) -> dict:
+    from pytorch_metric_learning import losses as pml_losses, miners as pml_miners
+
+    emb, labels, _, _ = make_inputs(batch, 0, dim, batch // 4, device)
+    ours = losses.build("multi_similarity", alpha=2.0, beta=40.0, base=0.5, margin=0.1)
+    pml = pml_losses.MultiSimilarityLoss(alpha=2, beta=40, base=0.5)
+    miner = pml_miners.MultiSimilarityMiner(epsilon=0.1)
+    x = emb.clone().requires_grad_(True)
+
+    def floor():
+        (x @ x.T).sum().backward()
+
+    def run_ours():
+        value = ours(x, labels)
+        value.backward()
+        return value
+
+    def run_pml():
+        value = pml(x, labels, miner(x, labels))
+        value.backward()
+        return value
+
+    times = timed({"floor": floor, "dmlray": run_ours, "pml": run_pml}, {"floor": repeats, "dmlray": repeats, "pml": repeats}, device)
+    return {"case": f"batch B={batch} (M=B)", **times, "values": (float(run_ours().detach()), float(run_pml().detach()))}
+
+
+def bench_memory(batch: int, memory: int, dim: int, repeats: int, pml_repeats: int, device: torch.device) -> dict:
+    from pytorch_metric_learning import losses as pml_losses, miners as pml_miners
+
+    emb, labels, mem, mem_labels = make_inputs(batch, memory, dim, max(memory // 5, 1), device)
+    cbm = pml_losses.CrossBatchMemory(
+        pml_losses.MultiSimilarityLoss(alpha=2, beta=40, base=0.5), dim, memory_size=memory,
+        miner=pml_miners.MultiSimilarityMiner(epsilon=0.1),
+    ).to(device)
+    # the same memory on both sides: PML's ring buffer pre-filled, the batch enqueued at its cursor
+    cbm.embedding_memory.copy_(mem)
+    cbm.label_memory.copy_(mem_labels)
+    cbm.has_been_filled = True
+    cbm.queue_idx = memory // 3
+    x = emb.clone().requires_grad_(True)
+    with torch.no_grad():
+        pml_value = float(cbm(x, labels))
+    slots = cbm.curr_batch_idx.clone()
+    ref, ref_labels = cbm.embedding_memory.clone(), cbm.label_memory.clone()
+    ours = losses.build("multi_similarity", alpha=2.0, beta=40.0, base=0.5, margin=0.1)
+
+    def floor():
+        (x @ ref.T).sum().backward()
+
+    def run_ours():
+        value = ours(x, labels, ref, ref_labels, slots)
+        value.backward()
+        return value
+
+    def run_pml():
+        cbm.queue_idx = memory // 3  # enqueue at the same slots every time
+        value = cbm(x, labels)
+        value.backward()
+
+    times = timed({"floor": floor, "dmlray": run_ours, "pml": run_pml}, {"floor": repeats, "dmlray": repeats, "pml": pml_repeats}, device)
+    return {"case": f"memory B={batch} M={memory}", **times, "values": (float(run_ours().detach()), pml_value)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller batch, fewer repeats (< 30 s)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    batch = 128 if args.quick else 256
+    repeats, pml_repeats = (3, 1) if args.quick else (7, 3)
+
+    print(f"device={device} threads={torch.get_num_threads()} dim={args.dim} (times: min over repeats, ms)")
+    rows = [bench_batch(batch, args.dim, repeats, device)]
+    for memory in (8192, 55000):
+        rows.append(bench_memory(batch, memory, args.dim, repeats, pml_repeats, device))
+
+    header = f"{'case':28s} {'floor':>9s} {'dmlray':>9s} {'PML':>10s} {'dmlray/floor':>13s} {'PML/dmlray':>11s}  values agree"
+    print(header)
+    print("-" * len(header))
+    ok = True
+    for row in rows:
+        ours_v, pml_v = row["values"]
+        agree = abs(ours_v - pml_v) <= 1e-4 * max(1.0, abs(pml_v))
+        ok &= agree
+        print(
+            f"{row['case']:28s} {row['floor']:9.1f} {row['dmlray']:9.1f} {row['pml']:10.1f} "
+            f"{row['dmlray'] / row['floor']:13.2f} {row['pml'] / row['dmlray']:11.1f}  "
+            f"{'yes' if agree else 'NO'} ({ours_v:.6f} vs {pml_v:.6f})"
+        )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
