@@ -269,6 +269,7 @@ def _iter_topk(
                 yield start, stop, v, i, block
 
 
+@torch.no_grad()
 def knn(
     embeddings: ArrayLike,
     k: int,
@@ -372,6 +373,7 @@ def _first_hit_rank(
     return out
 
 
+@torch.no_grad()
 def _score(
     embeddings: ArrayLike,
     labels: ArrayLike,
@@ -513,6 +515,7 @@ def _cluster_sums(
     return sums, counts
 
 
+@torch.no_grad()
 def kmeans(
     x: ArrayLike,
     n_clusters: int,

@@ -198,6 +198,9 @@ def test_single_item_and_inputs():
     ref = recall_at_k(x, y)
     assert recall_at_k(x.numpy(), y.numpy()) == ref  # numpy in
     assert recall_at_k(x.double(), y) == ref  # float64 kept
+    xg = x.clone().requires_grad_()  # straight from a model: no graph is built
+    assert recall_at_k(xg, y) == ref
+    assert retrieval_metrics(xg, y)["nmi"] == retrieval_metrics(x, y)["nmi"]
     with pytest.raises(ValueError):
         recall_at_k(x, y[:-1])
     with pytest.raises(ValueError):
