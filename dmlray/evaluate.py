@@ -25,6 +25,16 @@ Conventions
       R-precision and precision@1 exclude them, as pytorch-metric-learning does (they are
       undefined for R = 0). When every query has R = 0 those three metrics are 0.0.
     * Metrics are fractions in [0, 1]; ``format_table`` prints percentages.
+
+Backends
+    * "torch" (default): per chunk one matmul into a reused buffer, then an exact top-k
+      only as deep as MAP@R needs (max R in the chunk). Recall@K for K above 64 (SOP's
+      K = 1000) is not read from a K-deep table: the rank of each query's best positive is
+      counted directly in the similarity block, which is exact and far cheaper.
+    * "faiss": IndexFlatIP exact search (CPU) for the same candidates; ties and the query
+      itself are handled as above; results match "torch" except where two similarities
+      differ by float32 rounding only (faiss sums the products in another order).
+    * "auto": faiss when importable, else torch.
 """
 
 from __future__ import annotations
