@@ -26,8 +26,8 @@ def ms_mine(sim: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, margin: flo
     big = torch.finfo(sim.dtype).max
     # mining thresholds are selections, not part of the loss's gradient
     s = sim.detach()
-    min_pos = torch.where(pos, s, torch.full_like(s, big)).min(dim=1, keepdim=True).values
-    max_neg = torch.where(neg, s, torch.full_like(s, -big)).max(dim=1, keepdim=True).values
+    min_pos = torch.where(pos, s, big).amin(dim=1, keepdim=True)
+    max_neg = torch.where(neg, s, -big).amax(dim=1, keepdim=True)
     hard_neg = neg & (s + margin > min_pos)
     hard_pos = pos & (s - margin < max_neg)
     return hard_pos, hard_neg
