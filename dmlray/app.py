@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 
@@ -48,6 +49,9 @@ def train_and_report(cfg: Config) -> dict:
     print(f"run folder: {folder.url}")
     if plot:
         print(f"plot:       {plot}")
+    for name in ("retrieval_grid.png", "recall_at_k.png"):
+        if storage.exists(folder.file(name)):
+            print(f"picture:    {folder.file(name)}")
     return result
 
 
@@ -62,10 +66,32 @@ def find_checkpoint(url: str) -> tuple[str, str]:
     return storage.join(url, sorted(checkpoints)[-1]), url
 
 
-def eval_and_report(path: str, data: str | None = None, split: str | None = None) -> dict:
-    """Evaluate a checkpoint in this process: print the table, write eval.json beside it."""
-    import io
+def export_embeddings(run: str, name: str, embedded: dict) -> list[str]:
+    """<name>.npz (embeddings, labels, keys) and <name>.parquet beside the run, for a vector index."""
+    import numpy as np
 
+    emb = embedded["embeddings"].cpu().numpy()
+    labels = embedded["labels"].cpu().numpy()
+    keys = np.asarray(embedded["keys"])
+    buffer = io.BytesIO()
+    np.savez(buffer, embeddings=emb, labels=labels, keys=keys)
+    storage.write_bytes(storage.join(run, f"{name}.npz"), buffer.getvalue())
+    written = [storage.join(run, f"{name}.npz")]
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        return written
+    table = pa.table({"key": keys.tolist(), "label": labels, "embedding": list(emb)})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_bytes(storage.join(run, f"{name}.parquet"), buffer.getvalue())
+    return written + [storage.join(run, f"{name}.parquet")]
+
+
+def eval_and_report(path: str, data: str | None = None, split: str | None = None, export: bool = False) -> dict:
+    """Evaluate a checkpoint in this process: print the table, write eval.json, pictures and
+    (with ``export``) the embeddings beside it."""
     from dmlray.data.shards import read_manifest
     from dmlray.data.transforms import ImageTransform
     from dmlray.extract import embed_split, score
@@ -85,17 +111,32 @@ def eval_and_report(path: str, data: str | None = None, split: str | None = None
     tf = ImageTransform(cfg.data.image_size, cfg.data.channels, train=False)
     device = torch.device("cpu")
     query = embed_split(model, manifest.shard_urls(split), tf, cfg.data.eval_batch_size, device,
-                        expected=manifest.num_samples(split), pixels=cfg.eval.baseline)
+                        expected=manifest.num_samples(split), pixels=cfg.eval.baseline, progress=True)
     gallery = None
     if cfg.data.gallery_split:
         gallery = embed_split(model, manifest.shard_urls(cfg.data.gallery_split), tf, cfg.data.eval_batch_size, device,
-                              expected=manifest.num_samples(cfg.data.gallery_split), pixels=cfg.eval.baseline)
+                              expected=manifest.num_samples(cfg.data.gallery_split), pixels=cfg.eval.baseline,
+                              progress=True)
     result = {"run": cfg.run.name, "steps": state["step"], "test_split": split, "ks": cfg.eval.ks,
               "checkpoint": checkpoint, "metrics": score(query, cfg.eval.ks, gallery)}
     if cfg.eval.baseline:
         result["baseline_raw_pixels"] = score(query, cfg.eval.ks, gallery, key="pixels")
     storage.write_bytes(storage.join(run, "eval.json"), json.dumps(result, indent=1).encode())
+    from dmlray.pictures import write_pictures
+
+    folder = RunFolder.at(run)
+    pictures = write_pictures(folder, query, gallery, manifest.shard_urls(split),
+                              manifest.shard_urls(cfg.data.gallery_split) if cfg.data.gallery_split else None,
+                              cfg.data.channels, {"dmlray": result["metrics"], "raw pixels": result.get("baseline_raw_pixels") or {}})
     print(f"Retrieval on split {split!r} of {cfg.data.url} (checkpoint {checkpoint}, step {state['step']}):")
     print(results_table(result))
     print(f"wrote {storage.join(run, 'eval.json')}")
+    for url in pictures:
+        print(f"wrote {url}")
+    if export:
+        for url in export_embeddings(run, f"embeddings-{split}", query):
+            print(f"wrote {url}")
+        if gallery is not None:
+            for url in export_embeddings(run, f"embeddings-{cfg.data.gallery_split}", gallery):
+                print(f"wrote {url}")
     return result

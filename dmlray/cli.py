@@ -16,6 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dst", required=True, help="destination: path, file:// or s3://bucket/prefix")
     p.add_argument("--src", default=None, help="raw dataset folder (not needed for glyphs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out missing or undecodable images (listed in the manifest) instead of stopping")
+    p.add_argument("--workers", type=int, default=0, help="threads writing shards in parallel (0 = the recipe's or automatic)")
 
     p = sub.add_parser("train", help="train from a preset or YAML config with key=value overrides")
     p.add_argument("config", help="preset name (see --list-presets) or YAML path")
@@ -25,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="run folder or checkpoint folder (path or s3://)")
     p.add_argument("--data", default=None, help="dataset root (default: the run's data.url)")
     p.add_argument("--split", default=None, help="split to evaluate (default: the run's test split)")
+    p.add_argument("--export", action="store_true", help="also write the embeddings and labels (.npz and .parquet)")
 
     p = sub.add_parser("demo", help="the built-in demo: glyphs on a local S3 → Ray Train → Recall@K")
     p.add_argument("--out", default="demo-out", help="folder for the object store and runs")
@@ -60,7 +64,8 @@ def _dispatch(args) -> int:
     if args.command == "pack":
         from dmlray.data.pack import load_recipe, pack
 
-        url = pack(load_recipe(args.recipe), args.dst, args.src, progress=not args.no_progress)
+        url = pack(load_recipe(args.recipe), args.dst, args.src, progress=not args.no_progress,
+                   skip_bad=args.skip_bad, workers=args.workers or None)
         print(f"wrote {url}")
         return 0
     if args.command == "train":
@@ -72,7 +77,7 @@ def _dispatch(args) -> int:
     if args.command == "eval":
         from dmlray.app import eval_and_report
 
-        eval_and_report(args.checkpoint, data=args.data, split=args.split)
+        eval_and_report(args.checkpoint, data=args.data, split=args.split, export=args.export)
         return 0
     if args.command == "demo":
         from dmlray.demo import run_demo

@@ -78,6 +78,16 @@ def all_gather_variable(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([gathered[i * longest : i * longest + n] for i, n in enumerate(counts)], dim=0)
 
 
+def all_gather_list(items: list) -> list:
+    """Concatenate every rank's list of picklable items in rank order (keys, names)."""
+    _, world_size = world()
+    if world_size == 1:
+        return list(items)
+    parts: list = [None] * world_size
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
+
+
 def broadcast_object(obj, src: int = 0):
     """Send a picklable object from ``src`` to every rank."""
     _, world_size = world()

@@ -7,13 +7,14 @@ checked against the manifest).
 
 from __future__ import annotations
 
+import sys
 from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmlray.distributed import all_gather_variable, broadcast_object, world
+from dmlray.distributed import all_gather_list, all_gather_variable, broadcast_object, world
 from dmlray.data.stream import iter_eval_batches, iter_shard, rank_shards
 
 
@@ -27,22 +28,38 @@ def embed_split(
     expected: int | None = None,
     pixels: bool = False,
     read_shard: Callable[[str], Iterator] = iter_shard,
-) -> dict[str, torch.Tensor]:
-    """{'embeddings', 'labels'} (and 'pixels': flattened, L2-normalised inputs) of a whole split."""
+    progress: bool = False,
+) -> dict:
+    """{'embeddings', 'labels', 'keys'} (and 'pixels': flattened, L2-normalised inputs) of a whole split.
+
+    ``keys`` (sample keys, a list) follow the same rank order as the tensors.
+    """
     rank, world_size = world()
     was_training = model.training
     model.eval()
     dtype = next(model.parameters()).dtype
-    embs, labels, raw = [], [], []
+    embs, labels, raw, keys = [], [], [], []
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        # rank 0 sees its own share; the others embed theirs at the same pace
+        bar = tqdm(total=None if expected is None else -(-expected // world_size), desc="embed", unit=" img",
+                   file=sys.stderr, mininterval=0.5)
     try:
-        for images, y, _ in iter_eval_batches(rank_shards(shard_urls, rank, world_size), transform, batch_size, read_shard):
+        for images, y, batch_keys in iter_eval_batches(rank_shards(shard_urls, rank, world_size), transform, batch_size, read_shard):
             images = images.to(device=device, dtype=dtype)
             embs.append(model(images).float())
             labels.append(y.to(device))
+            keys += batch_keys
             if pixels:
                 raw.append(F.normalize(images.flatten(1).float(), dim=1))
+            if bar is not None:
+                bar.update(len(batch_keys))
     finally:
         model.train(was_training)
+        if bar is not None:
+            bar.close()
     dim = getattr(model, "embedding_dim", None) or getattr(getattr(model, "module", None), "embedding_dim", 0)
     local = {
         "embeddings": torch.cat(embs) if embs else torch.zeros(0, dim, device=device),
@@ -50,7 +67,8 @@ def embed_split(
     }
     if pixels:
         local["pixels"] = torch.cat(raw) if raw else torch.zeros(0, 1, device=device)
-    out = {k: all_gather_variable(v) for k, v in local.items()}
+    out: dict = {k: all_gather_variable(v) for k, v in local.items()}
+    out["keys"] = all_gather_list(keys)
     if expected is not None and out["labels"].shape[0] != expected:
         raise RuntimeError(f"evaluation embedded {out['labels'].shape[0]} samples, the manifest lists {expected}")
     return out

@@ -88,7 +88,7 @@ def train_function(config: dict) -> None:
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     final = run_worker(cfg, WorkerContext(rank=rank, world_size=world_size, device=device, report=report,
-                                          restored=restored, wrap_model=wrap))
+                                          restored=restored, wrap_model=wrap, run_folder=folder))
     if folder is not None:
         folder.write_result(result_record(cfg, final))
 

@@ -19,6 +19,12 @@ class RunFolder:
     def __init__(self, storage_path: str, name: str):
         self.url = storage.join(storage_path, name)
 
+    @classmethod
+    def at(cls, url: str) -> "RunFolder":
+        """The run folder at a URL."""
+        parent, _, name = url.rstrip("/").rpartition("/")
+        return cls(parent, name)
+
     def file(self, name: str) -> str:
         return storage.join(self.url, name)
 

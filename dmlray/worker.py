@@ -40,6 +40,8 @@ class WorkerContext:
     """Checkpoint state to resume from."""
     wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m
     """DDP wrapping (identity in one process)."""
+    run_folder: object | None = None
+    """The RunFolder (rank 0 only): the final evaluation draws its pictures there."""
 
 
 def build_model(cfg: ModelConfig, channels: int) -> models.EmbeddingModel:
@@ -163,6 +165,13 @@ def run_worker(cfg: Config, ctx: WorkerContext) -> dict:
             out.update({f"val/{k}": v for k, v in score(val, cfg.eval.ks, nmi=False).items()})
         if pixels:
             out["baseline"] = score(query, cfg.eval.ks, gallery, key="pixels", nmi=True)
+        if final and ctx.run_folder is not None:
+            from dmlray.pictures import write_pictures
+
+            curves = {"dmlray": metrics, "raw pixels": out.get("baseline") or {}}
+            write_pictures(ctx.run_folder, query, gallery, manifest.shard_urls(cfg.data.test_split),
+                           manifest.shard_urls(cfg.data.gallery_split) if cfg.data.gallery_split else None,
+                           cfg.data.channels, curves)
         out["eval_seconds"] = time.perf_counter() - t0
         if ctx.rank == 0:
             log.info("step %d: Recall@1 %.4f MAP@R %.4f (%.1fs)", step, out.get("recall@1", float("nan")), out.get("map@r", float("nan")), out["eval_seconds"])

@@ -45,9 +45,20 @@ def test_train_in_local_mode_then_eval_the_run(glyphs_small, tmp_path, capsys):
     assert 'dmlray_step{rank="0",run="cli",trial=""} 30.0' in text
     assert any(line.startswith("dmlray_recall_at_1{") for line in text.splitlines())
 
-    assert main(["eval", str(run)]) == 0
+    for picture in ("retrieval_grid.png", "recall_at_k.png"):
+        assert (run / picture).stat().st_size > 1000, picture  # drawn at the final evaluation
+        (run / picture).unlink()
+    assert main(["eval", str(run), "--export"]) == 0
     out = capsys.readouterr().out
-    assert "R@1" in out
+    assert "R@1" in out and "retrieval_grid.png" in out
+    assert (run / "retrieval_grid.png").exists() and (run / "recall_at_k.png").exists()
+    import numpy as np
+
+    exported = np.load(run / "embeddings-test.npz")
+    assert exported["embeddings"].shape == (len(exported["labels"]), 64)
+    assert len(set(exported["keys"].tolist())) == len(exported["keys"])
+    np.testing.assert_allclose(np.linalg.norm(exported["embeddings"], axis=1), 1.0, rtol=1e-5)
+    assert (run / "embeddings-test.parquet").stat().st_size > 0
     evaluated = json.loads((run / "eval.json").read_text())
     assert evaluated["steps"] == 30
     # the same weights on the same split give the same numbers as at the end of training
