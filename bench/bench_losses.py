@@ -29,19 +29,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dmlray import losses  # noqa: E402
 
 
-def timed(fns: dict[str, Callable[[], object]], repeats: dict[str, int], device: torch.device, warmup_s: float = 0.3) -> dict[str, float]:
-    """Minimum wall time of each function in milliseconds, runs interleaved.
+def timed(
+    fns: dict[str, Callable[[], object]], repeats: dict[str, int], device: torch.device, warmup_s: float = 0.3
+) -> tuple[dict[str, float], dict[str, object]]:
+    """Minimum wall time of each function in ms (runs interleaved), and each one's first result.
 
     Interleaving spreads a shared machine's noise over all contenders, and the warm-up
     matters: thread pools and the allocator settle over the first calls (a 1 ms product
-    can take 100+ ms for its first few runs on a busy machine).
+    can take 100+ ms for its first few runs on a busy machine). A function is warmed up
+    until ``warmup_s`` has passed, at least once.
     """
-    for fn in fns.values():
+    first = {}
+    for name, fn in fns.items():
         start = time.perf_counter()
-        for i in range(100):
-            fn()
-            if i >= 1 and time.perf_counter() - start > warmup_s:
+        first[name] = fn()
+        for _ in range(100):
+            if time.perf_counter() - start > warmup_s:
                 break
+            fn()
     best = {name: float("inf") for name in fns}
     for round_ in range(max(repeats.values())):
         for name, fn in fns.items():
@@ -54,7 +59,7 @@ def timed(fns: dict[str, Callable[[], object]], repeats: dict[str, int], device:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             best[name] = min(best[name], time.perf_counter() - start)
-    return {name: t * 1e3 for name, t in best.items()}
+    return {name: t * 1e3 for name, t in best.items()}, first
 
 
 def make_inputs(batch: int, memory: int, dim: int, classes: int, device: torch.device, seed: int = 0):
@@ -78,19 +83,24 @@ def bench_batch(batch: int, dim: int, repeats: int, device: torch.device) -> dic
 
     def floor():
         (x @ x.T).sum().backward()
+        x.grad = None
 
     def run_ours():
         value = ours(x, labels)
         value.backward()
-        return value
+        x.grad = None
+        return value.detach()
 
     def run_pml():
         value = pml(x, labels, miner(x, labels))
         value.backward()
-        return value
+        x.grad = None
+        return value.detach()
 
-    times = timed({"floor": floor, "dmlray": run_ours, "pml": run_pml}, {"floor": repeats, "dmlray": repeats, "pml": repeats}, device)
-    return {"case": f"batch B={batch} (M=B)", **times, "values": (float(run_ours().detach()), float(run_pml().detach()))}
+    times, first = timed(
+        {"floor": floor, "dmlray": run_ours, "pml": run_pml}, {"floor": repeats, "dmlray": repeats, "pml": repeats}, device
+    )
+    return {"case": f"batch B={batch} (M=B)", **times, "values": (float(first["dmlray"]), float(first["pml"]))}
 
 
 def bench_memory(batch: int, memory: int, dim: int, repeats: int, pml_repeats: int, device: torch.device) -> dict:
@@ -108,26 +118,32 @@ def bench_memory(batch: int, memory: int, dim: int, repeats: int, pml_repeats: i
     cbm.queue_idx = memory // 3
     x = emb.clone().requires_grad_(True)
     with torch.no_grad():
-        pml_value = float(cbm(x, labels))
+        cbm(x, labels)  # enqueue: its slots are the batch's self_index
     slots = cbm.curr_batch_idx.clone()
     ref, ref_labels = cbm.embedding_memory.clone(), cbm.label_memory.clone()
     ours = losses.build("multi_similarity", alpha=2.0, beta=40.0, base=0.5, margin=0.1)
 
     def floor():
         (x @ ref.T).sum().backward()
+        x.grad = None
 
     def run_ours():
         value = ours(x, labels, ref, ref_labels, slots)
         value.backward()
-        return value
+        x.grad = None
+        return value.detach()
 
     def run_pml():
         cbm.queue_idx = memory // 3  # enqueue at the same slots every time
         value = cbm(x, labels)
         value.backward()
+        x.grad = None
+        return value.detach()
 
-    times = timed({"floor": floor, "dmlray": run_ours, "pml": run_pml}, {"floor": repeats, "dmlray": repeats, "pml": pml_repeats}, device)
-    return {"case": f"memory B={batch} M={memory}", **times, "values": (float(run_ours().detach()), pml_value)}
+    times, first = timed(
+        {"floor": floor, "dmlray": run_ours, "pml": run_pml}, {"floor": repeats, "dmlray": repeats, "pml": pml_repeats}, device
+    )
+    return {"case": f"memory B={batch} M={memory}", **times, "values": (float(first["dmlray"]), float(first["pml"]))}
 
 
 def main(argv: list[str] | None = None) -> int:

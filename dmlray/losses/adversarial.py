@@ -14,11 +14,11 @@ class _ReverseGrad(torch.autograd.Function):
     """Identity forward, negated gradient backward."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         return -grad
 
 
@@ -52,7 +52,16 @@ class AdversarialLoss(PairLoss):
         aux_dim = embedding_dim if aux_dim is None else aux_dim
         self.regressor = nn.Sequential(nn.Linear(aux_dim, proj_dim), nn.Linear(proj_dim, embedding_dim))
 
-    def forward(self, embeddings, labels=None, ref_embeddings=None, ref_labels=None, self_index=None, *, aux_embeddings=None):
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        ref_embeddings: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+        self_index: torch.Tensor | None = None,
+        *,
+        aux_embeddings: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         self.reject_references(embeddings, ref_embeddings)
         if aux_embeddings is None:
             raise ValueError("AdversarialLoss needs the auxiliary branch: loss(embeddings, labels, aux_embeddings=...)")

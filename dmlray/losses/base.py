@@ -169,6 +169,12 @@ def euclidean_from_sim(sim: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return torch.sqrt((2.0 - 2.0 * sim).clamp(min=eps))
 
 
+def class_logits_inputs(embeddings: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings and a parameter in the loss's compute dtype (float32 under bf16 autocast)."""
+    dtype = compute_dtype(embeddings)
+    return embeddings.to(dtype), weight.to(dtype)
+
+
 def zero_loss(like: torch.Tensor) -> torch.Tensor:
     """A zero on like's device that is still attached to the graph (backward works)."""
     return like.sum() * 0.0
@@ -207,9 +213,3 @@ class PairLoss(nn.Module):
             f"{type(self).__name__} does not pair anchors with references (memory or gathered "
             "batch); call it with embeddings and labels only"
         )
-
-
-def class_logits_inputs(embeddings: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings and a parameter in the loss's compute dtype (float32 under bf16 autocast)."""
-    dtype = compute_dtype(embeddings)
-    return embeddings.to(dtype), weight.to(dtype)

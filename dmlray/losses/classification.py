@@ -37,7 +37,14 @@ class NormalizedSoftmaxLoss(PairLoss):
         x, weight = class_logits_inputs(embeddings, self.weight)
         return x @ F.normalize(weight, dim=1).T / self.temperature
 
-    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None, self_index=None):
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        ref_embeddings: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+        self_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         self.reject_references(embeddings, ref_embeddings)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             logits = self.logits(embeddings)
@@ -63,7 +70,14 @@ class CenterLoss(PairLoss):
         super().__init__()
         self.centers = nn.Parameter(torch.randn(num_classes, embedding_dim))
 
-    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None, self_index=None):
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        ref_embeddings: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+        self_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         self.reject_references(embeddings, ref_embeddings)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             x, centers = class_logits_inputs(embeddings, self.centers)

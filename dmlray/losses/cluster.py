@@ -26,7 +26,14 @@ class ClusterLoss(PairLoss):
         super().__init__()
         self.margin = margin
 
-    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None, self_index=None):
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        ref_embeddings: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+        self_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         self.reject_references(embeddings, ref_embeddings)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             x = embeddings.to(compute_dtype(embeddings))

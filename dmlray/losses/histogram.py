@@ -26,7 +26,14 @@ class HistogramLoss(PairLoss):
             raise ValueError("num_steps must be at least 2")
         self.num_steps = num_steps
 
-    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None, self_index=None):
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        ref_embeddings: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+        self_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         pairs = build_pairs(embeddings, labels, ref_embeddings, ref_labels, self_index)
         h_pos, n_pos = self._histogram(pairs.sim, pairs.pos)
         h_neg, n_neg = self._histogram(pairs.sim, pairs.neg)

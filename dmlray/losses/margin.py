@@ -75,7 +75,14 @@ class MarginLoss(PairLoss):
         self._generator = None
         self._pending_state = state["generator"]
 
-    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None, self_index=None):
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        ref_embeddings: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+        self_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         pairs = build_pairs(embeddings, labels, ref_embeddings, ref_labels, self_index)
         if pairs.sim.shape[1] == 0:
             return pairs.sim.sum() * 0.0 + self.beta.sum() * 0.0

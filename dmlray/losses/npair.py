@@ -33,7 +33,9 @@ def npair_tuples(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return is_anchor, partner.to(torch.int8).argmax(dim=1), is_second
 
 
-def _npair_term(sim: torch.Tensor, is_anchor, positive, is_second) -> tuple[torch.Tensor, torch.Tensor]:
+def _npair_term(
+    sim: torch.Tensor, is_anchor: torch.Tensor, positive: torch.Tensor, is_second: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample log(1 + Σ_{j≠own} e^{s_a p_j − s_a p_own}) (0 off anchors) and #tuples."""
     own = sim.gather(1, positive.unsqueeze(1))
     others = is_second.unsqueeze(0) & (torch.arange(sim.shape[1], device=sim.device).unsqueeze(0) != positive.unsqueeze(1))
@@ -41,7 +43,7 @@ def _npair_term(sim: torch.Tensor, is_anchor, positive, is_second) -> tuple[torc
     return value, is_anchor.sum().clamp(min=1).to(sim.dtype)
 
 
-def _l2_term(embeddings: torch.Tensor, is_anchor, positive, count) -> torch.Tensor:
+def _l2_term(embeddings: torch.Tensor, is_anchor: torch.Tensor, positive: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """Σ_tuples (‖a‖² + ‖p‖²) / #tuples: a constant 2 for unit vectors (kept for the seed's value)."""
     sq = (embeddings * embeddings).sum(dim=1)
     return ((sq + sq[positive]) * is_anchor.to(sq.dtype)).sum() / count
@@ -62,7 +64,14 @@ class NPairLoss(PairLoss):
         super().__init__()
         self.l2_reg = l2_reg
 
-    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None, self_index=None):
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        ref_embeddings: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+        self_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         self.reject_references(embeddings, ref_embeddings)
         sim = similarity(embeddings, embeddings)
         is_anchor, positive, is_second = npair_tuples(labels)
@@ -110,7 +119,14 @@ class AngularLoss(PairLoss):
         """tan²α for α in degrees (pytorch-metric-learning's ``alpha``)."""
         return math.tan(math.radians(degrees)) ** 2
 
-    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None, self_index=None):
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        ref_embeddings: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+        self_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         self.reject_references(embeddings, ref_embeddings)
         sim = similarity(embeddings, embeddings)
         is_anchor, positive, is_second = npair_tuples(labels)
@@ -128,7 +144,9 @@ class AngularLoss(PairLoss):
         return loss
 
     @staticmethod
-    def _npair_tuples(sim, is_anchor, positive, is_second, t) -> torch.Tensor:
+    def _npair_tuples(
+        sim: torch.Tensor, is_anchor: torch.Tensor, positive: torch.Tensor, is_second: torch.Tensor, t: float
+    ) -> torch.Tensor:
         # (a + p)·p_j for every sample a (rows) and candidate p_j (columns)
         ap_with = sim + sim[positive]
         ap = sim.gather(1, positive.unsqueeze(1))
@@ -138,7 +156,7 @@ class AngularLoss(PairLoss):
         return masked_logsumexp_plus_one(logits, others)
 
     @staticmethod
-    def _all_pairs(sim, labels, t) -> torch.Tensor:
+    def _all_pairs(sim: torch.Tensor, labels: torch.Tensor, t: float) -> torch.Tensor:
         same = labels.unsqueeze(1) == labels.unsqueeze(0)
         eye = torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
         pos = same & ~eye  # (a, p)

@@ -46,7 +46,14 @@ class ProxyNCALoss(PairLoss):
         self.smoothing = smoothing
         self.proxies = nn.Parameter(torch.randn(num_classes, embedding_dim) / 8)
 
-    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None, self_index=None):
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        ref_embeddings: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+        self_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         self.reject_references(embeddings, ref_embeddings)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             x, proxies = class_logits_inputs(embeddings, self.proxies)
@@ -85,7 +92,14 @@ class ProxyAnchorLoss(PairLoss):
         self.proxies = nn.Parameter(torch.empty(num_classes, embedding_dim))
         nn.init.kaiming_normal_(self.proxies, mode="fan_out")
 
-    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None, self_index=None):
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        ref_embeddings: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+        self_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         self.reject_references(embeddings, ref_embeddings)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             x, proxies = class_logits_inputs(embeddings, self.proxies)

@@ -173,7 +173,16 @@ class _RowwiseFunction(torch.autograd.Function):
     """(E, R) → per-anchor values; backward is two products with the stored dvalues/dS."""
 
     @staticmethod
-    def forward(ctx, embeddings, refs, loss, labels, ref_labels, self_index, rows):
+    def forward(
+        ctx,
+        embeddings: torch.Tensor,
+        refs: torch.Tensor,
+        loss: RowwiseLoss,
+        labels: torch.Tensor,
+        ref_labels: torch.Tensor,
+        self_index: torch.Tensor | None,
+        rows: int,
+    ) -> Values:
         device_type = embeddings.device.type
         dtype = compute_dtype(embeddings)
         with torch.no_grad(), torch.autocast(device_type=device_type, enabled=False):
@@ -190,7 +199,7 @@ class _RowwiseFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_values, grad_weights):
+    def backward(ctx, grad_values: torch.Tensor, grad_weights: torch.Tensor):
         emb, ref, jac = ctx.saved_tensors
         scale = grad_values.to(jac.dtype).unsqueeze(1)
         grad_emb = grad_ref = None

@@ -50,7 +50,14 @@ class SoftTripleLoss(PairLoss):
         self.fc = nn.Parameter(torch.empty(embedding_dim, num_classes * centers_per_class))
         nn.init.kaiming_uniform_(self.fc, a=math.sqrt(5))
 
-    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None, self_index=None):
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        ref_embeddings: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+        self_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         self.reject_references(embeddings, ref_embeddings)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             x, fc = class_logits_inputs(embeddings, self.fc)
