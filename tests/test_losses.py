@@ -386,14 +386,14 @@ def test_margin_loss_seed_is_reproducible_and_checkpointed():
     a = losses.build("margin", num_classes=4, embedding_dim=D, seed=7).double()
     first = [a(emb, case["labels"]) for _ in range(3)]
     b = losses.build("margin", num_classes=4, embedding_dim=D, seed=7).double()
-    assert [float(x) for x in first] == [float(b(emb, case["labels"])) for _ in range(3)]
+    assert [float(x.detach()) for x in first] == [float(b(emb, case["labels"]).detach()) for _ in range(3)]
     # resume after the first draw: the state dict carries the generator
     c = losses.build("margin", num_classes=4, embedding_dim=D, seed=7).double()
     c(emb, case["labels"])
     state = c.state_dict()
     d = losses.build("margin", num_classes=4, embedding_dim=D, seed=7).double()
     d.load_state_dict(state)
-    assert float(d(emb, case["labels"])) == float(first[1])
+    assert float(d(emb, case["labels"]).detach()) == float(first[1].detach())
 
 
 # ---------------------------------------------------------------- losses with parameters

@@ -205,4 +205,4 @@ def test_pair_losses_take_every_miner(name, method):
                 total += 1 - float(sim[i, positive[i]])
                 s_n = float(sim[i, negative[i]])
                 total += s_n if s_n > 0.5 else 0.0
-        assert math.isclose(float(value), total / 14, rel_tol=1e-12)
+        assert math.isclose(float(value.detach()), total / 14, rel_tol=1e-12)
