@@ -47,6 +47,11 @@ def training_loss(
     rank, _ = world()
     local = model(images)
     b = local.shape[0]
+    if not getattr(loss_fn, "supports_references", True):
+        # proxy and classification losses pair anchors with their own parameters: no
+        # gather (DDP's gradient average of local means is already the global mean)
+        loss = loss_fn(local, labels)
+        return StepResult(loss, loss, None)
     global_emb = all_gather_with_grad(local)
     global_labels = all_gather_no_grad(labels)
     own = torch.arange(b, device=local.device) + rank * b
