@@ -303,8 +303,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def preset_names() -> list[str]:
-    """Presets shipped in the package (dmlray/presets/*.yaml)."""
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    """Training presets shipped in the package (dmlray/presets/*.yaml; *_space.yaml are sweep spaces)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not p.stem.endswith("_space"))
 
 
 def preset_path(name: str) -> Path:
