@@ -150,6 +150,8 @@ class EvalConfig:
     """K values of Recall@K."""
     baseline: bool = True
     """Also evaluate raw pixels as a baseline (at the end of training)."""
+    nmi: bool = True
+    """NMI at the final evaluation (k-means with one cluster per class: slow for SOP's 11k classes)."""
 
 
 @dataclass(kw_only=True)

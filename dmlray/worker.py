@@ -156,7 +156,7 @@ def run_worker(cfg: Config, ctx: WorkerContext) -> dict:
         if cfg.data.gallery_split:
             gallery = embed_split(wrapped_eval, manifest.shard_urls(cfg.data.gallery_split), eval_tf, cfg.data.eval_batch_size,
                                   ctx.device, expected=manifest.num_samples(cfg.data.gallery_split), pixels=pixels)
-        metrics = score(query, cfg.eval.ks, gallery, nmi=final)
+        metrics = score(query, cfg.eval.ks, gallery, nmi=final and cfg.eval.nmi)
         out = {k: v for k, v in metrics.items()}
         if val_set:
             # model selection looks at these, never at the test split
@@ -164,7 +164,7 @@ def run_worker(cfg: Config, ctx: WorkerContext) -> dict:
                               read_shard=only_classes(iter_shard, val_set, keep=True))
             out.update({f"val/{k}": v for k, v in score(val, cfg.eval.ks, nmi=False).items()})
         if pixels:
-            out["baseline"] = score(query, cfg.eval.ks, gallery, key="pixels", nmi=True)
+            out["baseline"] = score(query, cfg.eval.ks, gallery, key="pixels", nmi=cfg.eval.nmi)
         if final and ctx.run_folder is not None:
             from dmlray.pictures import write_pictures
 
