@@ -41,6 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", choices=["asha", "none"], default="asha")
     p.add_argument("--search", choices=["random", "optuna"], default="random")
     p.add_argument("--max-concurrent", type=int, default=0, help="0 = derived from the cluster's CPUs")
+    p.add_argument("--metric", default="recall@1", help="reported metric ASHA and the ranking use")
+    p.add_argument("--mode", choices=["max", "min"], default="max")
+    p.add_argument("--name", default=None, help="sweep name (default <run.name>-sweep); the same name resumes it")
+    p.add_argument("--grace-period", type=int, default=0, help="ASHA: steps before stopping (0 = first evaluation)")
+    p.add_argument("--reduction-factor", type=int, default=2, help="ASHA: keep 1/rf of the trials at each rung")
+    p.add_argument("--seed", type=int, default=None, help="search seed (default train.seed)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve sweep metrics for Prometheus on this port (0 = any free port; default off)")
+    p.add_argument("--metrics-addr", default="127.0.0.1", help="address of the sweep metrics server")
+    p.add_argument("--metrics-port-auto", action="store_true", help="if the metrics port is taken, use the next free one")
+    p.add_argument("--prometheus-dir", default=None,
+                   help="where prometheus.yml and the driver's file_sd entry go (default: the sweep folder if local)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides of the base config")
 
     sub.add_parser("presets", help="list the presets shipped with dmlray")
@@ -87,9 +99,13 @@ def _dispatch(args) -> int:
     if args.command == "tune":
         from dmlray.tune import run_sweep
 
-        run_sweep(args.config, args.space, overrides=args.overrides, num_samples=args.num_samples,
-                  scheduler=args.scheduler, search=args.search, max_concurrent=args.max_concurrent)
-        return 0
+        result = run_sweep(args.config, args.space, overrides=args.overrides, num_samples=args.num_samples,
+                           scheduler=args.scheduler, search=args.search, max_concurrent=args.max_concurrent,
+                           metric=args.metric, mode=args.mode, name=args.name, grace_period=args.grace_period,
+                           reduction_factor=args.reduction_factor, seed=args.seed, metrics_port=args.metrics_port,
+                           metrics_addr=args.metrics_addr, metrics_port_auto=args.metrics_port_auto,
+                           prometheus_dir=args.prometheus_dir)
+        return 0 if result.complete else 3
     if args.command == "presets":
         from dmlray.config import preset_names
 
