@@ -59,8 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str]) -> argparse.Namespace:
+    """Parse a command line; `tune` also takes its options between CONFIG and the overrides."""
+    parser = build_parser()
+    if argv and argv[0] == "tune":
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        args = subparsers.choices["tune"].parse_intermixed_args(argv[1:])
+        args.command = "tune"
+        return args
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(sys.argv[1:] if argv is None else list(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from dmlray.config import ConfigError
     from dmlray.data.storage import StorageError

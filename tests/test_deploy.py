@@ -523,20 +523,20 @@ def test_job_entrypoint_is_a_dmlray_command(kustomization, job_name):
         assert text is not None, f"{space_path} is not mounted in the head pod"
         space = yaml.safe_load(text)
         assert isinstance(space, dict) and space, "the search space must be a non-empty mapping"
-        port = [o.split("=", 1)[1] for o in overrides if o.startswith("run.metrics_port=")]
         head_ports = {p["name"]: p["containerPort"]
                       for p in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
-        assert port and int(port[0]) == head_ports["driver-metrics"], "sweep driver metrics port"
+
+    from dmlray.cli import parse
 
     try:
-        from dmlray.cli import build_parser
-    except ImportError as exc:
-        pytest.skip(f"dmlray.cli.build_parser does not exist yet ({exc}); {command} {preset} not parsed")
-    try:
-        args = build_parser().parse_args(argv[1:])
+        args = parse(argv[1:])
     except SystemExit:
         pytest.fail(f"`dmlray` rejects the entrypoint of {kustomization} RayJob/{job_name}: {argv}")
     assert args.command == command
+    if command == "tune":
+        # the sweep driver serves its metrics on the head's driver-metrics port, to the pod network
+        assert args.metrics_port == head_ports["driver-metrics"], "sweep driver metrics port"
+        assert args.metrics_addr == "0.0.0.0", "sweep driver metrics must listen beyond loopback in a pod"
 
     from dmlray.config import ConfigError, load_config, preset_names
 
