@@ -1,1 +1,2 @@
-"""Data: URLs on disk or S3, shard packing, streaming P×K batches, the glyphs dataset."""
+"""Data: URLs on disk or S3, dataset readers and parallel resumable packing, streaming
+P×K batches that survive bad data, transforms, the glyphs dataset."""

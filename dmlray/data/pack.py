@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -14,6 +17,7 @@ from dmlray.data.records import Sample
 
 SplitReader = Callable[..., dict[str, tuple[list[int], Iterator[Sample]]]]
 _READERS: dict[str, SplitReader] = {}
+log = logging.getLogger(__name__)
 
 
 def register_reader(name: str):
@@ -58,9 +62,14 @@ class Recipe:
     dataset: str
     """Reader name (see reader_names())."""
     shard_bytes: int = 256 * 2**20
-    """Target shard size in bytes (whole classes per shard)."""
+    """Target shard size in bytes (whole classes per shard unless a class is bigger)."""
     options: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the reader (split seed, image size, ...)."""
+    workers: int = 0
+    """Threads writing shards in parallel; 0 = a default from the CPU count."""
+
+
+RECIPE_KEYS = ("dataset", "shard_bytes", "options", "workers")
 
 
 def find_recipe(name_or_path: str) -> Path | None:
@@ -80,31 +89,85 @@ def load_recipe(name_or_path: str) -> Recipe:
             return Recipe(dataset=name_or_path)
         raise FileNotFoundError(f"no recipe {name_or_path!r}: not a file, not shards/{name_or_path}.yaml, not a dataset name ({', '.join(reader_names())})")
     data = yaml.safe_load(path.read_text()) or {}
-    unknown = set(data) - {"dataset", "shard_bytes", "options"}
+    unknown = set(data) - set(RECIPE_KEYS)
     if unknown:
-        raise ValueError(f"{path}: unknown recipe keys {sorted(unknown)}; allowed: dataset, shard_bytes, options")
+        raise ValueError(f"{path}: unknown recipe keys {sorted(unknown)}; allowed: {', '.join(RECIPE_KEYS)}")
     if "dataset" not in data:
         raise ValueError(f"{path}: a recipe needs 'dataset' (one of {', '.join(reader_names())})")
     return Recipe(**data)
 
 
-def pack(recipe: Recipe, dst: str, src: str | None = None, progress: bool = True) -> str:
-    """Pack every split of the recipe's dataset under ``dst``; returns the manifest URL."""
+def reader_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The options a reader runs with: its defaults updated by the recipe's (recorded in
+    the manifest, so a dataset says exactly how it was split and encoded)."""
+    import inspect
+
+    fn = _READERS[name]
+    params = inspect.signature(fn).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    unknown = set(options) - set(params) - {"src"}
+    if unknown and not accepts_any:
+        known = [p for p in params if p != "src" and params[p].kind is not inspect.Parameter.VAR_KEYWORD]
+        raise ValueError(f"dataset reader {name!r} has no option(s) {sorted(unknown)}; its options: {', '.join(known)}")
+    out = {k: p.default for k, p in list(params.items())[1:]
+           if p.default is not inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_KEYWORD}
+    out.update(options)
+    return out
+
+
+def pack(recipe: Recipe, dst: str, src: str | None = None, progress: bool = True, skip_bad: bool = False,
+         workers: int | None = None) -> str:
+    """Pack every split of the recipe's dataset under ``dst``; returns the manifest URL.
+
+    Shards are written in parallel (``workers`` threads, default the recipe's); a run
+    that stopped half-way is resumed: complete shards are not written again. Bad images
+    stop the run with a message naming the file, unless ``skip_bad``: then they are left
+    out and listed in the manifest. The manifest is written last.
+    """
+    from dmlray.data import writer
+
     _load_builtin_readers()
     if recipe.dataset not in _READERS:
         raise ValueError(f"unknown dataset reader {recipe.dataset!r}; known: {', '.join(reader_names())}")
     storage.check_bucket(dst)
+    options = reader_options(recipe.dataset, recipe.options)
     splits = _READERS[recipe.dataset](src, **recipe.options)
-    written: dict[str, tuple[list[int], list[shards.ShardInfo]]] = {}
-    for split, (classes, samples) in splits.items():
-        bar = _progress(f"pack {split}", progress)
-        try:
-            infos = shards.write_split(dst, split, samples, recipe.shard_bytes, on_progress=bar.advance)
-        finally:
-            bar.close()
-        written[split] = (classes, infos)
-    manifest = shards.build_manifest(written, made_by={"dataset": recipe.dataset, "options": recipe.options, "shard_bytes": recipe.shard_bytes, "src": src})
-    return shards.write_manifest(dst, manifest)
+    if not splits:
+        raise ValueError(f"dataset reader {recipe.dataset!r} returned no splits")
+    made_by = {"dataset": recipe.dataset, "options": options, "shard_bytes": recipe.shard_bytes, "src": src,
+               "skip_bad": skip_bad, "versions": _versions()}
+    salt = json.dumps({k: made_by[k] for k in ("dataset", "options", "shard_bytes")}, sort_keys=True, default=str)
+    bar = _progress("pack", progress)
+    try:
+        results = writer.write_splits(
+            dst, {split: samples for split, (_, samples) in splits.items()}, recipe.shard_bytes, salt=salt,
+            workers=workers or recipe.workers, skip_bad=skip_bad, on_shard=bar.advance,
+        )
+    finally:
+        bar.close()
+    for split, result in results.items():
+        if not result.shards:
+            where = f" (read from {src})" if src else ""
+            raise ValueError(f"split {split!r} has zero classes{where}: nothing to write"
+                             + (f"; {len(result.skipped)} bad images were skipped" if result.skipped else ""))
+        if result.reused:
+            log.info("split %s: %d complete shard(s) from an earlier run reused", split, result.reused)
+    manifest = shards.build_manifest(
+        {split: (classes, results[split].shards) for split, (classes, _) in splits.items()}, made_by,
+        skipped={split: r.skipped for split, r in results.items()},
+    )
+    url = shards.write_manifest(dst, manifest)
+    writer.remove_partials(dst, results)
+    return url
+
+
+def _versions() -> dict[str, str]:
+    """Library versions that shape the bytes (pre-resizing re-encodes with Pillow)."""
+    import PIL
+
+    from dmlray import __version__ as dmlray_version
+
+    return {"dmlray": dmlray_version, "pillow": PIL.__version__}
 
 
 class _progress:
@@ -113,6 +176,7 @@ class _progress:
     def __init__(self, desc: str, enabled: bool):
         self.bar = None
         self.bytes = 0
+        self.lock = threading.Lock()  # shards complete in writer threads
         if enabled:
             from tqdm import tqdm
 
@@ -121,10 +185,11 @@ class _progress:
     def advance(self, samples: int, nbytes: int) -> None:
         if self.bar is None:
             return
-        self.bytes += nbytes
-        self.bar.update(samples)
-        elapsed = max(self.bar.format_dict["elapsed"], 1e-6)
-        self.bar.set_postfix_str(f"{self.bytes / 2**20 / elapsed:.1f} MB/s", refresh=False)
+        with self.lock:
+            self.bytes += nbytes
+            self.bar.update(samples)
+            elapsed = max(self.bar.format_dict["elapsed"], 1e-6)
+            self.bar.set_postfix_str(f"{self.bytes / 2**20 / elapsed:.1f} MB/s", refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:

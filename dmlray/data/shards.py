@@ -1,4 +1,5 @@
-"""Writing class-grouped WebDataset tar shards and the manifest that lists them.
+"""The shard format: class-grouped WebDataset tars, how samples are cut into shards, and
+the manifest that lists them.
 
 Layout under a destination URL::
 
@@ -7,6 +8,7 @@ Layout under a destination URL::
     <dst>/manifest.json            written last: a half-written dataset is never visible
 
 A sample is ``{key}.{png|jpg}``, ``{key}.cls`` (decimal class id) and ``{key}.json``.
+Writing them, in parallel and resumably, is :mod:`dmlray.data.writer`'s job.
 """
 
 from __future__ import annotations
@@ -15,17 +17,16 @@ import hashlib
 import io
 import json
 import tarfile
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import IO, Any, Iterable, Iterator
 
 from dmlray.data import storage
 from dmlray.data.records import Sample
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "dmlray-shards/1"
+MAX_KEY = 90  # USTAR names hold 100 characters; keep room for ".json"
 
 
 @dataclass
@@ -40,15 +41,93 @@ class ShardInfo:
     bytes: int
     classes: list[int]
     sha256: str
+    fingerprint: str = ""
+    """Digest of the planned content (keys, labels, source files): a re-run that plans
+    the same shard and finds it written with this fingerprint does not write it again."""
 
 
-def _tar_bytes(sample: Sample) -> int:
-    """Bytes a sample takes in a tar: three members, each a 512-byte header plus padded data."""
-    payloads = (len(sample.data), len(str(sample.label)), len(json.dumps(sample.meta, sort_keys=True)))
-    return sum(512 + -(-n // 512) * 512 for n in payloads)
+def shard_name(split: str, index: int) -> str:
+    return f"{split}/shard-{index:06d}.tar"
 
 
-def _tar_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+def _padded(n: int) -> int:
+    return 512 + -(-n // 512) * 512  # a 512-byte header plus the data padded to blocks
+
+
+def tar_bytes(sample: Sample) -> int:
+    """Bytes a sample takes in a tar (its image size estimated for unread sources)."""
+    return _padded(sample.size_hint()) + _padded(len(str(sample.label))) + _padded(len(sample.meta_bytes()))
+
+
+def check_key(key: str) -> None:
+    if "." in key or "/" in key:
+        raise ValueError(f"sample key {key!r} contains '.' or '/', which WebDataset reads as an extension or folder")
+    if len(key) > MAX_KEY:
+        raise ValueError(f"sample key {key!r} is longer than {MAX_KEY} characters (tar names hold 100)")
+
+
+def plan_shards(samples: Iterable[Sample], shard_bytes: int, split: str = "") -> Iterator[list[Sample]]:
+    """Cut class-grouped samples into shards of about ``shard_bytes`` (deterministically).
+
+    Whole classes go into a shard while they fit; a class larger than a shard on its own
+    is cut into shard-sized pieces, each still contiguous. A class whose samples arrive in
+    two separate runs is an error: readers must group by class.
+    """
+    pending: list[Sample] = []
+    pending_bytes = 0
+    group: list[Sample] = []
+    current: int | None = None
+    seen: set[int] = set()
+
+    def end_class() -> Iterator[list[Sample]]:
+        nonlocal pending, pending_bytes
+        sizes = [tar_bytes(s) for s in group]
+        total = sum(sizes)
+        if pending and pending_bytes + total > shard_bytes:
+            yield pending
+            pending, pending_bytes = [], 0
+        for sample, size in zip(group, sizes):
+            if pending and total > shard_bytes and pending_bytes + size > shard_bytes:
+                yield pending  # only a class bigger than a shard is cut
+                pending, pending_bytes = [], 0
+            pending.append(sample)
+            pending_bytes += size
+        if pending_bytes >= shard_bytes:
+            yield pending
+            pending, pending_bytes = [], 0
+
+    for sample in samples:
+        check_key(sample.key)
+        if sample.label != current:
+            if sample.label in seen:
+                raise ValueError(f"split {split!r}: class {sample.label} appears in two separate runs; samples must be grouped by class")
+            yield from end_class()
+            group, current = [], sample.label
+            seen.add(sample.label)
+        group.append(sample)
+    yield from end_class()
+    if pending:
+        yield pending
+
+
+class _HashingWriter:
+    """A write-only file wrapper that hashes and counts what passes through."""
+
+    def __init__(self, raw: IO[bytes]):
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.raw.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
+def _member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(payload)
     info.mtime = 0  # reproducible shards: same input, same bytes, same checksum
@@ -56,101 +135,37 @@ def _tar_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
-class ShardWriter:
-    """Packs samples of one split into tar shards of about ``shard_bytes`` each.
-
-    Samples must arrive grouped by class; a class never straddles two shards unless it
-    alone is larger than a shard, so each shard holds whole classes.
-    """
-
-    def __init__(self, dst: str, split: str, shard_bytes: int, on_progress: Callable[[int, int], None] | None = None):
-        self.dst = dst
-        self.split = split
-        self.shard_bytes = shard_bytes
-        self.shards: list[ShardInfo] = []
-        self.on_progress = on_progress
-        self._tmp = tempfile.TemporaryDirectory(prefix="dmlray-pack-")
-        self._pending: list[Sample] = []
-        self._pending_bytes = 0
-        self._current_class: int | None = None
-        self._class_samples: list[Sample] = []
-        self._seen: set[int] = set()
-
-    def add(self, sample: Sample) -> None:
-        if "." in sample.key:
-            raise ValueError(f"sample key {sample.key!r} contains '.', which WebDataset reads as an extension")
-        if sample.label != self._current_class:
-            if sample.label in self._seen:
-                raise ValueError(f"split {self.split!r}: class {sample.label} appears in two separate runs; samples must be grouped by class")
-            self._end_class()
-            self._current_class = sample.label
-            self._seen.add(sample.label)
-        self._class_samples.append(sample)
-
-    def _end_class(self) -> None:
-        group, self._class_samples = self._class_samples, []
-        size = sum(_tar_bytes(s) for s in group)
-        if self._pending and self._pending_bytes + size > self.shard_bytes:
-            self._flush()
-        self._pending.extend(group)
-        self._pending_bytes += size
-        if self._pending_bytes >= self.shard_bytes:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        name = f"{self.split}/shard-{len(self.shards):06d}.tar"
-        path = Path(self._tmp.name) / name.replace("/", "_")
-        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for s in self._pending:
-                _tar_member(tar, f"{s.key}.{s.ext}", s.data)
-                _tar_member(tar, f"{s.key}.cls", str(s.label).encode())
-                _tar_member(tar, f"{s.key}.json", json.dumps(s.meta, sort_keys=True).encode())
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        url = storage.join(self.dst, name)
-        storage.upload_file(path, url)
-        info = ShardInfo(
-            name=name, url=url, samples=len(self._pending), bytes=path.stat().st_size,
-            classes=sorted({s.label for s in self._pending}), sha256=digest,
-        )
-        path.unlink()
-        self.shards.append(info)
-        if self.on_progress:
-            self.on_progress(info.samples, info.bytes)
-        self._pending, self._pending_bytes = [], 0
-
-    def close(self) -> list[ShardInfo]:
-        self._end_class()
-        self._flush()
-        self._tmp.cleanup()
-        return self.shards
+def write_tar(out: IO[bytes], samples: Iterable[Sample]) -> tuple[int, str]:
+    """Write materialised samples as a USTAR tar; returns (bytes written, sha256)."""
+    hashing = _HashingWriter(out)
+    with tarfile.open(fileobj=hashing, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for s in samples:
+            _member(tar, f"{s.key}.{s.ext}", s.data)
+            _member(tar, f"{s.key}.cls", str(s.label).encode())
+            _member(tar, f"{s.key}.json", s.meta_bytes())
+    return hashing.size, hashing.sha.hexdigest()
 
 
-def write_split(dst: str, split: str, samples: Iterable[Sample], shard_bytes: int,
-                on_progress: Callable[[int, int], None] | None = None) -> list[ShardInfo]:
-    writer = ShardWriter(dst, split, shard_bytes, on_progress)
-    try:
-        for sample in samples:
-            writer.add(sample)
-    except BaseException:
-        writer._tmp.cleanup()
-        raise
-    return writer.close()
-
-
-def build_manifest(splits: dict[str, tuple[list[int], list[ShardInfo]]], made_by: dict[str, Any]) -> dict:
+def build_manifest(splits: dict[str, tuple[list[int], list[ShardInfo]]], made_by: dict[str, Any],
+                   skipped: dict[str, list[dict]] | None = None) -> dict:
+    """The manifest: per split its shards, sample count, class list, and the bad inputs
+    that were left out (``--skip-bad``); ``made_by`` says how the dataset was packed."""
     out: dict[str, Any] = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "made_by": made_by, "splits": {}}
     for split, (classes, shards) in splits.items():
         present = sorted({c for s in shards for c in s.classes})
         if not present:
             raise ValueError(f"split {split!r} has zero classes: nothing to write")
-        out["splits"][split] = {
+        entry: dict[str, Any] = {
             "num_samples": sum(s.samples for s in shards),
             "num_classes": len(present),
             "classes": present,
             "shards": [vars(s) for s in shards],
         }
+        missing = sorted(set(classes) - set(present))
+        if missing:
+            entry["classes_without_samples"] = missing
+        entry["skipped"] = list((skipped or {}).get(split, []))
+        out["splits"][split] = entry
     return out
 
 
@@ -180,6 +195,10 @@ class Manifest:
         """Shard URLs resolved against the manifest's root (so datasets can be moved)."""
         return [storage.join(self.root, s["name"]) for s in self.split(split)["shards"]]
 
+    def shard_checksums(self, split: str) -> dict[str, str]:
+        """{shard URL: sha256} for the stream's checksum verification."""
+        return {storage.join(self.root, s["name"]): s["sha256"] for s in self.split(split)["shards"]}
+
     def num_samples(self, split: str) -> int:
         return int(self.split(split)["num_samples"])
 
@@ -193,7 +212,9 @@ def read_manifest(root: str) -> Manifest:
     try:
         data = json.loads(storage.read_bytes(url))
     except storage.StorageError as exc:
-        raise storage.StorageError(f"no dataset at {root}: {url} cannot be read (pack it with 'dmlray pack'): {exc}") from exc
+        if exc.permanent and exc.code not in ("404", "NoSuchKey"):
+            raise  # wrong credentials, no bucket: that message is the clear one
+        raise storage.StorageError(f"no dataset at {root}: {url} cannot be read (pack it with 'dmlray pack'): {exc}", exc.code) from exc
     if data.get("format") != FORMAT:
         raise ValueError(f"{url}: unknown manifest format {data.get('format')!r} (expected {FORMAT})")
     return Manifest(root=root.rstrip("/"), data=data)

@@ -15,7 +15,26 @@ from urllib.parse import urlparse
 
 
 class StorageError(IOError):
-    """Reading or writing a URL failed; the message names URL, endpoint and bucket."""
+    """Reading or writing a URL failed; the message names URL, endpoint and bucket.
+
+    ``code`` is the S3 error code (``NoSuchBucket``, ``403``, ...) when there was one.
+    """
+
+    def __init__(self, message: str, code: str = ""):
+        super().__init__(message)
+        self.code = code
+
+    @property
+    def permanent(self) -> bool:
+        """True when retrying cannot help: wrong credentials, no such bucket or object."""
+        return self.code in PERMANENT_CODES
+
+
+# client errors: the same request fails the same way every time
+PERMANENT_CODES = frozenset({
+    "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "NoSuchBucket", "NoSuchKey",
+    "404", "403", "400", "InvalidRange", "416",
+})
 
 
 def is_s3(url: str) -> bool:
@@ -51,33 +70,46 @@ def endpoint() -> str:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS default endpoint"
 
 
-_local = threading.local()
+_clients: dict[tuple, object] = {}
+_clients_lock = threading.Lock()
 
 
 def reset_clients() -> None:
-    """Forget this thread's S3 client (after the credentials or endpoint changed)."""
-    _local.__dict__.clear()
+    """Forget the cached S3 clients (after the credentials or endpoint changed)."""
+    with _clients_lock:
+        _clients.clear()
+
+
+def _client_key() -> tuple:
+    env = os.environ
+    # a changed endpoint or credential gets its own client; the secret only as a digest
+    secret = env.get("AWS_SECRET_ACCESS_KEY", "")
+    return (os.getpid(), endpoint(), env.get("AWS_ACCESS_KEY_ID", ""), hash(secret), env.get("AWS_SESSION_TOKEN", ""),
+            env.get("AWS_PROFILE", ""), env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "")
 
 
 def s3_client():
-    """A boto3 S3 client for this thread and process (boto3 clients are not fork-safe)."""
-    key = os.getpid()
-    cached = getattr(_local, "clients", {})
-    if key not in cached:
-        import boto3
-        from botocore.config import Config as BotoConfig
+    """A boto3 S3 client shared by this process's threads (boto3 clients are thread-safe
+    but not fork-safe, hence one per process; creating one costs ~1 s of CPU, hence shared)."""
+    key = _client_key()
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            import boto3
+            from botocore.config import Config as BotoConfig
 
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        cfg = BotoConfig(
-            retries={"max_attempts": 6, "mode": "standard"},  # transient errors back off and retry
-            s3={"addressing_style": "path"},  # S3-compatible servers rarely have virtual hosts
-            connect_timeout=10,
-            read_timeout=60,
-        )
-        # a fresh session reads the credentials now (the default session caches them)
-        cached = {key: boto3.session.Session().client("s3", region_name=region, config=cfg)}
-        _local.clients = cached
-    return cached[key]
+            region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+            cfg = BotoConfig(
+                retries={"max_attempts": 6, "mode": "standard"},  # transient errors back off and retry
+                s3={"addressing_style": "path"},  # S3-compatible servers rarely have virtual hosts
+                connect_timeout=10,
+                read_timeout=60,
+                max_pool_connections=32,  # parallel shard writers and readers share it
+            )
+            # a fresh session reads the credentials now (the default session caches them)
+            client = boto3.session.Session().client("s3", region_name=region, config=cfg)
+            _clients[key] = client
+    return client
 
 
 def _s3_error(url: str, exc: Exception, action: str) -> StorageError:
@@ -96,21 +128,32 @@ def _s3_error(url: str, exc: Exception, action: str) -> StorageError:
         "403": "access denied: check the credentials",
     }.get(code, "")
     detail = f"{code}: {hint}" if hint else (code or type(exc).__name__)
-    return StorageError(f"cannot {action} {url} (endpoint {endpoint()}, bucket {bucket!r}): {detail} [{exc}]")
+    return StorageError(f"cannot {action} {url} (endpoint {endpoint()}, bucket {bucket!r}): {detail} [{exc}]", code)
 
 
-def open_read(url: str) -> IO[bytes]:
-    """A readable binary stream of the object (streamed for S3, not read into memory)."""
+def _error_code(exc: Exception) -> str:
+    response = getattr(exc, "response", None)
+    return response.get("Error", {}).get("Code", "") if isinstance(response, dict) else ""
+
+
+def open_read(url: str, start: int = 0) -> IO[bytes]:
+    """A readable binary stream of the object from byte ``start`` on (streamed, not read
+    into memory). A non-zero start is an HTTP range request on S3: a reader that lost its
+    connection mid-object resumes where it stopped instead of reading it all again."""
     if is_s3(url):
         bucket, key = split_s3(url)
+        extra = {"Range": f"bytes={start}-"} if start else {}
         try:
-            return s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+            return s3_client().get_object(Bucket=bucket, Key=key, **extra)["Body"]
         except Exception as exc:  # botocore raises many types; all become StorageError
             raise _s3_error(url, exc, "read") from exc
     try:
-        return open(local_path(url), "rb")
+        stream = open(local_path(url), "rb")
     except OSError as exc:
-        raise StorageError(f"cannot read {url}: {exc}") from exc
+        raise StorageError(f"cannot read {url}: {exc}", "404" if isinstance(exc, FileNotFoundError) else "") from exc
+    if start:
+        stream.seek(start)
+    return stream
 
 
 def read_bytes(url: str) -> bytes:
@@ -139,6 +182,50 @@ def write_bytes(url: str, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def size(url: str) -> int | None:
+    """Size in bytes of the object or file at ``url``; None when there is none."""
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        try:
+            return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+        except Exception as exc:
+            if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise _s3_error(url, exc, "check") from exc
+    try:
+        return local_path(url).stat().st_size
+    except FileNotFoundError:
+        return None
+
+
+def delete(url: str) -> None:
+    """Delete one object or file (nothing happens when it is already gone)."""
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        try:
+            s3_client().delete_object(Bucket=bucket, Key=key)
+        except Exception as exc:
+            raise _s3_error(url, exc, "delete") from exc
+        return
+    local_path(url).unlink(missing_ok=True)
+
+
+def put_file(src: str | Path, url: str) -> None:
+    """Publish a finished local file at ``url``, consuming it: a rename when the
+    destination is on the same local filesystem (no copy of a 256 MB shard), otherwise
+    :func:`upload_file` (multipart on S3). The object is never visible half-written."""
+    if not is_s3(url):
+        path = local_path(url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(src, path)
+            return
+        except OSError:  # another filesystem: copy through a temporary name
+            pass
+    upload_file(src, url)
+    Path(src).unlink(missing_ok=True)
 
 
 def upload_file(src: str | Path, url: str) -> None:
@@ -183,7 +270,7 @@ def check_bucket(url: str) -> None:
     except Exception as exc:
         code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
         if code in ("404", "NoSuchBucket"):
-            raise StorageError(f"bucket {bucket!r} does not exist at endpoint {endpoint()} ({url})") from exc
+            raise StorageError(f"bucket {bucket!r} does not exist at endpoint {endpoint()} ({url})", "NoSuchBucket") from exc
         raise _s3_error(url, exc, "access") from exc
 
 
