@@ -93,9 +93,8 @@ def eval_and_report(path: str, data: str | None = None, split: str | None = None
     """Evaluate a checkpoint in this process: print the table, write eval.json, pictures and
     (with ``export``) the embeddings beside it."""
     from dmlray.data.shards import read_manifest
-    from dmlray.data.transforms import ImageTransform
     from dmlray.extract import embed_split, score
-    from dmlray.worker import build_model
+    from dmlray.worker import build_model, build_transforms
 
     checkpoint, run = find_checkpoint(path)
     import yaml
@@ -108,7 +107,7 @@ def eval_and_report(path: str, data: str | None = None, split: str | None = None
     model = build_model(cfg.model, cfg.data.channels)
     model.load_state_dict(state["model"])
     manifest = read_manifest(cfg.data.url)
-    tf = ImageTransform(cfg.data.image_size, cfg.data.channels, train=False)
+    _, tf = build_transforms(cfg, model)
     device = torch.device("cpu")
     query = embed_split(model, manifest.shard_urls(split), tf, cfg.data.eval_batch_size, device,
                         expected=manifest.num_samples(split), pixels=cfg.eval.baseline, progress=True)

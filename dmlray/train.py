@@ -117,6 +117,7 @@ class Trainer:
         channels_last: bool = False,
         report: Callable[[dict, list[dict], dict | None], None] = lambda record, history, state: None,
         raw_model: nn.Module | None = None,
+        extra_metrics: Callable[[], dict] = dict,
     ):
         self.model = model
         self.raw_model = raw_model if raw_model is not None else model  # unwrapped (no DDP) for state
@@ -139,6 +140,7 @@ class Trainer:
         self.amp = amp
         self.channels_last = channels_last
         self.report = report
+        self.extra_metrics = extra_metrics  # e.g. the data stream's skip counters
         self.step = 0
         self.restarts = 0
         self.history: list[dict] = []
@@ -218,6 +220,7 @@ class Trainer:
                     "memory_weight": self.memory_weight_at(self.step - 1),
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "restarts": self.restarts,
+                    **self.extra_metrics(),
                 }
                 window_start, window_samples, wait = time.perf_counter(), 0, 0.0
                 if is_eval and self.evaluate is not None:

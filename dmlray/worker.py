@@ -19,7 +19,8 @@ from dmlray import losses, models
 from dmlray.config import Config, LossConfig, ModelConfig, OptimConfig
 from dmlray.data.shards import read_manifest
 from dmlray.data.stream import PKBatches, iter_shard
-from dmlray.data.transforms import ImageTransform
+from dmlray.data.health import StreamStats
+from dmlray.data.transforms import make_transform
 from dmlray.extract import embed_split, score
 from dmlray.memory import CrossBatchMemory
 from dmlray.train import Trainer
@@ -59,6 +60,15 @@ def build_model(cfg: ModelConfig, channels: int) -> models.EmbeddingModel:
     elif cfg.batchnorm == "sync":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
+
+
+def build_transforms(cfg: Config, model: models.EmbeddingModel):
+    """(train, eval) transforms: glyph or natural-image style from the input size and
+    channels, normalised the way the backbone's weights expect (e.g. BGR/[0,255])."""
+    convention = getattr(model.backbone, "input_convention", "rgb_imagenet")
+    train = make_transform("auto", cfg.data.image_size, cfg.data.channels, train=cfg.data.augment, convention=convention)
+    evaluate = make_transform("auto", cfg.data.image_size, cfg.data.channels, train=False, convention=convention)
+    return train, evaluate
 
 
 def split_validation(train_classes: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -119,12 +129,10 @@ def run_worker(cfg: Config, ctx: WorkerContext) -> dict:
     memory = CrossBatchMemory(cfg.memory.size, cfg.model.embedding_dim, dtype=dtype, device=ctx.device) if cfg.memory.size else None
     wrapped = ctx.wrap_model(model)
 
-    train_tf = ImageTransform(cfg.data.image_size, cfg.data.channels, train=cfg.data.augment)
-    eval_tf = ImageTransform(cfg.data.image_size, cfg.data.channels, train=False)
+    train_tf, eval_tf = build_transforms(cfg, model)
     train_urls = manifest.shard_urls(cfg.data.train_split)
     val_set = set(val_classes)
-    # validation classes live in the training shards: keep them out of training
-    train_reader = only_classes(iter_shard, val_set, keep=False) if val_set else iter_shard
+    stats = StreamStats()
     val_urls = [u for u, s in zip(train_urls, manifest.split(cfg.data.train_split)["shards"]) if val_set & set(s["classes"])]
     if getattr(losses.loss_class(cfg.loss.name), "needs_classes", False):
         # per-class parameters are indexed 0..C-1; shards carry the dataset's class ids
@@ -137,7 +145,10 @@ def run_worker(cfg: Config, ctx: WorkerContext) -> dict:
             train_urls, cfg.data.classes_per_batch, cfg.data.samples_per_class, train_tf,
             # a resumed run reseeds by its step: deterministic, and no batch is replayed
             seed=cfg.train.seed * 1_000_003 + start_step, rank=ctx.rank,
-            class_buffer=cfg.data.class_buffer, open_shards=cfg.data.open_shards, read_shard=train_reader,
+            class_buffer=cfg.data.class_buffer, open_shards=cfg.data.open_shards,
+            checksums=manifest.shard_checksums(cfg.data.train_split), stats=stats,
+            # validation classes live in the training shards: keep them out of training
+            class_filter=(lambda label: label not in val_set) if val_set else None,
         )
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.loader_workers,
                                              persistent_workers=cfg.data.loader_workers > 0)
@@ -186,6 +197,7 @@ def run_worker(cfg: Config, ctx: WorkerContext) -> dict:
         memory_ramp_steps=cfg.memory.ramp_steps, evaluate=evaluate, eval_every=cfg.train.eval_every,
         log_every=cfg.train.log_every, checkpoint_every=cfg.train.checkpoint_every, report=ctx.report,
         accumulate=cfg.train.accumulate, amp=cfg.train.amp, channels_last=cfg.train.channels_last,
+        extra_metrics=lambda: {"skipped_samples": stats.skipped},
     )
     if ctx.restored is not None:
         trainer.load_state_dict(ctx.restored)
