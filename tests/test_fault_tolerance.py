@@ -25,7 +25,12 @@ def read_history(run: Path) -> list[dict]:
 
 
 class WorkerKiller(threading.Thread):
-    """Kills one Ray Train worker process (SIGKILL, by pid) once the run passes a step."""
+    """Kills one Ray Train worker process (SIGKILL, by pid) once the run passes a step.
+
+    Ray Train registers a reported checkpoint asynchronously: a worker killed right after
+    a report can restart from the one before. The kill waits until a checkpoint folder has
+    been on disk for a few seconds, so the test shows a resume rather than a restart.
+    """
 
     def __init__(self, run: Path, after_step: int, address: str):
         super().__init__(daemon=True)
@@ -37,9 +42,13 @@ class WorkerKiller(threading.Thread):
     def run(self):
         from ray.util.state import list_actors
 
+        first_checkpoint_seen = None
         while not self.stop.is_set():
             history = read_history(self.run_folder)
-            if history and history[-1]["step"] >= self.after_step:
+            if first_checkpoint_seen is None and any(self.run_folder.glob("checkpoint_*/state.pt")):
+                first_checkpoint_seen = time.monotonic()
+            settled = first_checkpoint_seen is not None and time.monotonic() - first_checkpoint_seen > 5
+            if settled and history and history[-1]["step"] >= self.after_step:
                 alive = list_actors(address=self.address, detail=True,
                                     filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
                 if alive:
@@ -68,7 +77,7 @@ def test_killed_worker_resume_by_name_and_fresh(glyphs_small, tmp_path):
     ensure_ray(num_cpus=4)
     try:
         # other Ray clusters may run on this host: name ours
-        killer = WorkerKiller(run, after_step=15, address=ray.get_runtime_context().gcs_address)
+        killer = WorkerKiller(run, after_step=25, address=ray.get_runtime_context().gcs_address)
         killer.start()
         t0 = time.monotonic()
         result = launch(load_config("demo", overrides(glyphs_small, tmp_path, 40)))
