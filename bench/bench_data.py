@@ -34,7 +34,6 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dmlray.data import storage  # noqa: E402
 from dmlray.data.pack import Recipe, pack  # noqa: E402
 from dmlray.data.shards import read_manifest  # noqa: E402
 from dmlray.data.stream import PKBatches  # noqa: E402
@@ -144,60 +143,49 @@ def main(argv: list[str] | None = None) -> int:
         mb = sum(map(len, blobs)) / 2**20
         print(f"{count} synthetic JPEGs, {mb:.1f} MB (mean {mb * 1024 / count:.0f} KB), made in {time.perf_counter() - t0:.0f}s; "
               f"{workers} DataLoader workers, batches of {BATCH_P}×{BATCH_K}, {os.cpu_count()} CPUs")
-        with SeaweedS3(tmp_path / "s3", buckets=["bench"]) as s3:
-            saved = {k: os.environ.get(k) for k in s3.env}
-            os.environ.update(s3.env)
-            storage.reset_clients()
-            try:
-                url = "s3://bench/synthetic"
-                t0 = time.perf_counter()
-                pack(Recipe(dataset="folder", shard_bytes=8 * 2**20, options={"test_fraction": 0, "resize": 0, "verify": True}),
-                     url, str(tmp_path / "raw"), progress=False)
-                pack_s = time.perf_counter() - t0
-                manifest = read_manifest(url)
-                shard_urls = manifest.shard_urls("train")
-                print(f"packed into {len(shard_urls)} shards on SeaweedFS in {pack_s:.1f}s ({mb / pack_s:.1f} MB/s, verify on)")
+        with SeaweedS3(tmp_path / "s3", buckets=["bench"]) as s3, s3.activated():
+            url = "s3://bench/synthetic"
+            t0 = time.perf_counter()
+            pack(Recipe(dataset="folder", shard_bytes=8 * 2**20, options={"test_fraction": 0, "resize": 0, "verify": True}),
+                 url, str(tmp_path / "raw"), progress=False)
+            pack_s = time.perf_counter() - t0
+            manifest = read_manifest(url)
+            shard_urls = manifest.shard_urls("train")
+            print(f"packed into {len(shard_urls)} shards on SeaweedFS in {pack_s:.1f}s ({mb / pack_s:.1f} MB/s, verify on)")
 
-                def stream_loader(uint8: bool = False):
-                    stream = PKBatches(shard_urls, BATCH_P, BATCH_K, transform, seed=0, class_buffer=32, open_shards=2,
-                                       checksums=manifest.shard_checksums("train"), uint8=uint8)
-                    loader = DataLoader(stream, batch_size=None, num_workers=workers, multiprocessing_context="fork")
-                    return stream, loader
+            def stream_loader(uint8: bool = False):
+                stream = PKBatches(shard_urls, BATCH_P, BATCH_K, transform, seed=0, class_buffer=32, open_shards=2,
+                                   checksums=manifest.shard_checksums("train"), uint8=uint8)
+                loader = DataLoader(stream, batch_size=None, num_workers=workers, multiprocessing_context="fork")
+                return stream, loader
 
-                def folder_loader():
-                    from torchvision.datasets import ImageFolder
+            def folder_loader():
+                from torchvision.datasets import ImageFolder
 
-                    dataset = ImageFolder(str(tmp_path / "raw"), loader=read_file, transform=Augment(transform))
-                    return DataLoader(dataset, batch_size=BATCH_P * BATCH_K, shuffle=True, num_workers=workers,
-                                      multiprocessing_context="fork", drop_last=True, persistent_workers=True)
+                dataset = ImageFolder(str(tmp_path / "raw"), loader=read_file, transform=Augment(transform))
+                return DataLoader(dataset, batch_size=BATCH_P * BATCH_K, shuffle=True, num_workers=workers,
+                                  multiprocessing_context="fork", drop_last=True, persistent_workers=True)
 
-                def memory_loader(mode: str):
-                    collate = transform.collate if mode == "augment" else torch.stack
-                    return DataLoader(BytesDataset(blobs, mode, transform), batch_size=BATCH_P * BATCH_K, shuffle=True,
-                                      num_workers=workers, multiprocessing_context="fork", drop_last=True, persistent_workers=True,
-                                      collate_fn=lambda items: (collate(items),))
+            def memory_loader(mode: str):
+                collate = transform.collate if mode == "augment" else torch.stack
+                return DataLoader(BytesDataset(blobs, mode, transform), batch_size=BATCH_P * BATCH_K, shuffle=True,
+                                  num_workers=workers, multiprocessing_context="fork", drop_last=True, persistent_workers=True,
+                                  collate_fn=lambda items: (collate(items),))
 
-                results: dict[str, float] = {}
-                stats = {}
-                for _ in range(rounds):
-                    stream, loader = stream_loader()
-                    results["s3 stream"] = max(results.get("s3 stream", 0), throughput(loader, measure, workers))
-                    stats = stream.stats.as_dict()
-                    del loader
-                    _, loader = stream_loader(uint8=True)
-                    results["s3 stream u8"] = max(results.get("s3 stream u8", 0), throughput(loader, measure, workers))
-                    del loader
-                    for name, make in (("imagefolder", folder_loader), ("decode+aug", lambda: memory_loader("augment")),
-                                       ("decode only", lambda: memory_loader("decode"))):
-                        epochs = _Repeat(make)
-                        results[name] = max(results.get(name, 0), throughput(epochs, measure, workers))
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
-                storage.reset_clients()
+            results: dict[str, float] = {}
+            stats = {}
+            for _ in range(rounds):
+                stream, loader = stream_loader()
+                results["s3 stream"] = max(results.get("s3 stream", 0), throughput(loader, measure, workers))
+                stats = stream.stats.as_dict()
+                del loader
+                _, loader = stream_loader(uint8=True)
+                results["s3 stream u8"] = max(results.get("s3 stream u8", 0), throughput(loader, measure, workers))
+                del loader
+                for name, make in (("imagefolder", folder_loader), ("decode+aug", lambda: memory_loader("augment")),
+                                   ("decode only", lambda: memory_loader("decode"))):
+                    epochs = _Repeat(make)
+                    results[name] = max(results.get(name, 0), throughput(epochs, measure, workers))
 
     print(f"\n{'pipeline':<14} {'images/s':>9}")
     for name, value in results.items():

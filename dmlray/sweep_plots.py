@@ -10,30 +10,20 @@ import math
 from pathlib import Path
 from typing import Any
 
+from dmlray.plots import _new_figure as new_figure, _save as save_png
+
 STYLE = {"finished": ("-", "o"), "stopped_early": ("--", "x"), "error": (":", "s"),
          "interrupted": ("-.", "^"), "pending": (":", "."), "running": ("-.", "^")}
 
 
-def _figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def _save(fig: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, format="png")
-    return path
+    return save_png(fig, path)
 
 
 def curves(path: str | Path, rows: list, metric: str) -> Path:
     """The metric at each evaluation against step, one line per trial (dashed: stopped early)."""
-    fig = _figure(8, 5)
+    fig = new_figure(8, 5)
     ax = fig.add_subplot(1, 1, 1)
     for row in rows:
         if not row.history:
@@ -57,7 +47,7 @@ def _numeric(values: list) -> bool:
 def params(path: str | Path, rows: list, settings: Any) -> Path:
     """The final metric of each trial against each swept value (log axis for loguniform)."""
     keys = list(settings.space)
-    fig = _figure(4.2 * max(1, len(keys)), 4)
+    fig = new_figure(4.2 * max(1, len(keys)), 4)
     for i, key in enumerate(keys):
         ax = fig.add_subplot(1, max(1, len(keys)), i + 1)
         kind = next(iter(settings.space[key]))

@@ -61,7 +61,7 @@ def test_two_ray_workers_from_s3_beat_raw_pixels_and_export_metrics(glyphs_s3, s
 
     run = Path(tmp_path) / "ray-test"
     on_disk = json.loads((run / "result.json").read_text())
-    assert on_disk["steps"] == 80
+    assert on_disk["steps"] == 80 and result["run_folder"] == str(run)
     model, pixels = on_disk["metrics"], on_disk["baseline_raw_pixels"]
     assert model["recall@1"] > pixels["recall@1"], (model, pixels)
     assert model["map@r"] > pixels["map@r"]

@@ -15,4 +15,8 @@ from dmlray.models.pretrained import StateDictMismatchError, load_pretrained, lo
 from dmlray.models import glyph_cnn  # noqa: F401
 from dmlray.models import bn_inception, torchvision_backbones, vit  # noqa: F401
 
-__all__ = ["EmbeddingHead", "EmbeddingModel", "backbone_names", "build_backbone", "register_backbone"]
+__all__ = [
+    "EmbeddingHead", "EmbeddingModel", "GlobalPool", "INPUT_CONVENTIONS", "StateDictMismatchError",
+    "backbone_names", "build_backbone", "freeze_batchnorm", "input_convention", "load_pretrained",
+    "load_state_dict_from_url", "register_backbone",
+]
