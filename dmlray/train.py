@@ -55,13 +55,28 @@ def training_loss(
     global_emb = all_gather_with_grad(local)
     global_labels = all_gather_no_grad(labels)
     own = torch.arange(b, device=local.device) + rank * b
-    batch_loss = loss_fn(local, labels, global_emb, global_labels, own)
+    batch_loss = _rank_loss(loss_fn, local, labels, global_emb, global_labels, own)
     if memory is None:
         return StepResult(batch_loss, batch_loss, None)
     slots = memory.enqueue(global_emb.detach(), global_labels)
     mem_emb, mem_labels = memory.contents()
-    memory_loss = loss_fn(local, labels, mem_emb, mem_labels, slots[own])
+    memory_loss = _rank_loss(loss_fn, local, labels, mem_emb, mem_labels, slots[own])
     return StepResult(batch_loss + memory_weight * memory_loss, batch_loss, memory_loss)
+
+
+def _rank_loss(loss_fn: nn.Module, *args) -> torch.Tensor:
+    """This rank's share of the loss, such that DDP's average over ranks is the global loss.
+
+    Anchor means need nothing (equal local batches). A mean over pairs divides this
+    rank's sum by the pair count of all ranks (times R, undone by DDP's average).
+    """
+    _, world_size = world()
+    if world_size == 1 or not getattr(loss_fn, "pair_mean", False):
+        return loss_fn(*args)
+    total, count = loss_fn.sum_and_count(*args)
+    count = count.detach().clone()
+    dist.all_reduce(count, op=dist.ReduceOp.SUM)
+    return total * world_size / count.clamp(min=1)
 
 
 def average_gradients(params: list[nn.Parameter]) -> None:

@@ -63,13 +63,12 @@ def run_steps(model, loss_fn, batches, rank, world_size, memory, wrap):
 
 
 MODES = {"no-memory": 0, "memory": 20}
-# Every loss that pairs against references and is a mean over anchors. Left out, with why:
+# Every loss that pairs against references and averages over anchors or pairs. Left out, with why:
 # - margin: distance-weighted sampling draws random negatives (no shared RNG stream);
-# - triplet_semihard: a mean over positive *pairs* (TF-Addons' definition), whose count
-#   differs per rank, so the mean of rank means is not the global pair mean;
 # - histogram: compares the global histograms of positive and negative similarities,
 #   which no per-rank decomposition reproduces.
-NOT_ANCHOR_MEANS = {"margin", "triplet_semihard", "histogram"}
+NOT_ANCHOR_MEANS = {"margin", "histogram"}
+# (triplet_semihard is a mean over positive pairs: the trainer divides by the global pair count)
 LOSSES = [n for n in losses.names() if losses.loss_class(n).supports_references and n not in NOT_ANCHOR_MEANS]
 # Losses without references (proxies, classification): local means, averaged by DDP. Left out:
 # - adversarial: needs a second embedding branch that the trainer does not have;
@@ -108,7 +107,8 @@ def _worker(rank, world_size, init_file, results):
 
 
 def test_the_exactness_test_covers_the_pair_and_proxy_losses():
-    assert {"multi_similarity", "contrastive", "lifted_structure", "binomial_deviance", "nca", "cbml"} <= set(LOSSES)
+    assert {"multi_similarity", "contrastive", "triplet_semihard", "lifted_structure", "binomial_deviance", "nca",
+            "cbml"} <= set(LOSSES)
     assert {"proxy_nca", "softtriple", "cross_entropy", "center"} <= set(PROXY_LOSSES)
 
 
@@ -124,7 +124,7 @@ def test_ranks_match_one_process_on_the_concatenated_batch(tmp_path, world_size)
         try:
             check_case(case, ranks, reference, world_size)
         except AssertionError as exc:
-            failures.append(f"{case}: {str(exc).splitlines()[0]}")
+            failures.append(f"{case}: {' '.join(str(exc).split())[:300]}")
     assert not failures, "\n".join(failures)
 
 
@@ -139,7 +139,7 @@ def check_case(case, ranks, reference, world_size):
             torch.testing.assert_close(r[case][step][1], ref_grad, rtol=1e-5, atol=1e-9, msg=where)
         if ref_memory is not None:
             assert len({r[case][step][2][2] for r in ranks}) == 1, f"{where}: ranks hold different memories"
-            torch.testing.assert_close(ranks[0][case][step][2][0], ref_memory[0], rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(ranks[0][case][step][2][0], ref_memory[0], rtol=1e-7, atol=1e-10)
             assert torch.equal(ranks[0][case][step][2][1], ref_memory[1])
 
 

@@ -190,6 +190,8 @@ class PairLoss(nn.Module):
     """True when the loss owns per-class parameters and takes num_classes and embedding_dim."""
     supports_references: bool = True
     """False when pairing against references (memory, gathered batch) is meaningless."""
+    pair_mean: bool = False
+    """True when the loss is a mean over pairs, not anchors; it then has ``sum_and_count``."""
 
     def forward(
         self,

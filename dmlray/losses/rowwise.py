@@ -100,6 +100,20 @@ class RowwiseLoss(PairLoss):
         values, weights = rowwise_values(self, embeddings, labels, ref_embeddings, ref_labels, self_index)
         return self.reduce(values, weights)
 
+    def sum_and_count(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        ref_embeddings: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+        self_index: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of the per-anchor values, number of terms) for losses that average over
+        pairs (``pair_mean``): the trainer divides by the count summed over ranks, so a
+        distributed step averages over the global pairs, as one process would."""
+        values, weights = rowwise_values(self, embeddings, labels, ref_embeddings, ref_labels, self_index)
+        return values.sum(), weights.sum()
+
 
 def _split(out: torch.Tensor | Values) -> Values:
     if isinstance(out, tuple):

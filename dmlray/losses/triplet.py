@@ -21,6 +21,8 @@ class TripletSemihardLoss(RowwiseLoss):
     Default: m = 0.2.
     """
 
+    pair_mean = True  # a mean over triplets: distributed steps normalise by the global count
+
     def __init__(self, margin: float = 0.2):
         super().__init__()
         self.margin = margin
