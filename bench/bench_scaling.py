@@ -2,10 +2,11 @@
 
 Both run 2 CPU processes (gloo DDP) on the glyphs dataset from local disk, the same
 config and steps; throughput is read from the loop's own metrics after a warm-up
-window, so process start-up is excluded. Also measured: the all-gather and the
-cross-batch-memory term per step.
+window, so process start-up is excluded. The two alternate over several rounds (the
+same machine drifts by ~10% between runs) and the medians are compared. Also measured:
+the all-gather and the cross-batch-memory term per step.
 
-    python bench/bench_scaling.py [--quick]
+    python bench/bench_scaling.py [--quick] [--rounds N]
 """
 
 from __future__ import annotations
@@ -87,49 +88,62 @@ dist.destroy_process_group()
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer steps")
+    parser.add_argument("--quick", action="store_true", help="fewer steps, one round")
+    parser.add_argument("--rounds", type=int, default=0, help="alternating torchrun/Ray rounds (default 3; 1 with --quick)")
     args = parser.parse_args()
     steps = 120 if args.quick else 400
     warmup = 20 if args.quick else 50
+    rounds = args.rounds or (1 if args.quick else 3)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
     from dmlray.config import config_to_dict, load_config
     from dmlray.data.pack import Recipe, pack
+    from dmlray.launch import ensure_ray, launch
 
+    rates: dict[str, list[float]] = {"torchrun": [], "ray": []}
+    walls: dict[str, list[float]] = {"torchrun": [], "ray": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = tmp / "glyphs"
         pack(Recipe(dataset="glyphs", shard_bytes=256 * 1024, options={"max_classes": 300}), str(data), progress=False)
         common = [f"data.url={data}", f"train.steps={steps}", f"train.eval_every={steps}", "train.log_every=10",
                   "eval.baseline=false", "memory.start=0", "run.num_workers=2", f"run.storage_path={tmp / 'runs'}"]
+        ensure_ray()  # one cluster for every Ray round: its start-up is not the loop's cost
+        # rounds alternate so that drifts in the machine's speed hit both alike
+        for r in range(rounds):
+            cfg = load_config("demo", common + [f"run.name=torchrun{r}"])
+            (tmp / "torchrun.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+            t0 = time.perf_counter()
+            subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
+                            str(ROOT / "bench" / "torchrun_worker.py"), str(tmp / "torchrun.yaml"), str(tmp / "torchrun.json")],
+                           check=True, capture_output=True)
+            walls["torchrun"].append(time.perf_counter() - t0)
+            rates["torchrun"].append(steady_rate(json.loads((tmp / "torchrun.json").read_text()), warmup))
 
-        cfg = load_config("demo", common + ["run.name=torchrun"])
-        (tmp / "torchrun.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
-        t0 = time.perf_counter()
-        subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
-                        str(ROOT / "bench" / "torchrun_worker.py"), str(tmp / "torchrun.yaml"), str(tmp / "torchrun.json")],
-                       check=True, capture_output=True)
-        torchrun_wall = time.perf_counter() - t0
-        torchrun_rate = steady_rate(json.loads((tmp / "torchrun.json").read_text()), warmup)
-
-        from dmlray.launch import launch
-
-        t0 = time.perf_counter()
-        launch(load_config("demo", common + ["run.name=ray"]))
-        ray_wall = time.perf_counter() - t0
-        history = [json.loads(line) for line in (tmp / "runs" / "ray" / "metrics.jsonl").read_text().splitlines()]
-        ray_rate = steady_rate(history, warmup)
+            t0 = time.perf_counter()
+            launch(load_config("demo", common + [f"run.name=ray{r}"]))
+            walls["ray"].append(time.perf_counter() - t0)
+            history = [json.loads(line) for line in (tmp / "runs" / f"ray{r}" / "metrics.jsonl").read_text().splitlines()]
+            rates["ray"].append(steady_rate(history, warmup))
+            print(f"round {r + 1}/{rounds}: torchrun {rates['torchrun'][-1]:.1f}, Ray Train {rates['ray'][-1]:.1f} samples/s",
+                  flush=True)
         import ray
 
         ray.shutdown()
 
     costs = gather_and_memory_costs(batch=64, dim=64, memory=2048, repeats=50)
     gather_ms = gloo_gather_cost(batch=64, dim=64)
+    torchrun_rate, ray_rate = statistics.median(rates["torchrun"]), statistics.median(rates["ray"])
     step_ms = 1e3 * 128 / ray_rate
-    print(f"training loop, 2 CPU workers, {steps} steps (first {warmup} excluded), global batch 128:")
-    print(f"  torchrun    {torchrun_rate:8.1f} samples/s  ({1e3 * 128 / torchrun_rate:6.1f} ms/step, wall {torchrun_wall:.0f}s incl. start-up)")
-    print(f"  Ray Train   {ray_rate:8.1f} samples/s  ({step_ms:6.1f} ms/step, wall {ray_wall:.0f}s incl. start-up)")
-    print(f"  Ray Train per-step overhead vs torchrun: {100 * (torchrun_rate / ray_rate - 1):+.1f}%  (goal: under 5%)")
+    print(f"training loop, 2 CPU workers, {steps} steps (first {warmup} excluded), global batch 128, "
+          f"median of {rounds} alternating rounds:")
+    print(f"  torchrun    {torchrun_rate:8.1f} samples/s  ({1e3 * 128 / torchrun_rate:6.1f} ms/step, "
+          f"wall {statistics.median(walls['torchrun']):.0f}s incl. start-up)")
+    print(f"  Ray Train   {ray_rate:8.1f} samples/s  ({step_ms:6.1f} ms/step, "
+          f"wall {statistics.median(walls['ray']):.0f}s incl. start-up)")
+    spread = {k: 100 * (max(v) - min(v)) / statistics.median(v) for k, v in rates.items()}
+    print(f"  Ray Train per-step overhead vs torchrun: {100 * (torchrun_rate / ray_rate - 1):+.1f}%  (goal: under 5%; "
+          f"round-to-round spread torchrun {spread['torchrun']:.0f}%, Ray {spread['ray']:.0f}%)")
     print("per-step costs inside the loop (batch 64 per rank, 64-d, memory 2048):")
     print(f"  all_gather_with_grad fwd+bwd, 2 gloo ranks: {gather_ms:.2f} ms  ({100 * gather_ms / step_ms:.1f}% of a step)")
     print(f"  MS loss vs global batch fwd+bwd:            {costs['batch_term_ms']:.2f} ms")

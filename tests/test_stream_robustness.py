@@ -265,11 +265,28 @@ def test_natural_transform_follows_the_seed_recipe():
         torch.testing.assert_close(tf.normalise(tf.stack_pixels(pixels)), tf.collate(pixels))
 
 
-def test_draft_decoding_of_large_jpegs_matches_a_full_decode():
+def test_draft_decoding_of_large_jpegs_matches_a_full_decode(monkeypatch):
+    from PIL import JpegImagePlugin
+
     big = encoded(3, size=(1200, 900), smooth=True)
     fast = NaturalImageTransform(227, train=False, draft=True)(big)
     full = NaturalImageTransform(227, train=False, draft=False)(big)
     assert (fast - full).abs().mean() < 0.05
+    # training crops: a shorter side of 900 holds 3.5× the recipe's 256, so even crops
+    # smaller than the output decode at 1/2 scale; the pixels match a full decode
+    calls = []
+    original = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size, *args):
+        calls.append(size)
+        return original(self, mode, size, *args)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    for seed in range(8):
+        fast = NaturalImageTransform(227, train=True, draft=True)(big, random.Random(seed))
+        full = NaturalImageTransform(227, train=True, draft=False)(big, random.Random(seed))
+        assert (fast - full).abs().mean() < 0.05
+    assert len(calls) == 8
 
 
 def test_transform_style_is_explicit_or_derived_from_the_data_config():

@@ -83,7 +83,9 @@ class NaturalImageTransform:
     region of the original image (a random-resized crop's distribution does not change
     with a uniform resize before it; the eval crop is mapped back to original pixels).
     JPEGs larger than needed are decoded at 1/2, 1/4 or 1/8 scale (Pillow's draft mode:
-    DCT scaling, much cheaper than decoding everything and shrinking). The resampling is
+    DCT scaling, much cheaper than decoding everything and shrinking): enough that the
+    crop keeps the output size, or that the shorter side keeps ``resize`` (the resolution
+    the recipe resizes to before cropping: it never sees finer detail). The resampling is
     torch's antialiased bilinear on uint8, about twice as fast as Pillow's.
     """
 
@@ -153,8 +155,12 @@ class NaturalImageTransform:
         left, top, right, bottom = self.crop_box(width, height, rng)
         hwc = None
         if image.format == "JPEG":
-            # the smallest 1/2^k decoding scale that keeps the crop >= the output size
+            # the smallest 1/2^k decoding scale that keeps the crop >= the output size, or
+            # the shorter side >= the recipe's resize (its pixels are all the recipe ever
+            # sees: a crop smaller than the output is upsampled from that resolution)
             need = (math.ceil(width * self.image_size / (right - left)), math.ceil(height * self.image_size / (bottom - top)))
+            shorter = min(width, height)
+            need = (min(need[0], math.ceil(width * self.resize / shorter)), min(need[1], math.ceil(height * self.resize / shorter)))
             if self.draft and min(width // need[0], height // need[1]) >= 2:
                 image.draft("RGB", need)
                 fx, fy = image.size[0] / width, image.size[1] / height
