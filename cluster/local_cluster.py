@@ -34,8 +34,10 @@ import sys
 import time
 from pathlib import Path
 
+from dmlray.ports import HOST, free_ports
+from dmlray.seaweed import server_command, wait_writable, write_identities
+
 STATE_FILE = "cluster.json"
-HOST = "127.0.0.1"
 # Ray puts unix sockets under --temp-dir; their paths must stay below ~107 bytes.
 TEMP_ROOT = "/tmp"
 
@@ -52,32 +54,6 @@ def _bin(name: str) -> str:
     if not found:
         raise FileNotFoundError(f"{name!r} not found beside {sys.executable} or on PATH")
     return found
-
-
-def free_ports(n: int, grpc_offset: int = 0) -> list[int]:
-    """n distinct free loopback ports (also free at port+grpc_offset when asked)."""
-    ports: list[int] = []
-    held: list[socket.socket] = []
-    try:
-        while len(ports) < n:
-            s = socket.socket()
-            s.bind((HOST, 0))
-            held.append(s)
-            port = s.getsockname()[1]
-            if port in ports or port + grpc_offset in ports or port + grpc_offset > 65535:
-                continue
-            if grpc_offset:
-                try:
-                    t = socket.socket()
-                    t.bind((HOST, port + grpc_offset))
-                    held.append(t)
-                except OSError:
-                    continue
-            ports.append(port)
-    finally:
-        for s in held:
-            s.close()
-    return ports
 
 
 def _start_time(pid: int) -> int | None:
@@ -228,33 +204,20 @@ def cluster_env(state: dict) -> dict[str, str]:
 
 
 def start_seaweedfs(folder: Path, bucket: str, timeout: float) -> tuple[dict, dict]:
-    """`weed server` with master, volume, filer and an S3 gateway that enforces keys."""
+    """`weed server` (dmlray.seaweed's command line) with credentials made for this cluster."""
     data = folder / "seaweedfs"
     data.mkdir(parents=True, exist_ok=True)
     access_key, secret_key = "dmlray-" + secrets.token_hex(6), secrets.token_hex(20)
     identities = folder / "s3-identities.json"
-    identities.write_text(json.dumps({"identities": [{
-        "name": "dmlray",
-        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-    }]}))
-    os.chmod(identities, 0o600)
-    # weed derives gRPC ports as port+10000 in places; keep those free as well
+    write_identities(identities, access_key, secret_key)
     master, volume, filer, s3 = free_ports(4, grpc_offset=10000)
-    cmd = [
-        _bin("weed"), "server", f"-dir={data}", f"-ip={HOST}", f"-ip.bind={HOST}",
-        f"-master.port={master}", f"-master.port.grpc={master + 10000}", "-master.telemetry=false",
-        f"-volume.port={volume}", f"-volume.port.grpc={volume + 10000}", "-volume.max=0",
-        "-volume.preStopSeconds=0",
-        "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer + 10000}",
-        "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3 + 10000}", f"-s3.config={identities}",
-        "-s3.port.iceberg=0", "-s3.port.lance=0",
-    ]
+    cmd = server_command(data, identities, master=master, volume=volume, filer=filer, s3=s3)
     proc = _spawn("seaweedfs", cmd, dict(os.environ), folder / "logs")
     info = {"endpoint": f"http://{HOST}:{s3}", "access_key": access_key, "secret_key": secret_key,
             "region": "us-east-1", "bucket": bucket, "master_port": master}
     try:
-        _wait_s3(info, proc, timeout)
+        wait_writable(s3_client(info), [bucket], info["endpoint"], timeout,
+                      exited=lambda: None if _alive(proc) else f"weed exited during startup; see {proc['log']}")
     except BaseException:
         stop_processes([proc])
         raise
@@ -271,26 +234,6 @@ def s3_client(info: dict):
         config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2},
                       connect_timeout=5, read_timeout=30),
     )
-
-
-def _wait_s3(info: dict, proc: dict, timeout: float) -> None:
-    """Ready means: the bucket exists and an object can be written (the volume server is up)."""
-    client = s3_client(info)
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        if not _alive(proc):
-            raise RuntimeError(f"weed exited during startup; see {proc['log']}")
-        try:
-            if info["bucket"] not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
-                client.create_bucket(Bucket=info["bucket"])
-            client.put_object(Bucket=info["bucket"], Key=".ready", Body=b"ok")
-            client.delete_object(Bucket=info["bucket"], Key=".ready")
-            return
-        except Exception as exc:  # not up yet
-            last = exc
-            time.sleep(0.5)
-    raise TimeoutError(f"SeaweedFS S3 at {info['endpoint']} not ready after {timeout:.0f}s: {last}")
 
 
 # ------------------------------------------------------------------------------------ Ray

