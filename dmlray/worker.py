@@ -6,6 +6,7 @@ It knows the rank and how to report, nothing else of Ray: ``launch.py`` supplies
 
 from __future__ import annotations
 
+import inspect
 import logging
 import random
 import time
@@ -93,11 +94,16 @@ def only_classes(read_shard, classes: set[int], keep: bool):
     return read
 
 
-def build_loss(cfg: LossConfig, num_classes: int, embedding_dim: int) -> nn.Module:
+def build_loss(cfg: LossConfig, num_classes: int, embedding_dim: int, seed: int | None = None) -> nn.Module:
+    """The configured loss; ``seed`` goes to losses that sample (margin), so every rank
+    draws the same samples and a resumed run continues their stream (it is checkpointed)."""
     params = dict(cfg.params)
-    if getattr(losses.loss_class(cfg.name), "needs_classes", False):
+    cls = losses.loss_class(cfg.name)
+    if getattr(cls, "needs_classes", False):
         params.setdefault("num_classes", num_classes)
         params.setdefault("embedding_dim", embedding_dim)
+    if seed is not None and "seed" in inspect.signature(cls.__init__).parameters:
+        params.setdefault("seed", seed)
     return losses.build(cfg.name, **params)
 
 
@@ -123,7 +129,7 @@ def run_worker(cfg: Config, ctx: WorkerContext) -> dict:
     model = build_model(cfg.model, cfg.data.channels).to(ctx.device, dtype)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loss_fn = build_loss(cfg.loss, len(train_classes), cfg.model.embedding_dim).to(ctx.device, dtype)
+    loss_fn = build_loss(cfg.loss, len(train_classes), cfg.model.embedding_dim, cfg.train.seed).to(ctx.device, dtype)
     optimizer = build_optimizer(cfg.optim, model, loss_fn)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.optim.milestones, cfg.optim.gamma) if cfg.optim.milestones else None
     memory = CrossBatchMemory(cfg.memory.size, cfg.model.embedding_dim, dtype=dtype, device=ctx.device) if cfg.memory.size else None

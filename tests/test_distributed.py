@@ -63,31 +63,27 @@ def run_steps(model, loss_fn, batches, rank, world_size, memory, wrap):
 
 
 MODES = {"no-memory": 0, "memory": 20}
-# Every loss that pairs against references and averages over anchors or pairs. Left out, with why:
-# - margin: distance-weighted sampling draws random negatives (no shared RNG stream);
-# - histogram: compares the global histograms of positive and negative similarities,
-#   which no per-rank decomposition reproduces.
-NOT_ANCHOR_MEANS = {"margin", "histogram"}
-# (triplet_semihard is a mean over positive pairs: the trainer divides by the global pair count)
-LOSSES = [n for n in losses.names() if losses.loss_class(n).supports_references and n not in NOT_ANCHOR_MEANS]
-# Losses without references (proxies, classification): local means, averaged by DDP. Left out:
-# - adversarial: needs a second embedding branch that the trainer does not have;
-# - npair, angular: tuples formed inside the batch (the first two samples of each class);
-# - cluster: clusters the batch as a whole;
-# - proxy_anchor: a mean over proxies, each summing over the whole batch.
-NOT_LOCAL_MEANS = {"adversarial", "npair", "angular", "cluster", "proxy_anchor"}
-PROXY_LOSSES = [n for n in losses.names() if not losses.loss_class(n).supports_references and n not in NOT_LOCAL_MEANS]
+# Every loss that pairs against references: anchor means and pair means split by rank,
+# the rest (rank_decomposable = False: histogram, margin's sampling) computed over the
+# whole global batch on every rank; plus a mining variant that samples.
+VARIANTS = {"contrastive+distance_weighted": ("contrastive", {"mining": "distance_weighted"})}
+LOSSES = [n for n in losses.names() if losses.loss_class(n).supports_references] + list(VARIANTS)
+# Losses without references (proxies, classification, batch-wide tuples and clusters).
+# Left out: adversarial, which needs a second embedding branch the trainer does not have.
+NOT_TRAINABLE = {"adversarial"}
+PROXY_LOSSES = [n for n in losses.names() if not losses.loss_class(n).supports_references and n not in NOT_TRAINABLE]
 
 
 CASES = [(n, mode) for n in LOSSES for mode in MODES] + [(n, "no-memory") for n in PROXY_LOSSES]
 
 
 def make_loss(name: str):
-    """Same initial loss parameters in every process (proxies are random)."""
+    """Same initial loss parameters (proxies are random) and RNG stream in every process."""
     torch.manual_seed(2)
+    name, options = VARIANTS.get(name, (name, {}))
     cls = losses.loss_class(name)
     kwargs = {"num_classes": 4, "embedding_dim": 8} if cls.needs_classes else {}
-    return losses.build(name, **kwargs).double()
+    return losses.build(name, **kwargs, **options).double()
 
 
 def _worker(rank, world_size, init_file, results):
@@ -108,8 +104,12 @@ def _worker(rank, world_size, init_file, results):
 
 def test_the_exactness_test_covers_the_pair_and_proxy_losses():
     assert {"multi_similarity", "contrastive", "triplet_semihard", "lifted_structure", "binomial_deviance", "nca",
-            "cbml"} <= set(LOSSES)
-    assert {"proxy_nca", "softtriple", "cross_entropy", "center"} <= set(PROXY_LOSSES)
+            "cbml", "histogram", "margin"} <= set(LOSSES)
+    assert {"proxy_nca", "proxy_anchor", "softtriple", "cross_entropy", "center", "npair", "angular",
+            "cluster"} <= set(PROXY_LOSSES)
+    # both trainer paths are exercised
+    assert not make_loss("histogram").rank_decomposable and not make_loss("contrastive+distance_weighted").rank_decomposable
+    assert make_loss("multi_similarity").rank_decomposable
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

@@ -93,3 +93,19 @@ def test_validation_classes_are_a_disjoint_seeded_subset():
     assert split_validation(classes, 0.0, seed=3) == (classes, [])
     with pytest.raises(ValueError, match="val_fraction"):
         split_validation([1, 2, 3], 0.9, seed=0)
+
+
+def test_sampling_losses_get_the_run_seed_and_draw_the_same_on_every_rank():
+    from dmlray.config import LossConfig
+    from dmlray.worker import build_loss
+
+    a, b = build_loss(LossConfig(name="margin"), 4, 8, seed=7), build_loss(LossConfig(name="margin"), 4, 8, seed=7)
+    assert a.seed == b.seed == 7
+    assert build_loss(LossConfig(name="margin", params={"seed": 3}), 4, 8, seed=7).seed == 3  # config wins
+    assert "seed" not in vars(build_loss(LossConfig(name="multi_similarity"), 4, 8, seed=7))  # no such option
+    x = torch.nn.functional.normalize(torch.randn(16, 8), dim=1)
+    y = torch.arange(16) % 4
+    torch.manual_seed(0)
+    first = a(x, y)
+    torch.manual_seed(1)  # another global RNG state (another rank): same draws
+    assert torch.equal(first, b(x, y))

@@ -192,6 +192,11 @@ class PairLoss(nn.Module):
     """False when pairing against references (memory, gathered batch) is meaningless."""
     pair_mean: bool = False
     """True when the loss is a mean over pairs, not anchors; it then has ``sum_and_count``."""
+    rank_decomposable: bool = True
+    """False when ranks cannot each compute their own anchors' share of the global loss
+    (batch-wide statistics, tuples or clusters formed across the batch, random sampling):
+    the trainer then computes the whole global batch's loss on every rank, exact at R×
+    the cost of the loss (not of the network)."""
 
     def forward(
         self,

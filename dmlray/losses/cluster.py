@@ -21,6 +21,7 @@ class ClusterLoss(PairLoss):
     """
 
     supports_references = False
+    rank_decomposable = False  # clusters the global batch as a whole
 
     def __init__(self, margin: float = 10.0):
         super().__init__()

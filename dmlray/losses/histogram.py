@@ -20,6 +20,8 @@ class HistogramLoss(PairLoss):
     Loss", Ustinova & Lempitsky, NIPS 2016. Default (CBML code base): 1000 nodes.
     """
 
+    rank_decomposable = False  # histograms of all the global batch's pairs
+
     def __init__(self, num_steps: int = 1000):
         super().__init__()
         if num_steps < 2:

@@ -27,6 +27,7 @@ class MarginLoss(PairLoss):
     """
 
     needs_classes = True
+    rank_decomposable = False  # one sampled triplet per anchor: one draw over the global batch
 
     def __init__(
         self,

@@ -59,6 +59,7 @@ class NPairLoss(PairLoss):
     """
 
     supports_references = False
+    rank_decomposable = False  # tuples are formed across the whole batch
 
     def __init__(self, l2_reg: float = 0.02):
         super().__init__()
@@ -96,6 +97,7 @@ class AngularLoss(PairLoss):
     """
 
     supports_references = False
+    rank_decomposable = False  # tuples are formed across the whole batch
 
     def __init__(
         self,

@@ -83,6 +83,7 @@ class ProxyAnchorLoss(PairLoss):
 
     needs_classes = True
     supports_references = False
+    rank_decomposable = False  # a mean over proxies of sums over the whole batch
 
     def __init__(self, num_classes: int, embedding_dim: int, margin: float = 0.1, alpha: float = 32.0):
         super().__init__()

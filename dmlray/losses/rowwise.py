@@ -62,6 +62,11 @@ class RowwiseLoss(PairLoss):
     reduction is the mean over all B anchors (empty anchors count, as the seed codes do).
     """
 
+    @property
+    def rank_decomposable(self) -> bool:
+        # distance-weighted mining samples per call: one draw over the global batch
+        return getattr(self, "mining", None) != "distance_weighted"
+
     chunk_elements: int = 1 << 18
     """Similarities per chunk (1 MiB of fp32: stays in L2); 0 computes the whole matrix
     with plain autograd instead (slower, more memory, but twice-differentiable)."""
