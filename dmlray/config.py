@@ -360,6 +360,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.backbone: unknown backbone {cfg.model.backbone!r}; known: {', '.join(models.backbone_names())}")
     if cfg.loss.name not in losses.names():
         raise ConfigError(f"loss.name: unknown loss {cfg.loss.name!r}; known: {', '.join(losses.names())}")
+    if not losses.loss_class(cfg.loss.name).trainable_alone:
+        raise ConfigError(f"loss.name: {cfg.loss.name!r} is an auxiliary term that needs inputs the trainer does not "
+                          "make (a second embedding branch); use it beside a main loss in your own training code")
     need(cfg.memory.size >= 0, "memory.size must be >= 0")
     need(cfg.memory.start >= 0, "memory.start must be >= 0")
     if cfg.memory.size > 0 and not losses.loss_class(cfg.loss.name).supports_references:

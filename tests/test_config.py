@@ -24,6 +24,7 @@ def test_round_trip_through_a_dict():
     ("run.use_gpu=maybe", "run.use_gpu"),
     ("data.samples_per_class=1", "data.samples_per_class"),
     ("loss.name=no_such_loss", "loss.name"),
+    ("loss.name=adversarial", "auxiliary term"),
     ("model.backbone=no_such_net", "model.backbone"),
     ("optim.name=adagrad", "optim.name"),
 ])

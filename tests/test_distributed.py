@@ -69,9 +69,9 @@ MODES = {"no-memory": 0, "memory": 20}
 VARIANTS = {"contrastive+distance_weighted": ("contrastive", {"mining": "distance_weighted"})}
 LOSSES = [n for n in losses.names() if losses.loss_class(n).supports_references] + list(VARIANTS)
 # Losses without references (proxies, classification, batch-wide tuples and clusters).
-# Left out: adversarial, which needs a second embedding branch the trainer does not have.
-NOT_TRAINABLE = {"adversarial"}
-PROXY_LOSSES = [n for n in losses.names() if not losses.loss_class(n).supports_references and n not in NOT_TRAINABLE]
+# Left out: auxiliary terms the trainer refuses (adversarial needs a second embedding branch).
+PROXY_LOSSES = [n for n in losses.names()
+                if not losses.loss_class(n).supports_references and losses.loss_class(n).trainable_alone]
 
 
 CASES = [(n, mode) for n in LOSSES for mode in MODES] + [(n, "no-memory") for n in PROXY_LOSSES]

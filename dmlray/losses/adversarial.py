@@ -46,6 +46,7 @@ class AdversarialLoss(PairLoss):
 
     needs_classes = True
     supports_references = False
+    trainable_alone = False
 
     def __init__(self, num_classes: int | None = None, embedding_dim: int = 512, aux_dim: int | None = None, proj_dim: int = 256):
         super().__init__()

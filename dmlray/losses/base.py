@@ -192,6 +192,9 @@ class PairLoss(nn.Module):
     """False when pairing against references (memory, gathered batch) is meaningless."""
     pair_mean: bool = False
     """True when the loss is a mean over pairs, not anchors; it then has ``sum_and_count``."""
+    trainable_alone: bool = True
+    """False for auxiliary terms that need inputs the trainer does not produce (MIC's
+    adversarial loss needs a second embedding branch): the config refuses them."""
     rank_decomposable: bool = True
     """False when ranks cannot each compute their own anchors' share of the global loss
     (batch-wide statistics, tuples or clusters formed across the batch, random sampling):
