@@ -119,6 +119,7 @@ class SweepMetrics:
         since = time.monotonic()
         while time.monotonic() - since < timeout:
             if self.last_scrape > since:
+                time.sleep(0.5)  # the clock ticks while the response is built: let it be sent
                 return True
             time.sleep(0.1)
         return False

@@ -263,6 +263,18 @@ def test_prometheus_scrapes_the_workers_and_the_driver_of_a_sweep_kept_on_s3(gly
             "data.classes_per_batch=8", "data.samples_per_class=4", "data.class_buffer=16", "train.steps=30",
             "train.eval_every=10", "train.log_every=2", "memory.size=0", "optim.milestones=[]", "eval.baseline=false",
             "eval.ks=[1,2]"], num_samples=1, scheduler="none", metrics_port=0, prometheus_dir=str(local))
+        # the driver's endpoint closed when run_sweep returned, so Prometheus marks its
+        # series stale at the next scrape (maybe before the watcher's next query); the
+        # samples it stored still hold the final states
+        deadline = time.monotonic() + 15
+        while True:
+            final = prometheus.query("last_over_time(dmlray_sweep_trials[5m])")
+            watcher.seen["dmlray_sweep_trials"] += [dict(s["metric"], value=s["value"][1]) for s in final]
+            if any(s["metric"]["state"] == "finished" and float(s["value"][1]) > 0 for s in final):
+                break
+            if time.monotonic() > deadline:
+                break
+            time.sleep(1)
     finally:
         if watcher is not None:
             watcher.stop.set()
