@@ -89,10 +89,12 @@ def main() -> None:
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
             convention = getattr(model.backbone, "input_convention", "rgb_imagenet")
             transform = make_transform("natural", size, 3, train=True, convention=convention)
-            stream = PKBatches(urls, P, K, transform, seed=0, class_buffer=2 * P, open_shards=2)
+            # uint8 batches, normalised on the device: what the trainer does
+            stream = PKBatches(urls, P, K, transform, seed=0, class_buffer=2 * P, open_shards=2, uint8=True)
             loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=cuda,
                                                  persistent_workers=False)
-            streamed = train_rate(model, loss_fn, optimizer, iter(loader), steps, warmup, device, cuda, cuda)
+            normalised = ((transform.normalise(x.to(device, non_blocking=True)), y) for x, y in loader)
+            streamed = train_rate(model, loss_fn, optimizer, normalised, steps, warmup, device, cuda, cuda)
             del loader
             fixed = (torch.randn(P * K, 3, size, size, device=device), torch.arange(P, device=device).repeat_interleave(K))
             synthetic = train_rate(model, loss_fn, optimizer, itertools.repeat(fixed), steps, warmup, device, cuda, cuda)

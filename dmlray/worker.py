@@ -146,6 +146,10 @@ def run_worker(cfg: Config, ctx: WorkerContext) -> dict:
     else:
         remap = None
 
+    # natural images travel as uint8 (a quarter of the bytes through the loader's shared
+    # memory and to the device) and are normalised on the training device
+    uint8 = hasattr(train_tf, "normalise")
+
     def batches(start_step: int):
         stream = PKBatches(
             train_urls, cfg.data.classes_per_batch, cfg.data.samples_per_class, train_tf,
@@ -155,10 +159,14 @@ def run_worker(cfg: Config, ctx: WorkerContext) -> dict:
             checksums=manifest.shard_checksums(cfg.data.train_split), stats=stats,
             # validation classes live in the training shards: keep them out of training
             class_filter=(lambda label: label not in val_set) if val_set else None,
+            uint8=uint8,
         )
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.loader_workers,
-                                             persistent_workers=cfg.data.loader_workers > 0)
+                                             persistent_workers=cfg.data.loader_workers > 0,
+                                             pin_memory=ctx.device.type == "cuda")
         for images, labels in loader:
+            if uint8:
+                images = train_tf.normalise(images.to(ctx.device, non_blocking=True))
             if remap is not None:
                 labels = torch.tensor([remap[int(c)] for c in labels], dtype=torch.long)
             yield images, labels
