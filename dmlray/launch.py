@@ -18,7 +18,7 @@ import torch
 from dmlray.config import Config, config_from_dict, config_to_dict
 from dmlray.data import storage
 from dmlray.metrics import WorkerMetrics
-from dmlray.runfolder import RunFolder
+from dmlray.runfolder import MetricsWriter, RunFolder
 from dmlray.worker import WorkerContext, run_worker
 
 log = logging.getLogger(__name__)
@@ -59,13 +59,17 @@ def train_function(config: dict) -> None:
     metrics = WorkerMetrics(run=cfg.run.name, rank=rank, trial=trial, backend=backend,
                             port=cfg.run.metrics_port if backend == "prometheus" else 0)
     folder = RunFolder(cfg.run.storage_path, cfg.run.name) if rank == 0 else None
+    writer = MetricsWriter(folder) if folder is not None else None
+
     def report(record: dict, history: list[dict], state: dict | None) -> None:
         metrics.record(record)
-        if folder is not None:
-            folder.write_metrics(history)
+        if writer is not None:
+            writer.submit(history)  # written in the background: S3 latency stays off the step
             print(progress_line(record, cfg.train.steps), flush=True)  # rank 0 only
         if state is None:
             return
+        if writer is not None:
+            writer.flush()  # a checkpoint's metrics are stored before the checkpoint is
         if folder is not None and not ray.is_initialized():
             # local mode keeps Ray's checkpoints in a temporary folder: keep the latest
             # one in the run folder too, so `dmlray eval RUN` finds it
@@ -89,6 +93,8 @@ def train_function(config: dict) -> None:
 
     final = run_worker(cfg, WorkerContext(rank=rank, world_size=world_size, device=device, report=report,
                                           restored=restored, wrap_model=wrap, run_folder=folder))
+    if writer is not None:
+        writer.close()
     if folder is not None:
         folder.write_result(result_record(cfg, final))
 

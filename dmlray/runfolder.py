@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import threading
 from pathlib import Path
 
 import yaml
@@ -34,7 +35,9 @@ class RunFolder:
     def write_metrics(self, history: list[dict]) -> None:
         # rewritten whole from the history (which checkpoints carry): a restart never
         # leaves a gap or a duplicated step, and it works on S3, which cannot append
-        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in history)
+        self.write_metrics_text("".join(metrics_line(r) for r in history))
+
+    def write_metrics_text(self, text: str) -> None:
         storage.write_bytes(self.file("metrics.jsonl"), text.encode())
 
     def read_metrics(self) -> list[dict]:
@@ -55,3 +58,74 @@ class RunFolder:
             draw(str(path))
             storage.upload_file(path, self.file(name))
         return self.file(name)
+
+
+def metrics_line(record: dict) -> str:
+    return json.dumps(record, sort_keys=True) + "\n"
+
+
+class MetricsWriter:
+    """Writes a run's metrics.jsonl off the training loop, so a slow store (S3, a large
+    history) never stalls a step.
+
+    ``submit(history)`` serialises only the records added since the last call (records
+    are final once in the history) and hands the whole text to a writer thread; a newer
+    submission replaces one not yet written. ``flush()`` waits until the newest is stored
+    and raises the error of a failed write; ``close()`` flushes and stops the thread.
+    """
+
+    def __init__(self, folder: RunFolder):
+        self.folder = folder
+        self._lines: list[str] = []
+        self._cond = threading.Condition()
+        self._pending: str | None = None
+        self._submitted = self._written = 0
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="dmlray-metrics-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, history: list[dict]) -> None:
+        if len(history) < len(self._lines):  # a different history: start over
+            self._lines = []
+        self._lines.extend(metrics_line(r) for r in history[len(self._lines):])
+        text = "".join(self._lines)
+        with self._cond:
+            self._pending = text
+            self._submitted += 1
+            self._cond.notify_all()
+
+    def flush(self) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._written >= self._submitted or self._error is not None)
+            error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending is not None or self._closed)
+                if self._pending is None:
+                    return
+                text, version, self._pending = self._pending, self._submitted, None
+            try:
+                self.folder.write_metrics_text(text)
+            except BaseException as exc:  # kept for flush() to raise in the training thread
+                with self._cond:
+                    self._error = exc
+                    self._written = version
+                    self._cond.notify_all()
+                continue
+            with self._cond:
+                self._written = version
+                self._cond.notify_all()
