@@ -32,12 +32,10 @@ class RunFolder:
     def write_config(self, config: dict) -> None:
         storage.write_bytes(self.file("config.yaml"), yaml.safe_dump(config, sort_keys=False).encode())
 
-    def write_metrics(self, history: list[dict]) -> None:
-        # rewritten whole from the history (which checkpoints carry): a restart never
-        # leaves a gap or a duplicated step, and it works on S3, which cannot append
-        self.write_metrics_text("".join(metrics_line(r) for r in history))
-
     def write_metrics_text(self, text: str) -> None:
+        """metrics.jsonl, rewritten whole from the history (which checkpoints carry): a
+        restart never leaves a gap or a duplicated step, and it works on S3, which cannot
+        append (``MetricsWriter`` calls this off the training loop)."""
         storage.write_bytes(self.file("metrics.jsonl"), text.encode())
 
     def read_metrics(self) -> list[dict]:
@@ -118,14 +116,13 @@ class MetricsWriter:
                 if self._pending is None:
                     return
                 text, version, self._pending = self._pending, self._submitted, None
+            error = None
             try:
                 self.folder.write_metrics_text(text)
             except BaseException as exc:  # kept for flush() to raise in the training thread
-                with self._cond:
-                    self._error = exc
-                    self._written = version
-                    self._cond.notify_all()
-                continue
+                error = exc
             with self._cond:
+                if error is not None:
+                    self._error = error
                 self._written = version
                 self._cond.notify_all()

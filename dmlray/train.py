@@ -45,44 +45,42 @@ def training_loss(
 
     With memory given, the detached global batch is enqueued *before* the memory term is
     computed (as in XBM); each anchor's own freshly written slot is excluded by identity.
+
+    The anchors are this rank's rows, except for losses that are not sums of per-anchor
+    terms (``rank_decomposable = False``): there every rank takes the whole global batch
+    as anchors and computes the same loss (same rows in rank order, same RNG stream:
+    ranks start from one seed and run the same ops). The gather's backward sums the R
+    identical gradients of each row and DDP's average divides by R: exactly the
+    one-process gradient; loss parameters get identical gradients, which their
+    all-reduce-mean keeps.
     """
     rank, world_size = world()
     local = model(images)
     b = local.shape[0]
-    if world_size > 1 and not getattr(loss_fn, "rank_decomposable", True):
-        return _whole_batch_loss(loss_fn, local, labels, memory, memory_weight)
-    if not getattr(loss_fn, "supports_references", True):
+    whole = world_size > 1 and not getattr(loss_fn, "rank_decomposable", True)
+    references = getattr(loss_fn, "supports_references", True)
+    if not references and not whole:
         # proxy and classification losses pair anchors with their own parameters: no
         # gather (DDP's gradient average of local means is already the global mean)
         loss = loss_fn(local, labels)
         return StepResult(loss, loss, None)
     global_emb = all_gather_with_grad(local)
     global_labels = all_gather_no_grad(labels)
-    own = torch.arange(b, device=local.device) + rank * b
-    batch_loss = _rank_loss(loss_fn, local, labels, global_emb, global_labels, own)
+    if whole:
+        anchors, anchor_labels = global_emb, global_labels
+        own = torch.arange(world_size * b, device=local.device)
+    else:
+        anchors, anchor_labels = local, labels
+        own = torch.arange(b, device=local.device) + rank * b
+    if not references:
+        loss = loss_fn(anchors, anchor_labels)
+        return StepResult(loss, loss, None)
+    batch_loss = _rank_loss(loss_fn, anchors, anchor_labels, global_emb, global_labels, own)
     if memory is None:
         return StepResult(batch_loss, batch_loss, None)
     slots = memory.enqueue(global_emb.detach(), global_labels)
     mem_emb, mem_labels = memory.contents()
-    memory_loss = _rank_loss(loss_fn, local, labels, mem_emb, mem_labels, slots[own])
-    return StepResult(batch_loss + memory_weight * memory_loss, batch_loss, memory_loss)
-
-
-def _whole_batch_loss(loss_fn: nn.Module, local: torch.Tensor, labels: torch.Tensor,
-                      memory: CrossBatchMemory | None, memory_weight: float) -> StepResult:
-    """Every rank computes the loss of the whole global batch, identically (the same
-    rows in rank order, the same RNG stream: ranks start from one seed and run the same
-    ops). The gather's backward sums the R identical gradients of each row and DDP's
-    average divides by R: exactly the one-process gradient. Losses with parameters get
-    identical gradients on every rank, which their all-reduce-mean keeps."""
-    global_emb = all_gather_with_grad(local)
-    global_labels = all_gather_no_grad(labels)
-    batch_loss = loss_fn(global_emb, global_labels)
-    if memory is None or not getattr(loss_fn, "supports_references", True):
-        return StepResult(batch_loss, batch_loss, None)
-    slots = memory.enqueue(global_emb.detach(), global_labels)
-    mem_emb, mem_labels = memory.contents()
-    memory_loss = loss_fn(global_emb, global_labels, mem_emb, mem_labels, slots)
+    memory_loss = _rank_loss(loss_fn, anchors, anchor_labels, mem_emb, mem_labels, slots[own])
     return StepResult(batch_loss + memory_weight * memory_loss, batch_loss, memory_loss)
 
 
