@@ -28,7 +28,7 @@ from dmlray import losses  # noqa: E402
 from dmlray.config import ModelConfig  # noqa: E402
 from dmlray.data.pack import Recipe, pack  # noqa: E402
 from dmlray.data.shards import read_manifest  # noqa: E402
-from dmlray.data.stream import PKBatches  # noqa: E402
+from dmlray.data.pk_batches import PKBatches  # noqa: E402
 from dmlray.data.transforms import make_transform  # noqa: E402
 from dmlray.train import training_loss  # noqa: E402
 from dmlray.worker import build_model  # noqa: E402

@@ -1,6 +1,6 @@
 """Images per second streamed from SeaweedFS S3 against reading files and decoding alone.
 
-    python bench/bench_data.py [--quick] [--workers N] [--images N]
+    python bench/bench_data.py [--quick] [--workers N] [--images N] [--against REV]
 
 Generates synthetic photographs (~500×375 JPEGs, 20 per class), packs them with the
 ``folder`` reader into a local SeaweedFS bucket, then measures, with the same number of
@@ -15,7 +15,9 @@ crop 227 + flip, ImageNet normalisation):
   decode+aug     the same transform on JPEG bytes already in memory: the compute ceiling
   decode only    PIL decode to RGB of the same bytes, nothing else
 
-and prints the ratios. Goal: the stream within 10% of decoding and no slower than the
+and prints the ratios. With ``--against REV`` (a git revision) the two s3 streams are also
+measured with ``PKBatches`` as it was at REV, in the same rounds, and the ratio printed.
+Goal: the stream within 10% of decoding and no slower than the
 local-file loader. Streaming the original bytes pays decode + crop + resample + I/O, so it
 cannot reach decode-only; packing pre-resized to 256 (what ``pack`` offers to cut decode
 cost) is the configuration meant to meet the goal. Throughput is counted after each worker's first batch (start-up).
@@ -40,11 +42,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dmlray.data.pack import Recipe, pack  # noqa: E402
 from dmlray.data.shards import read_manifest  # noqa: E402
-from dmlray.data.stream import PKBatches  # noqa: E402
+from dmlray.data.pk_batches import PKBatches  # noqa: E402
 from dmlray.data.transforms import NaturalImageTransform  # noqa: E402
 from dmlray.seaweed import SeaweedS3  # noqa: E402
 
 BATCH_P, BATCH_K = 16, 4
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def stream_class_at(rev: str):
+    """``PKBatches`` as it was at a git revision, loaded from ``git show`` into a module of
+    its own: the current stream is then measured against it in one run."""
+    import subprocess
+    import types
+
+    for path in ("dmlray/data/pk_batches.py", "dmlray/data/stream.py"):
+        shown = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True)
+        if shown.returncode == 0 and "class PKBatches" in shown.stdout:
+            module = types.ModuleType(f"dmlray_stream_at_{rev}")
+            sys.modules[module.__name__] = module
+            exec(compile(shown.stdout, f"{rev}:{path}", "exec"), module.__dict__)
+            return module.PKBatches
+    raise SystemExit(f"no PKBatches at git revision {rev!r}")
 
 
 def synthetic_jpeg(rng: np.random.Generator) -> bytes:
@@ -131,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=0, help="synthetic images (default 2000; 400 with --quick)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     parser.add_argument("--rounds", type=int, default=0, help="best of this many measurements (default 2; 1 with --quick)")
+    parser.add_argument("--against", default="", help="also measure PKBatches as it was at this git revision")
     args = parser.parse_args(argv)
+    old_stream = stream_class_at(args.against) if args.against else None
     count = args.images or (400 if args.quick else 2000)
     rounds = args.rounds or (1 if args.quick else 2)
     measure = count if args.quick else 2 * count
@@ -164,9 +185,11 @@ def main(argv: list[str] | None = None) -> int:
             small_mb = sum(s["bytes"] for s in small.split("train")["shards"]) / 2**20
             print(f"packed pre-resized (shorter side 256) in {time.perf_counter() - t0:.1f}s: {small_mb:.1f} MB")
 
-            def stream_loader(uint8: bool = False, source=manifest):
-                stream = PKBatches(source.shard_urls("train"), BATCH_P, BATCH_K, transform, seed=0, class_buffer=32,
-                                   open_shards=2, checksums=source.shard_checksums("train"), uint8=uint8)
+            def stream_loader(uint8: bool = False, source=manifest, stream_class=None):
+                shards = source.shard_urls("train") if stream_class else source.layouts("train")
+                stream = (stream_class or PKBatches)(shards, BATCH_P, BATCH_K, transform, seed=0, class_buffer=32,
+                                                     open_shards=2, checksums=source.shard_checksums("train"),
+                                                     uint8=uint8)
                 loader = DataLoader(stream, batch_size=None, num_workers=workers, multiprocessing_context="fork")
                 return stream, loader
 
@@ -196,14 +219,24 @@ def main(argv: list[str] | None = None) -> int:
                 _, loader = stream_loader(source=small)
                 results["s3 stream 256"] = max(results.get("s3 stream 256", 0), throughput(loader, measure, workers))
                 del loader
+                if old_stream is not None:
+                    for name, source in ((f"s3 stream @{args.against}", manifest),
+                                         (f"s3 stream 256 @{args.against}", small)):
+                        _, loader = stream_loader(source=source, stream_class=old_stream)
+                        results[name] = max(results.get(name, 0), throughput(loader, measure, workers))
+                        del loader
                 for name, make in (("imagefolder", folder_loader), ("decode+aug", lambda: memory_loader("augment")),
                                    ("decode only", lambda: memory_loader("decode"))):
                     epochs = _Repeat(make)
                     results[name] = max(results.get(name, 0), throughput(epochs, measure, workers))
 
-    print(f"\n{'pipeline':<14} {'images/s':>9}")
+    print(f"\n{'pipeline':<24} {'images/s':>9}")
     for name, value in results.items():
-        print(f"{name:<14} {value:9.1f}")
+        print(f"{name:<24} {value:9.1f}")
+    if old_stream is not None:
+        for name in ("s3 stream", "s3 stream 256"):
+            print(f"{name} / {name} @{args.against} = {results[name] / results[f'{name} @{args.against}']:.2f}   "
+                  "(goal >= 0.90: the P×K guarantees cost at most 10%)")
     s3 = results["s3 stream"]
     print(f"\ns3 stream / decode only  = {s3 / results['decode only']:.2f}   (goal >= 0.90)")
     print(f"s3 stream / decode+aug   = {s3 / results['decode+aug']:.2f}   (I/O overhead of the stream)")

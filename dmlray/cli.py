@@ -19,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true",
                    help="leave out missing or undecodable images (listed in the manifest) instead of stopping")
     p.add_argument("--workers", type=int, default=0, help="threads writing shards in parallel (0 = the recipe's or automatic)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a complete dataset already at --dst (its manifest is removed first)")
 
     p = sub.add_parser("train", help="train from a preset or YAML config with key=value overrides")
     p.add_argument("config", help="preset name (see --list-presets) or YAML path")
@@ -88,7 +90,7 @@ def _dispatch(args) -> int:
         from dmlray.data.pack import load_recipe, pack
 
         url = pack(load_recipe(args.recipe), args.dst, args.src, progress=not args.no_progress,
-                   skip_bad=args.skip_bad, workers=args.workers or None)
+                   skip_bad=args.skip_bad, workers=args.workers or None, overwrite=args.overwrite)
         print(f"wrote {url}")
         return 0
     if args.command == "train":

@@ -29,10 +29,13 @@ def embed_split(
     pixels: bool = False,
     read_shard: Callable[[str], Iterator] = iter_shard,
     progress: bool = False,
+    checksums: dict[str, str] | None = None,
 ) -> dict:
     """{'embeddings', 'labels', 'keys'} (and 'pixels': flattened, L2-normalised inputs) of a whole split.
 
-    ``keys`` (sample keys, a list) follow the same rank order as the tensors.
+    ``keys`` (sample keys, a list) follow the same rank order as the tensors. With
+    ``checksums`` ({url: sha256}, ``Manifest.shard_checksums``) a shard that differs from
+    its manifest entry is an error naming it: an evaluation never scores altered data.
     """
     rank, world_size = world()
     was_training = model.training
@@ -47,7 +50,8 @@ def embed_split(
         bar = tqdm(total=None if expected is None else -(-expected // world_size), desc="embed", unit=" img",
                    file=sys.stderr, mininterval=0.5)
     try:
-        for images, y, batch_keys in iter_eval_batches(rank_shards(shard_urls, rank, world_size), transform, batch_size, read_shard):
+        shards = rank_shards(shard_urls, rank, world_size)
+        for images, y, batch_keys in iter_eval_batches(shards, transform, batch_size, read_shard, checksums=checksums):
             images = images.to(device=device, dtype=dtype)
             embs.append(model(images).float())
             labels.append(y.to(device))

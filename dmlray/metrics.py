@@ -26,6 +26,7 @@ GAUGES = {
     "memory_weight": "Current weight of the memory loss term",
     "restarts": "Times this run restarted from a checkpoint",
     "skipped_samples": "Bad samples skipped by the data stream",
+    "bad_shards": "Shards the data stream excluded (unreadable or failing their checksum)",
 }
 TAG_KEYS = ("run", "trial", "rank")
 PREFIX = "dmlray_"

@@ -125,7 +125,8 @@ class Trainer:
 
     ``report(record, history, state)`` receives the new metrics record and the whole
     history at each log step (state None), and at each evaluation also the full
-    checkpoint state; ``evaluate(step)`` returns metrics.
+    checkpoint state; ``evaluate(step)`` returns metrics. ``batches(start_step)`` yields
+    ``(images, labels[, keys])`` from that step on (``accumulate`` of them per step).
     """
 
     def __init__(
@@ -135,7 +136,7 @@ class Trainer:
         loss_fn: nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-        batches: Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]],
+        batches: Callable[[int], Iterator[tuple]],
         steps: int,
         device: torch.device,
         dtype: torch.dtype = torch.float32,
@@ -198,14 +199,14 @@ class Trainer:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
+    def train_step(self, micro_batches: list[tuple]) -> StepResult:
         """One optimisation step over ``accumulate`` micro-batches (each gathered globally)."""
         use_memory = self.memory is not None and self.step >= self.memory_start
         weight = self.memory_weight_at(self.step)
         # flush the gradients as soon as we can, no need for this memory anymore
         self.optimizer.zero_grad(set_to_none=True)
         totals = None
-        for i, (images, labels) in enumerate(micro_batches):
+        for i, (images, labels, *_) in enumerate(micro_batches):  # (images, labels[, keys])
             images = images.to(self.device, dtype=self.dtype, non_blocking=True)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -239,7 +240,7 @@ class Trainer:
             wait += time.perf_counter() - t0
             result = self.train_step(micro)
             self.step += 1
-            window_samples += sum(labels.shape[0] for _, labels in micro) * world_size
+            window_samples += sum(batch[1].shape[0] for batch in micro) * world_size
             is_eval = self.step % self.eval_every == 0 or self.step == self.steps
             is_checkpoint = is_eval or (self.checkpoint_every > 0 and self.step % self.checkpoint_every == 0)
             if self.step % self.log_every == 0 or is_checkpoint:

@@ -11,15 +11,17 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from dmlray import losses, models
-from dmlray.config import Config, LossConfig, ModelConfig, OptimConfig
+from dmlray.config import Config, DataConfig, LossConfig, ModelConfig, OptimConfig
 from dmlray.data.shards import read_manifest
-from dmlray.data.stream import PKBatches, iter_shard
+from dmlray.data.partition import Eligibility, ShardLayout, check_fillable, eligible_classes
+from dmlray.data.pk_batches import PKBatches
+from dmlray.data.stream import iter_shard, scan_layouts
 from dmlray.data.health import StreamStats
 from dmlray.data.transforms import make_transform
 from dmlray.extract import embed_split, score
@@ -81,6 +83,62 @@ def split_validation(train_classes: list[int], fraction: float, seed: int) -> tu
     if len(keep) < 2:
         raise ValueError(f"data.val_fraction={fraction} leaves {len(keep)} training classes")
     return keep, held
+
+
+def training_layouts(manifest, split: str) -> list[ShardLayout]:
+    """The split's shard layouts from the manifest; older manifests lack per-class counts,
+    so their shards are read once (not decoded) to count them."""
+    layouts = manifest.layouts(split)
+    if layouts is None:
+        log.warning("%s predates per-class counts in its manifest: reading its %s shards once to count them "
+                    "(re-pack with 'dmlray pack --overwrite' to skip this)", manifest.root, split)
+        layouts = scan_layouts(manifest.shard_urls(split))
+    return layouts
+
+
+def check_training_data(cfg: Config, manifest, world_size: int) -> Eligibility:
+    """Fail before training when the data cannot fill a global P×K batch of ``world_size``
+    ranks; returns the eligibility (classes left out are in ``.excluded``)."""
+    train_classes, val_classes = split_validation(manifest.classes(cfg.data.train_split), cfg.data.val_fraction,
+                                                  cfg.train.seed)
+    held = set(val_classes)
+    eligibility = eligible_classes(training_layouts(manifest, cfg.data.train_split), cfg.data.samples_per_class,
+                                   (lambda label: label not in held) if held else None)
+    check_fillable(eligibility, cfg.data.classes_per_batch, world_size,
+                   where=f"{manifest.root} (split {cfg.data.train_split!r})")
+    return eligibility
+
+
+def training_batches(data: DataConfig, layouts: list[ShardLayout], checksums: dict[str, str], transform, *,
+                     seed: int, rank: int, world_size: int, device: torch.device, start_batch: int = 0,
+                     stats: StreamStats | None = None, held_out: set[int] = frozenset(),
+                     remap: dict[int, int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """This rank's P×K training batches ``(images, labels, keys)`` from batch ``start_batch``
+    on, through a DataLoader of ``data.loader_workers`` processes, on ``device``.
+
+    ``held_out`` classes (validation) are never drawn; ``remap`` turns dataset class ids
+    into 0..C−1 for losses with per-class parameters. Natural images travel as uint8 (a
+    quarter of the bytes through the loader's shared memory and to the device) and are
+    normalised on the device.
+    """
+    uint8 = hasattr(transform, "normalise")
+    stream = PKBatches(
+        layouts, data.classes_per_batch, data.samples_per_class, transform, seed=seed, rank=rank,
+        world_size=world_size, start_batch=start_batch, class_buffer=data.class_buffer,
+        open_shards=data.open_shards, checksums=checksums, stats=stats,
+        class_filter=(lambda label: label not in held_out) if held_out else None, uint8=uint8,
+    )
+    if rank == 0 and start_batch == 0 and stream.eligibility.excluded:
+        log.warning("training data: %s", stream.eligibility.describe_excluded())
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=data.loader_workers,
+                                         persistent_workers=data.loader_workers > 0,
+                                         pin_memory=device.type == "cuda")
+    for images, labels, keys in loader:
+        if uint8:
+            images = transform.normalise(images.to(device, non_blocking=True))
+        if remap is not None:
+            labels = torch.tensor([remap[int(c)] for c in labels], dtype=torch.long)
+        yield images, labels, keys
 
 
 def only_classes(read_shard, classes: set[int], keep: bool):
@@ -146,41 +204,28 @@ def run_worker(cfg: Config, ctx: WorkerContext) -> dict:
     else:
         remap = None
 
-    # natural images travel as uint8 (a quarter of the bytes through the loader's shared
-    # memory and to the device) and are normalised on the training device
-    uint8 = hasattr(train_tf, "normalise")
+    layouts = training_layouts(manifest, cfg.data.train_split)
 
     def batches(start_step: int):
-        stream = PKBatches(
-            train_urls, cfg.data.classes_per_batch, cfg.data.samples_per_class, train_tf,
-            # a resumed run reseeds by its step: deterministic, and no batch is replayed
-            seed=cfg.train.seed * 1_000_003 + start_step, rank=ctx.rank,
-            class_buffer=cfg.data.class_buffer, open_shards=cfg.data.open_shards,
-            checksums=manifest.shard_checksums(cfg.data.train_split), stats=stats,
-            # validation classes live in the training shards: keep them out of training
-            class_filter=(lambda label: label not in val_set) if val_set else None,
-            uint8=uint8,
+        return training_batches(
+            cfg.data, layouts, manifest.shard_checksums(cfg.data.train_split), train_tf, seed=cfg.train.seed,
+            rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
+            start_batch=start_step * cfg.train.accumulate, stats=stats,
+            held_out=val_set, remap=remap,
         )
-        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.loader_workers,
-                                             persistent_workers=cfg.data.loader_workers > 0,
-                                             pin_memory=ctx.device.type == "cuda")
-        for images, labels in loader:
-            if uint8:
-                images = train_tf.normalise(images.to(ctx.device, non_blocking=True))
-            if remap is not None:
-                labels = torch.tensor([remap[int(c)] for c in labels], dtype=torch.long)
-            yield images, labels
 
     def evaluate(step: int) -> dict:
         final = step >= cfg.train.steps
         t0 = time.perf_counter()
         pixels = final and cfg.eval.baseline
         query = embed_split(wrapped_eval, manifest.shard_urls(cfg.data.test_split), eval_tf, cfg.data.eval_batch_size,
-                            ctx.device, expected=manifest.num_samples(cfg.data.test_split), pixels=pixels)
+                            ctx.device, expected=manifest.num_samples(cfg.data.test_split), pixels=pixels,
+                            checksums=manifest.shard_checksums(cfg.data.test_split))
         gallery = None
         if cfg.data.gallery_split:
             gallery = embed_split(wrapped_eval, manifest.shard_urls(cfg.data.gallery_split), eval_tf, cfg.data.eval_batch_size,
-                                  ctx.device, expected=manifest.num_samples(cfg.data.gallery_split), pixels=pixels)
+                                  ctx.device, expected=manifest.num_samples(cfg.data.gallery_split), pixels=pixels,
+                                  checksums=manifest.shard_checksums(cfg.data.gallery_split))
         metrics = score(query, cfg.eval.ks, gallery, nmi=final and cfg.eval.nmi)
         out = {k: v for k, v in metrics.items()}
         if val_set:
@@ -211,7 +256,7 @@ def run_worker(cfg: Config, ctx: WorkerContext) -> dict:
         memory_ramp_steps=cfg.memory.ramp_steps, evaluate=evaluate, eval_every=cfg.train.eval_every,
         log_every=cfg.train.log_every, checkpoint_every=cfg.train.checkpoint_every, report=ctx.report,
         accumulate=cfg.train.accumulate, amp=cfg.train.amp, channels_last=cfg.train.channels_last,
-        extra_metrics=lambda: {"skipped_samples": stats.skipped},
+        extra_metrics=lambda: {"skipped_samples": stats.skipped, "bad_shards": stats.bad_shards},
     )
     if ctx.restored is not None:
         trainer.load_state_dict(ctx.restored)

@@ -12,7 +12,8 @@ import pytest
 from dmlray.data import storage
 from dmlray.data.pack import pack
 from dmlray.data.shards import read_manifest
-from dmlray.data.stream import PKBatches, iter_eval_batches, iter_shard, rank_shards
+from dmlray.data.pk_batches import PKBatches
+from dmlray.data.stream import iter_eval_batches, iter_shard, rank_shards
 from dmlray.data.transforms import ImageTransform
 
 pytestmark = pytest.mark.slow
@@ -46,19 +47,22 @@ def test_every_sample_arrives_and_shards_are_class_grouped(glyphs_s3, s3_env):
     assert json.loads(body)["splits"]["train"]["shards"][0]["sha256"]
 
 
-def test_pk_batches_from_s3_are_balanced_and_rank_seeded(glyphs_s3, s3_env):
+def test_pk_batches_from_s3_are_balanced_and_ranks_draw_disjoint_classes(glyphs_s3, s3_env):
     manifest = read_manifest(glyphs_s3)
     tf = ImageTransform(32, 1, train=True)
-    streams = [PKBatches(manifest.shard_urls("train"), 4, 3, tf, seed=7, rank=r, class_buffer=12, open_shards=2) for r in (0, 1)]
+    layouts = manifest.layouts("train")
+    streams = [PKBatches(layouts, 4, 3, tf, seed=7, rank=r, world_size=2, class_buffer=12, open_shards=2)
+               for r in (0, 1)]
     draws = []
     for stream in streams:
         batches = list(itertools.islice(iter(stream), 5))
-        for images, labels in batches:
-            assert images.shape == (12, 1, 32, 32)
+        for images, labels, keys in batches:
+            assert images.shape == (12, 1, 32, 32) and len(set(keys)) == 12
             counts = Counter(labels.tolist())
             assert len(counts) == 4 and set(counts.values()) == {3}
         draws.append([b[1].tolist() for b in batches])
-    assert draws[0] != draws[1], "ranks must draw different seeded orders"
+    classes = [{c for batch in d for c in batch} for d in draws]
+    assert classes[0].isdisjoint(classes[1]), "a class belongs to one rank"
     again = [b[1].tolist() for b in itertools.islice(iter(streams[0]), 5)]
     assert again == draws[0], "the same (seed, rank) must give the same batches"
 

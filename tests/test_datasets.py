@@ -351,11 +351,23 @@ def test_interrupted_pack_resumes_without_rewriting_complete_shards(tmp_path, mo
     a = json.loads((clean / "manifest.json").read_text())["splits"]
     b = json.loads((dst / "manifest.json").read_text())["splits"]
     assert {s: [x["sha256"] for x in a[s]["shards"]] for s in a} == {s: [x["sha256"] for x in b[s]["shards"]] for s in b}
-    # a changed source image changes its shard's fingerprint: only that shard is written again
+    # a changed source image changes its shard's fingerprint: only that shard is written again,
+    # once --overwrite allows replacing a complete dataset, and after its old manifest is gone
     jpeg(src / "c00" / "img_0.jpg", 999)
+    with pytest.raises(FileExistsError, match="already holds a complete dataset.*--overwrite"):
+        pack(recipe, str(dst), str(src), progress=False)
+    manifest_at_publish = []
     third = counting_put_file(monkeypatch)
-    pack(recipe, str(dst), str(src), progress=False)
-    assert len(third) == 1
+    counted = storage.put_file
+
+    def watching_put_file(src_file, url):
+        manifest_at_publish.append((dst / "manifest.json").exists())
+        counted(src_file, url)
+
+    monkeypatch.setattr(storage, "put_file", watching_put_file)
+    pack(recipe, str(dst), str(src), progress=False, overwrite=True)
+    assert len(third) == 1 and manifest_at_publish == [False]
+    assert (dst / "manifest.json").exists()  # the new one, written last
 
 
 @pytest.mark.slow

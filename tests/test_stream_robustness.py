@@ -18,7 +18,8 @@ from dmlray.data import storage
 from dmlray.data.health import StreamStats
 from dmlray.data.records import Sample
 from dmlray.data.shards import write_tar
-from dmlray.data.stream import EvalStream, PKBatches, iter_eval_batches, iter_shard
+from dmlray.data.pk_batches import DatasetTooSmall, PKBatches
+from dmlray.data.stream import EvalStream, iter_eval_batches, iter_shard
 from dmlray.data.tario import ShardError
 from dmlray.data.transforms import ImageTransform, NaturalImageTransform, make_transform, transform_style
 
@@ -71,8 +72,9 @@ def test_corrupt_jpeg_is_skipped_counted_and_logged_once(tmp_path, caplog):
     stream = PKBatches([url], 3, 4, GREY, seed=0, class_buffer=6, open_shards=1, stats=stats)
     with caplog.at_level("WARNING", logger="dmlray.data.stream"):
         batches = take(stream, 12)
-    for images, labels in batches:
+    for images, labels, keys in batches:
         assert images.shape == (12, 1, 16, 16) and sorted(Counter(labels.tolist()).values()) == [4, 4, 4]
+        assert len(set(keys)) == 12 and "c2_1" not in keys
     assert stream.skipped >= 1 and stats.get("samples_skipped") == len(seen) >= 1
     assert all(s == (url, "c2_1") for s in seen)
     logged = [r.getMessage() for r in caplog.records if "c2_1" in r.getMessage()]
@@ -108,10 +110,11 @@ def test_truncated_tar_is_cut_short_and_training_continues(tmp_path):
     stream = PKBatches([str(good), str(bad)], 2, 2, GREY, seed=1, class_buffer=4, open_shards=2)
     batches = take(stream, 25)
     assert len(batches) == 25 and stream.stats.get("shards_skipped") >= 1
-    # nothing readable at all: a clear error instead of spinning forever
+    assert stream.stats.bad_shards == 1  # excluded for the rest of the run: found bad once, not every epoch
+    # nothing readable at all: a clear error at once instead of spinning forever
     bad.write_bytes(data[:700])
-    with pytest.raises(RuntimeError, match="no samples from"):
-        take(PKBatches([str(bad)], 2, 2, GREY, class_buffer=4, open_shards=1), 1)
+    with pytest.raises(DatasetTooSmall, match="0 eligible classes"):
+        PKBatches([str(bad)], 2, 2, GREY, class_buffer=4, open_shards=1)
 
 
 def test_checksum_mismatch_is_counted_and_verify_skips_the_shard(tmp_path):
@@ -182,7 +185,8 @@ def test_custom_read_shard_errors_are_counted_too(tmp_path):
     good, bad = tmp_path / "good.tar", tmp_path / "bad.tar"
     make_shard(good, classes=range(4))
     make_shard(bad, classes=range(4, 8))
-    bad.write_bytes(bad.read_bytes()[:3000])
+    data = bad.read_bytes()
+    bad.write_bytes(data[: int(len(data) * 0.6)])  # classes 4 and 5 whole, then cut short
 
     def only_even(url):  # the kind of wrapper worker.py builds around iter_shard
         return (s for s in iter_shard(url) if s[1] % 2 == 0)
@@ -197,24 +201,26 @@ def test_custom_read_shard_errors_are_counted_too(tmp_path):
 # ------------------------------------------------------------------ determinism, memory, workers
 
 
-def test_batches_are_deterministic_per_seed_rank_worker_epoch(tmp_path):
+def test_batches_are_deterministic_per_seed_and_rank_and_resume_where_they_stopped(tmp_path):
     urls = [str(tmp_path / f"{i}.tar") for i in range(3)]
     for i, url in enumerate(urls):
         make_shard(Path(url), classes=range(10 * i, 10 * i + 6), per_class=6)
 
-    def labels(**kw):
+    def keys(n=8, **kw):
         stream = PKBatches(urls, 3, 2, GREY, class_buffer=8, open_shards=2, **kw)
-        return [b[1].tolist() for b in take(stream, 8)]
+        return [b[2] for b in take(stream, n)]
 
-    base = labels(seed=3, rank=0)
-    assert labels(seed=3, rank=0) == base
-    assert labels(seed=3, rank=1) != base and labels(seed=4, rank=0) != base and labels(seed=3, rank=0, epoch=1) != base
-    stream = PKBatches(urls, 3, 2, GREY, class_buffer=8, open_shards=2, seed=3)
-    stream.set_epoch(1)
-    assert [b[1].tolist() for b in take(stream, 8)] == labels(seed=3, rank=0, epoch=1)
+    base = keys(seed=3)
+    assert keys(seed=3) == base and keys(seed=4) != base
+    ranks = [keys(seed=3, rank=r, world_size=2) for r in (0, 1)]
+    assert {k.split("_")[0] for b in ranks[0] for k in b}.isdisjoint({k.split("_")[0] for b in ranks[1] for k in b})
+    # a resumed stream continues the sequence: no batch replayed, none skipped
+    full = keys(n=30, seed=3)
+    assert keys(n=20, seed=3, start_batch=10) == full[10:]
+    stats = PKBatches(urls, 3, 2, GREY, class_buffer=8, open_shards=2, seed=3)
+    take(stats, 12)
     # bounded reading: nearly every sample read ends up in a batch
-    stats = stream.stats.as_dict()
-    assert stats["samples_used"] >= 0.6 * stats["samples_read"]
+    assert stats.stats.get("samples_used") >= 0.6 * stats.stats.get("samples_read")
 
 
 def test_loader_workers_draw_distinct_streams_and_share_the_skip_counter(tmp_path):
@@ -310,7 +316,8 @@ def test_s3_stream_resumes_with_range_requests_and_skips_a_truncated_object(tmp_
     keys = make_shard(good, classes=range(4))
     make_shard(bad, classes=range(4, 8))
     client.upload_file(str(good), "dmlray-test", "robust/good.tar")
-    client.put_object(Bucket="dmlray-test", Key="robust/bad.tar", Body=bad.read_bytes()[:4000])
+    data = bad.read_bytes()  # classes 4 and 5 whole, then cut short
+    client.put_object(Bucket="dmlray-test", Key="robust/bad.tar", Body=data[: int(len(data) * 0.6)])
     good_url, bad_url = "s3://dmlray-test/robust/good.tar", "s3://dmlray-test/robust/bad.tar"
     flaky = Flaky(failures=1, after=3000)
     stats = StreamStats()

@@ -47,6 +47,12 @@ class StreamStats:
         """Samples and shards skipped so far (across DataLoader workers)."""
         return self.get("samples_skipped") + self.get("shards_skipped")
 
+    @property
+    def bad_shards(self) -> int:
+        """Shards excluded so far: unreadable, truncated, corrupt or failing their checksum
+        (each is excluded for the rest of the run by the worker that found it)."""
+        return self.get("shards_skipped") + self.get("checksum_failures")
+
     def as_dict(self) -> dict[str, int]:
         with self._values.get_lock():
             return {name: int(v) for name, v in zip(FIELDS, self._values)}

@@ -116,13 +116,18 @@ def reader_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def pack(recipe: Recipe, dst: str, src: str | None = None, progress: bool = True, skip_bad: bool = False,
-         workers: int | None = None) -> str:
+         workers: int | None = None, overwrite: bool = False) -> str:
     """Pack every split of the recipe's dataset under ``dst``; returns the manifest URL.
 
     Shards are written in parallel (``workers`` threads, default the recipe's); a run
     that stopped half-way is resumed: complete shards are not written again. Bad images
     stop the run with a message naming the file, unless ``skip_bad``: then they are left
     out and listed in the manifest. The manifest is written last.
+
+    A destination that already holds a complete dataset (a manifest) is refused unless
+    ``overwrite``: then the old manifest is removed before any shard is replaced, so no
+    reader ever sees new shards under the old manifest's checksums (shards whose planned
+    content is unchanged are kept, not written again).
     """
     from dmlray.data import writer
 
@@ -130,6 +135,7 @@ def pack(recipe: Recipe, dst: str, src: str | None = None, progress: bool = True
     if recipe.dataset not in _READERS:
         raise ValueError(f"unknown dataset reader {recipe.dataset!r}; known: {', '.join(reader_names())}")
     storage.check_bucket(dst)
+    known = _clear_for_packing(dst, overwrite)
     options = reader_options(recipe.dataset, recipe.options)
     splits = _READERS[recipe.dataset](src, **recipe.options)
     if not splits:
@@ -141,7 +147,7 @@ def pack(recipe: Recipe, dst: str, src: str | None = None, progress: bool = True
     try:
         results = writer.write_splits(
             dst, {split: samples for split, (_, samples) in splits.items()}, recipe.shard_bytes, salt=salt,
-            workers=workers or recipe.workers, skip_bad=skip_bad, on_shard=bar.advance,
+            workers=workers or recipe.workers, skip_bad=skip_bad, on_shard=bar.advance, known=known,
         )
     finally:
         bar.close()
@@ -159,6 +165,22 @@ def pack(recipe: Recipe, dst: str, src: str | None = None, progress: bool = True
     url = shards.write_manifest(dst, manifest)
     writer.remove_partials(dst, results)
     return url
+
+
+def _clear_for_packing(dst: str, overwrite: bool) -> dict[str, dict] | None:
+    """Refuse to pack over a complete dataset unless ``overwrite``; with it, remember the
+    old manifest's reusable shards and remove the manifest first. None: no manifest."""
+    from dmlray.data import writer
+
+    manifest = storage.join(dst, shards.MANIFEST_NAME)
+    if not storage.exists(manifest):
+        return None
+    if not overwrite:
+        raise FileExistsError(f"{dst} already holds a complete dataset ({manifest}); pass --overwrite to replace it")
+    known = writer.known_shards(dst)
+    storage.delete(manifest)
+    log.info("--overwrite: removed %s before replacing its shards", manifest)
+    return known
 
 
 def _versions() -> dict[str, str]:

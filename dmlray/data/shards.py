@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Iterable, Iterator
 
 from dmlray.data import storage
+from dmlray.data.partition import ShardLayout
 from dmlray.data.records import Sample
 
 MANIFEST_NAME = "manifest.json"
@@ -44,6 +45,20 @@ class ShardInfo:
     fingerprint: str = ""
     """Digest of the planned content (keys, labels, source files): a re-run that plans
     the same shard and finds it written with this fingerprint does not write it again."""
+    class_counts: list[list[int]] = field(default_factory=list)
+    """``[class, samples]`` runs in the order the tar stores them: the P×K stream plans its
+    partition and epochs from these without reading the shard."""
+
+
+def class_runs(labels: Iterable[int]) -> list[list[int]]:
+    """``[class, count]`` runs of consecutive equal labels."""
+    runs: list[list[int]] = []
+    for label in labels:
+        if runs and runs[-1][0] == label:
+            runs[-1][1] += 1
+        else:
+            runs.append([label, 1])
+    return runs
 
 
 def shard_name(split: str, index: int) -> str:
@@ -205,16 +220,32 @@ class Manifest:
     def classes(self, split: str) -> list[int]:
         return list(self.split(split)["classes"])
 
+    def layouts(self, split: str) -> list[ShardLayout] | None:
+        """The split's shards with their per-class counts, as the P×K stream plans with
+        them; None for manifests packed before the counts were recorded."""
+        entries = self.split(split)["shards"]
+        if any("class_counts" not in e or (e["samples"] and not e["class_counts"]) for e in entries):
+            return None
+        return [ShardLayout(url, tuple((int(c), int(n)) for c, n in e["class_counts"]), int(e.get("bytes", 0)))
+                for url, e in zip(self.shard_urls(split), entries)]
+
 
 def read_manifest(root: str) -> Manifest:
     """Read ``<root>/manifest.json``; a clear error when the dataset is missing or half-written."""
     url = storage.join(root, MANIFEST_NAME)
     try:
-        data = json.loads(storage.read_bytes(url))
+        raw = storage.read_bytes(url)
     except storage.StorageError as exc:
         if exc.permanent and exc.code not in ("404", "NoSuchKey"):
             raise  # wrong credentials, no bucket: that message is the clear one
         raise storage.StorageError(f"no dataset at {root}: {url} cannot be read (pack it with 'dmlray pack'): {exc}", exc.code) from exc
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"{url} is not valid JSON ({exc}); re-pack the dataset with 'dmlray pack --overwrite'") from None
+    if not isinstance(data, dict) or not isinstance(data.get("splits"), dict):
+        raise ValueError(f"{url} is not a dmlray manifest: expected a JSON object with 'splits', got "
+                         f"{type(data).__name__}")
     if data.get("format") != FORMAT:
         raise ValueError(f"{url}: unknown manifest format {data.get('format')!r} (expected {FORMAT})")
     return Manifest(root=root.rstrip("/"), data=data)

@@ -85,16 +85,25 @@ class ResumableReader:
         return data
 
     def read_exact(self, n: int) -> bytes:
-        """Exactly ``n`` bytes; EOFError when the object ends first."""
-        while len(self.buf) - self.pos < n:
-            chunk = self.read_chunk(max(CHUNK, n - (len(self.buf) - self.pos)))
+        """Exactly ``n`` bytes; EOFError when the object ends first. Reads in chunks of at
+        most ``CHUNK``, so a corrupt size field claiming gigabytes costs no more memory than
+        the object really holds."""
+        if len(self.buf) - self.pos >= n:
+            out = self.buf[self.pos : self.pos + n]
+            self.pos += n
+            return out
+        parts = [self.buf[self.pos:]]
+        have = len(parts[0])
+        while have < n:
+            chunk = self.read_chunk(CHUNK)
             if not chunk:
+                self.buf, self.pos = b"".join(parts), 0  # keep what was read: tell() stays right
                 raise EOFError(f"{self.url} ends at byte {self.offset}")
-            self.buf = self.buf[self.pos:] + chunk
-            self.pos = 0
-        out = self.buf[self.pos : self.pos + n]
-        self.pos += n
-        return out
+            parts.append(chunk)
+            have += len(chunk)
+        joined = b"".join(parts)
+        self.buf, self.pos = joined, n
+        return joined[:n]
 
     def tell(self) -> int:
         """Offset of the next byte ``read_exact`` returns."""
@@ -167,7 +176,8 @@ def iter_members(reader: ResumableReader) -> Iterator[tuple[str, bytes]]:
             data = reader.read_exact(size)
             reader.read_exact(-size % BLOCK)
         except EOFError:
-            raise ShardError(url, f"truncated tar: member {name!r} ends early at byte {reader.offset}") from None
+            raise ShardError(url, f"truncated or corrupt tar: the header of member {name!r} at byte {start} claims "
+                                  f"{size} bytes, but the shard ends at byte {reader.offset}") from None
         if kind in (b"0", b"\0", b"7"):
             yield (long_name or name), data
             long_name = None

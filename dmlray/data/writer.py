@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Iterator
 
 from dmlray.data import storage
 from dmlray.data.records import Sample
-from dmlray.data.shards import MANIFEST_NAME, ShardInfo, plan_shards, shard_name, write_tar
+from dmlray.data.shards import MANIFEST_NAME, ShardInfo, class_runs, plan_shards, shard_name, write_tar
 from dmlray.data.sources import BadInputError
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,8 @@ class PartialLog:
         entry = self.done.get(name)
         if entry is None or entry.get("fingerprint") != fingerprint:
             return None
+        if entry["samples"] and not entry.get("class_counts"):
+            return None  # recorded before per-class counts: written again to get them
         return entry if storage.size(url) == entry["bytes"] else None
 
     def record(self, name: str, entry: dict) -> None:
@@ -126,7 +128,8 @@ def _write_shard(dst: str, name: str, samples: list[Sample], fp: str, partial: P
     url = storage.join(dst, name)
     entry = partial.reusable(name, fp, url)
     if entry is not None:
-        info = ShardInfo(**{k: entry[k] for k in ("name", "url", "samples", "bytes", "classes", "sha256", "fingerprint")})
+        keys = ("name", "url", "samples", "bytes", "classes", "sha256", "fingerprint", "class_counts")
+        info = ShardInfo(**{k: entry[k] for k in keys if k in entry})
         return info, list(entry.get("skipped", [])), True
     ready, skipped = [], []
     for sample in samples:
@@ -138,7 +141,7 @@ def _write_shard(dst: str, name: str, samples: list[Sample], fp: str, partial: P
             log.warning("skipped: %s", exc)
             skipped.append({"path": exc.path, "error": str(exc), "shard": name})
     if not ready:
-        partial.record(name, {"name": name, "url": url, "samples": 0, "bytes": -1, "classes": [], "sha256": "",
+        partial.record(name, {"name": name, "url": url, "samples": 0, "bytes": -1, "classes": [], "class_counts": [], "sha256": "",
                               "fingerprint": fp, "skipped": skipped})
         return None, skipped, False
     # beside the destination when local (published by a rename), else a temporary folder
@@ -153,7 +156,7 @@ def _write_shard(dst: str, name: str, samples: list[Sample], fp: str, partial: P
     finally:
         Path(tmp).unlink(missing_ok=True)
     info = ShardInfo(name=name, url=url, samples=len(ready), bytes=size, classes=sorted({s.label for s in ready}),
-                     sha256=sha, fingerprint=fp)
+                     sha256=sha, fingerprint=fp, class_counts=class_runs(s.label for s in ready))
     partial.record(name, dict(vars(info), skipped=skipped))
     return info, skipped, False
 
@@ -167,17 +170,19 @@ def write_splits(
     workers: int = 0,
     skip_bad: bool = False,
     on_shard: Callable[[int, int], None] | None = None,
+    known: dict[str, dict] | None = None,
 ) -> dict[str, SplitResult]:
     """Write every split's shards under ``dst`` with a pool of ``workers`` threads.
 
     ``salt`` enters every shard's fingerprint (the recipe: reader, options, shard size),
     so a shard packed differently is never reused. ``on_shard(samples, bytes)`` is called
     as each shard completes. The first error stops the run: shards already complete stay
-    recorded, and a re-run picks up from there.
+    recorded, and a re-run picks up from there. ``known`` lists reusable shards of an
+    earlier manifest (default: the one at ``dst``, if any).
     """
     workers = workers or default_workers()
     results = {split: SplitResult() for split in splits}
-    known = known_shards(dst)
+    known = known_shards(dst) if known is None else known
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dmlray-pack")
     # bounded look-ahead: at most this many planned shards wait in memory
     slots = threading.BoundedSemaphore(2 * workers)
