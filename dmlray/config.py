@@ -350,6 +350,7 @@ def validate(cfg: Config) -> None:
     need(cfg.data.channels in (1, 3), "data.channels must be 1 or 3")
     need(cfg.data.loader_workers >= 0, "data.loader_workers must be >= 0")
     need(cfg.model.embedding_dim >= 1, "model.embedding_dim must be >= 1")
+    need(cfg.model.hidden_dim >= 0, f"model.hidden_dim must be >= 0 (0 = linear head), got {cfg.model.hidden_dim}")
     need(cfg.model.batchnorm in ("train", "frozen", "sync"), f"model.batchnorm must be train, frozen or sync, got {cfg.model.batchnorm!r}")
     need(cfg.model.batchnorm != "sync" or cfg.run.use_gpu, "model.batchnorm=sync needs run.use_gpu=true (torch's SyncBatchNorm runs on GPUs only)")
     need(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")

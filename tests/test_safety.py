@@ -294,6 +294,7 @@ def test_launch_revalidates_a_name_changed_after_loading(tmp_path):
     ("optim.milestones=[600, 300]", "optim.milestones"),
     ("optim.milestones=[0]", "optim.milestones"),
     ("optim.milestones=[5, 5]", "optim.milestones"),
+    ("model.hidden_dim=-1", "model.hidden_dim"),
 ])
 def test_out_of_range_values_are_refused_naming_the_key(override, named):
     with pytest.raises(ConfigError) as info:
