@@ -381,7 +381,8 @@ def validate(cfg: Config) -> None:
     need(cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
     need(cfg.run.max_failures >= -1, "run.max_failures must be >= -1 (-1 = retry forever)")
     need(cfg.data.eval_batch_size >= 1, f"data.eval_batch_size must be >= 1, got {cfg.data.eval_batch_size}")
-    need(_finite(cfg.memory.weight) and cfg.memory.weight >= 0, f"memory.weight must be finite and >= 0, got {cfg.memory.weight}")
+    need(_finite(cfg.memory.weight) and cfg.memory.weight >= 0,
+         f"memory.weight must be finite and >= 0, got {cfg.memory.weight}")
     need(_finite(cfg.optim.lr), f"optim.lr must be finite, got {cfg.optim.lr}")
     for key in ("head_lr", "loss_lr", "weight_decay"):
         value = getattr(cfg.optim, key)

@@ -194,8 +194,8 @@ class RunLock:
                 time.sleep(0.2)
                 continue
             if float(other.get("expires_at", 0)) > time.time():
-                raise RunLockedError(f"{self.url}: the {self.what} is live: {describe_holder(other)}; "
-                                     f"wait for it to end (or, if it died, for its lease to expire) or use another name")
+                raise RunLockedError(f"{self.url}: the {self.what} is live: {describe_holder(other)}; wait for "
+                                     "it to end (or, if it died, for its lease to expire) or use another name")
             self._version = storage.replace_if(self.url, record, version)
             if self._version is not None:
                 log.warning("%s: took over the expired lock of %s", self.url, describe_holder(other))

@@ -65,7 +65,8 @@ def test_rng_states_survive_a_weights_only_load_exactly():
     expected = (random.random(), random.gauss(0, 1), np.random.standard_normal(3).tolist(), torch.rand(3).tolist())
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     set_rng_state(saved)
-    assert (random.random(), random.gauss(0, 1), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == expected
+    again = (random.random(), random.gauss(0, 1), np.random.standard_normal(3).tolist(), torch.rand(3).tolist())
+    assert again == expected
 
 
 def test_a_trainer_resumed_from_a_weights_only_checkpoint_matches_the_straight_run():
@@ -124,6 +125,14 @@ def test_eval_refuses_a_planted_checkpoint_naming_it_and_runs_nothing(tmp_path, 
     assert main(["eval", str(state.parent)]) == 2  # the checkpoint folder itself: the same
     assert str(state) in capsys.readouterr().err and not marker.exists()
     assert_payload_is_live(data, marker)
+
+
+def test_a_cut_off_or_foreign_state_file_is_an_error_naming_it():
+    whole = state_bytes({"model": {"w": torch.zeros(8)}, "step": 1})
+    with pytest.raises(CheckpointError, match="s3://b/run/checkpoint_x/state.pt: not a readable checkpoint"):
+        load_state(whole[: len(whole) // 2], "s3://b/run/checkpoint_x/state.pt")
+    with pytest.raises(CheckpointError, match="f.pt: not a dmlray checkpoint"):
+        load_state(state_bytes({"weights": torch.zeros(1)}), "f.pt")
 
 
 def real_state(step: int) -> bytes:
@@ -303,8 +312,8 @@ def test_out_of_range_values_are_refused_naming_the_key(override, named):
 
 
 def test_edge_values_that_are_fine_pass():
-    cfg = load_config("demo", ["run.metrics_port=65535", "optim.head_lr=0", "memory.weight=0", "run.cpus_per_worker=0.5",
-                               "optim.milestones=[100, 200]"])
+    cfg = load_config("demo", ["run.metrics_port=65535", "optim.head_lr=0", "memory.weight=0",
+                               "run.cpus_per_worker=0.5", "optim.milestones=[100, 200]"])
     assert cfg.run.metrics_port == 65535 and cfg.run.cpus_per_worker == 0.5
 
 
@@ -456,3 +465,16 @@ def test_launch_refuses_a_live_run_of_the_same_name_and_fresh_deletes_nothing(gl
         holder.release()
     assert (run / "checkpoint_local" / "state.pt").read_bytes() == real_state(3)
     assert not (run / "config.yaml").exists()
+
+
+def test_a_second_sweep_of_the_same_name_fails_before_ray_starts(tmp_path, monkeypatch):
+    from dmlray import tune
+
+    monkeypatch.setattr(tune, "ensure_ray", lambda **kw: pytest.fail("Ray started"))
+    live = RunLock(str(tmp_path / "demo-sweep"), lease_s=30, what="sweep").acquire()
+    try:
+        with pytest.raises(RunLockedError, match=f"sweep is live: sweep holder {live.holder}"):
+            tune.run_sweep("demo", "demo_sweep_space", [f"run.storage_path={tmp_path}"], num_samples=2)
+    finally:
+        live.release()
+    assert sorted(os.listdir(tmp_path / "demo-sweep")) == []  # nothing written: not even sweep.yaml
