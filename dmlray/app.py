@@ -6,8 +6,7 @@ import io
 import json
 import logging
 
-import torch
-
+from dmlray.checkpoints import STATE_FILE, latest_checkpoint, load_state_file
 from dmlray.config import Config, config_from_dict
 from dmlray.data import storage
 from dmlray.runfolder import RunFolder
@@ -56,14 +55,16 @@ def train_and_report(cfg: Config) -> dict:
 
 
 def find_checkpoint(url: str) -> tuple[str, str]:
-    """(checkpoint folder, run folder) from either of them; the latest checkpoint of a run."""
+    """(checkpoint folder, run folder) from either of them; a run's latest complete checkpoint
+    in the order the run wrote them (see ``dmlray.checkpoints.latest_checkpoint``)."""
     url = url.rstrip("/")
-    if storage.exists(storage.join(url, "state.pt")):
+    if storage.exists(storage.join(url, STATE_FILE)):
         return url, url.rsplit("/", 1)[0]
-    checkpoints = [n for n in storage.list_dir(url) if n.startswith("checkpoint_")]
-    if not checkpoints:
-        raise FileNotFoundError(f"{url} is neither a checkpoint (no state.pt) nor a run folder with checkpoint_* folders")
-    return storage.join(url, sorted(checkpoints)[-1]), url
+    checkpoint = latest_checkpoint(url)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{url} is neither a checkpoint (no {STATE_FILE}) nor a run folder with a complete "
+                                "checkpoint_* folder")
+    return checkpoint, url
 
 
 def export_embeddings(run: str, name: str, embedded: dict) -> list[str]:
@@ -103,11 +104,13 @@ def eval_and_report(path: str, data: str | None = None, split: str | None = None
     if data:
         cfg.data.url = data
     split = split or cfg.data.test_split
-    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(checkpoint, "state.pt"))), map_location="cpu", weights_only=False)
+    state = load_state_file(storage.join(checkpoint, STATE_FILE))  # tensors and plain values only
     model = build_model(cfg.model, cfg.data.channels)
     model.load_state_dict(state["model"])
     manifest = read_manifest(cfg.data.url)
     _, tf = build_transforms(cfg, model)
+    import torch
+
     device = torch.device("cpu")
     query = embed_split(model, manifest.shard_urls(split), tf, cfg.data.eval_batch_size, device,
                         expected=manifest.num_samples(split), pixels=cfg.eval.baseline, progress=True)

@@ -7,6 +7,8 @@ worker starts. The resolved config is written into every run folder (``config.ya
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -348,6 +350,7 @@ def validate(cfg: Config) -> None:
     need(cfg.data.channels in (1, 3), "data.channels must be 1 or 3")
     need(cfg.data.loader_workers >= 0, "data.loader_workers must be >= 0")
     need(cfg.model.embedding_dim >= 1, "model.embedding_dim must be >= 1")
+    need(cfg.model.hidden_dim >= 0, f"model.hidden_dim must be >= 0 (0 = linear head), got {cfg.model.hidden_dim}")
     need(cfg.model.batchnorm in ("train", "frozen", "sync"), f"model.batchnorm must be train, frozen or sync, got {cfg.model.batchnorm!r}")
     need(cfg.model.batchnorm != "sync" or cfg.run.use_gpu, "model.batchnorm=sync needs run.use_gpu=true (torch's SyncBatchNorm runs on GPUs only)")
     need(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
@@ -368,7 +371,7 @@ def validate(cfg: Config) -> None:
     if cfg.memory.size > 0 and not losses.loss_class(cfg.loss.name).supports_references:
         raise ConfigError(f"memory.size: loss {cfg.loss.name!r} cannot pair against a cross-batch memory; set memory.size=0")
     need(cfg.optim.name in ("adam", "adamw", "sgd"), f"optim.name must be adam, adamw or sgd, got {cfg.optim.name!r}")
-    need(cfg.optim.lr > 0, "optim.lr must be > 0")
+    need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
     need(cfg.train.steps >= 1, "train.steps must be >= 1")
     need(cfg.train.eval_every >= 1, "train.eval_every must be >= 1")
     need(cfg.train.log_every >= 1, "train.log_every must be >= 1")
@@ -377,4 +380,39 @@ def validate(cfg: Config) -> None:
     need(cfg.run.num_workers >= 0, "run.num_workers must be >= 0")
     need(cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
     need(cfg.run.max_failures >= -1, "run.max_failures must be >= -1 (-1 = retry forever)")
-    need(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name must be a non-empty name without '/'")
+    need(cfg.data.eval_batch_size >= 1, f"data.eval_batch_size must be >= 1, got {cfg.data.eval_batch_size}")
+    need(_finite(cfg.memory.weight) and cfg.memory.weight >= 0,
+         f"memory.weight must be finite and >= 0, got {cfg.memory.weight}")
+    need(_finite(cfg.optim.lr), f"optim.lr must be finite, got {cfg.optim.lr}")
+    for key in ("head_lr", "loss_lr", "weight_decay"):
+        value = getattr(cfg.optim, key)
+        need(_finite(value) and value >= 0, f"optim.{key} must be finite and >= 0, got {value}")
+    need(_finite(cfg.optim.gamma) and cfg.optim.gamma > 0, f"optim.gamma must be finite and > 0, got {cfg.optim.gamma}")
+    milestones = cfg.optim.milestones
+    need(all(m >= 1 for m in milestones) and all(a < b for a, b in zip(milestones, milestones[1:])),
+         f"optim.milestones must be positive and strictly increasing, got {milestones}")
+    need(_finite(cfg.run.cpus_per_worker) and cfg.run.cpus_per_worker > 0,
+         f"run.cpus_per_worker must be > 0, got {cfg.run.cpus_per_worker}")
+    need(cfg.run.threads_per_worker >= 1, f"run.threads_per_worker must be >= 1, got {cfg.run.threads_per_worker}")
+    need(0 <= cfg.run.metrics_port <= 65535, f"run.metrics_port must be a port in 0-65535, got {cfg.run.metrics_port}")
+    check_name("run.name", cfg.run.name)
+
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def check_name(key: str, name: str) -> None:
+    """A run or sweep name is one folder under storage_path: never a path, never '.' or '..'
+    (``run.fresh`` deletes that folder)."""
+    if not NAME_PATTERN.fullmatch(name or "") or name in (".", ".."):
+        raise ConfigError(f"{key} must be letters, digits, '.', '_' or '-' (and not '.' or '..'), got {name!r}")
+
+
+def check_port(key: str, port: int | None) -> None:
+    """A TCP port option: 0-65535 (0 = any free port)."""
+    if port is not None and not 0 <= port <= 65535:
+        raise ConfigError(f"{key} must be a port in 0-65535, got {port}")
+
+
+def _finite(value: float) -> bool:
+    return math.isfinite(value)

@@ -7,7 +7,7 @@ Train's local mode: no cluster, no fault tolerance) for quick runs and tests.
 
 from __future__ import annotations
 
-import io
+import json
 import logging
 import os
 import tempfile
@@ -15,15 +15,16 @@ from pathlib import Path
 
 import torch
 
-from dmlray.config import Config, config_from_dict, config_to_dict
+from dmlray.checkpoints import LOCAL_CHECKPOINT, STATE_FILE, load_state, state_bytes
+from dmlray.config import Config, ConfigError, config_from_dict, config_to_dict, validate
 from dmlray.data import storage
+from dmlray.data.shards import read_manifest
 from dmlray.metrics import WorkerMetrics
-from dmlray.runfolder import MetricsWriter, RunFolder
+from dmlray.runfolder import LOCK_FILE, MetricsWriter, RunFolder, RunLock, clear_run_folder
 from dmlray.worker import WorkerContext, run_worker
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
 AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
            "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
 
@@ -53,7 +54,9 @@ def train_function(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            restored = torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=False)
+            # named by its place in storage (as_directory may be a local copy of an S3 folder)
+            restored = load_state((Path(folder) / STATE_FILE).read_bytes(), storage.join(checkpoint.path, STATE_FILE),
+                                  device)
 
     backend = "ray" if ray.is_initialized() else "prometheus"
     metrics = WorkerMetrics(run=cfg.run.name, rank=rank, trial=trial, backend=backend,
@@ -73,14 +76,12 @@ def train_function(config: dict) -> None:
         if folder is not None and not ray.is_initialized():
             # local mode keeps Ray's checkpoints in a temporary folder: keep the latest
             # one in the run folder too, so `dmlray eval RUN` finds it
-            buffer = io.BytesIO()
-            torch.save(state, buffer)
-            storage.write_bytes(folder.file(f"checkpoint_local/{STATE_FILE}"), buffer.getvalue())
+            storage.write_bytes(folder.file(f"{LOCAL_CHECKPOINT}/{STATE_FILE}"), state_bytes(state))
         flat = {k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None}
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:  # one copy of the state is enough: every rank holds the same
-                torch.save(state, Path(tmp) / STATE_FILE)
+                (Path(tmp) / STATE_FILE).write_bytes(state_bytes(state))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(flat, checkpoint=ckpt)
 
@@ -196,21 +197,92 @@ def build_trainer(cfg: Config, trial: str = "", callbacks: list | None = None):
                         scaling_config=scaling, run_config=run)
 
 
+def cluster_shortfall(cfg: Config, total: dict[str, float], node_totals: list[dict[str, float]]) -> str | None:
+    """Why the cluster can never place the run's workers, or None when it can.
+
+    Every worker's bundle (``cpus_per_worker`` CPUs, one GPU with ``use_gpu``) must fit on
+    one node, and all of them in the cluster's total.
+    """
+    n = cfg.run.num_workers
+    bundle = {"CPU": cfg.run.cpus_per_worker, **({"GPU": 1.0} if cfg.run.use_gpu else {})}
+    problems = []
+    for resource, per_worker in bundle.items():
+        need, have = n * per_worker, float(total.get(resource, 0.0))
+        if need > have + 1e-9:
+            problems.append(f"{need:g} {resource} ({n} workers x {per_worker:g}) but the cluster has {have:g}")
+        biggest = max((float(node.get(resource, 0.0)) for node in node_totals), default=0.0)
+        if per_worker > biggest + 1e-9:
+            problems.append(f"{per_worker:g} {resource} on one node per worker but the largest node has {biggest:g}")
+    if not problems:
+        return None
+    return (f"run.num_workers={n}, run.cpus_per_worker={cfg.run.cpus_per_worker:g}, run.use_gpu={cfg.run.use_gpu}: "
+            f"the run needs {'; '.join(problems)}")
+
+
+def has_autoscaler() -> bool:
+    """Whether an autoscaler may add nodes to the connected cluster (KubeRay, the cluster launcher).
+
+    Ray's monitor publishes its status in the GCS key-value store; the report of an
+    autoscaler is in it only when one runs (v1), and autoscaler v2 marks itself in the store.
+    """
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+        if is_autoscaler_v2(fetch_from_server=True):
+            return True
+    except Exception:  # an older or newer Ray without this helper: the v1 report decides
+        pass
+    status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    return bool(status) and "autoscaler_report" in json.loads(status)
+
+
+def check_cluster_resources(cfg: Config) -> None:
+    """Fail at start, naming requested and available resources, when the cluster can never hold
+    the run's workers (Ray Train would wait for them forever). With an autoscaler the cluster
+    may grow: then only warn."""
+    import ray
+
+    if cfg.run.num_workers == 0:
+        return
+    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+    shortfall = cluster_shortfall(cfg, ray.cluster_resources(), nodes)
+    if shortfall is None:
+        return
+    if has_autoscaler():
+        log.warning("%s; waiting for the autoscaler to add nodes", shortfall)
+        return
+    raise ConfigError(f"{shortfall} (and no autoscaler can add nodes); lower run.num_workers or "
+                      "run.cpus_per_worker, or add nodes")
+
+
 def launch(cfg: Config) -> dict:
-    """Train per the config; returns result.json's content. Writes config.yaml first."""
+    """Train per the config; returns result.json's content.
+
+    Nothing is written before the config is valid, the dataset's manifest readable and the
+    cluster big enough: a run that cannot start leaves no folder that would look resumable.
+    The driver then holds the run folder's lock (one live run per name) until the end.
+    """
+    validate(cfg)
     cfg.run.storage_path = resolve_storage_path(cfg.run.storage_path)
-    folder = RunFolder(cfg.run.storage_path, cfg.run.name)
-    if storage.list_dir(folder.url):
-        if cfg.run.fresh:
-            log.info("run.fresh: deleting the previous run in %s", folder.url)
-            storage.remove_tree(folder.url)
-        else:
-            log.info("%s exists: resuming from its latest checkpoint (run.fresh=true starts over)", folder.url)
-    folder.write_config(config_to_dict(cfg))
+    manifest = read_manifest(cfg.data.url)
+    log.info("dataset %s: splits %s", cfg.data.url, ", ".join(manifest.splits))
     if cfg.run.num_workers > 0:
         ensure_ray()
-    log.info("run folder: %s", folder.url)
-    build_trainer(cfg).fit()
-    result = folder.read_result()
+        check_cluster_resources(cfg)
+    folder = RunFolder(cfg.run.storage_path, cfg.run.name)
+    with RunLock(folder.url):  # a live run of this name fails here, naming its holder
+        if [n for n in storage.list_dir(folder.url) if n != LOCK_FILE]:
+            if cfg.run.fresh:
+                log.info("run.fresh: deleting the previous run in %s", folder.url)
+                clear_run_folder(folder.url, cfg.run.storage_path)
+            else:
+                log.info("%s exists: resuming from its latest checkpoint (run.fresh=true starts over)", folder.url)
+        folder.write_config(config_to_dict(cfg))
+        log.info("run folder: %s", folder.url)
+        build_trainer(cfg).fit()
+        result = folder.read_result()
     result["run_folder"] = folder.url
     return result

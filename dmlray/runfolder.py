@@ -7,13 +7,25 @@ the same place. Only rank 0 writes.
 from __future__ import annotations
 
 import json
+import logging
+import os
+import socket
 import tempfile
 import threading
-from pathlib import Path
+import time
+import uuid
+from pathlib import Path, PurePosixPath
 
 import yaml
 
+from dmlray.config import ConfigError
 from dmlray.data import storage
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "run.lock"
+LEASE_S = 60.0
+"""How long a lock stays valid without renewal: a crashed run's successor waits at most this long."""
 
 
 class RunFolder:
@@ -126,3 +138,149 @@ class MetricsWriter:
                     self._error = error
                 self._written = version
                 self._cond.notify_all()
+
+
+# --------------------------------------------------------------------------- one live run per folder
+
+
+class RunLockedError(ConfigError):
+    """Another live process holds the run (or sweep) folder; the message names it (a ConfigError:
+    the remedy is another run.name, and the CLI reports it as one)."""
+
+
+def lock_record(holder: str, lease_s: float, what: str) -> bytes:
+    return json.dumps({"holder": holder, "what": what, "host": socket.gethostname(), "pid": os.getpid(),
+                       "expires_at": time.time() + lease_s, "lease_s": lease_s}).encode()
+
+
+def describe_holder(record: dict) -> str:
+    expires = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(record.get("expires_at", 0))))
+    return (f"{record.get('what', 'run')} holder {record.get('holder')} (host {record.get('host')}, "
+            f"pid {record.get('pid')}, lease until {expires})")
+
+
+class RunLock:
+    """A lease on a run folder: a lock object created atomically (O_EXCL locally, a conditional
+    put on S3), renewed every ``lease_s / 3`` by a background thread while the run lives, and
+    taken over by a successor only once it has expired (a crashed run's lock does not block
+    forever). Expiry is compared with this host's clock: hosts sharing a store need synced clocks.
+
+    The driver (``launch``, ``run_sweep``) holds it, not the workers: Ray Train's restarts of
+    the worker group happen under the same driver.
+    """
+
+    def __init__(self, folder_url: str, lease_s: float = LEASE_S, what: str = "run"):
+        self.url = storage.join(folder_url, LOCK_FILE)
+        self.lease_s, self.what = lease_s, what
+        self.holder = uuid.uuid4().hex
+        self.lost = threading.Event()
+        """Set when a renewal found the lock replaced (this run's lease had expired)."""
+        self._version: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self, attempts: int = 5) -> "RunLock":
+        for _ in range(attempts):  # each retry follows a change by another process: bounded
+            record = lock_record(self.holder, self.lease_s, self.what)
+            self._version = storage.create_exclusive(self.url, record)
+            if self._version is not None:
+                break
+            current = storage.read_versioned(self.url)
+            if current is None:
+                continue  # released meanwhile
+            data, version = current
+            other = self._parse(data)
+            if other is None:  # being written by its creator right now (locally: an empty file)
+                time.sleep(0.2)
+                continue
+            if float(other.get("expires_at", 0)) > time.time():
+                raise RunLockedError(f"{self.url}: the {self.what} is live: {describe_holder(other)}; wait for "
+                                     "it to end (or, if it died, for its lease to expire) or use another name")
+            self._version = storage.replace_if(self.url, record, version)
+            if self._version is not None:
+                log.warning("%s: took over the expired lock of %s", self.url, describe_holder(other))
+                break
+        else:
+            raise RunLockedError(f"{self.url}: could not take the lock after {attempts} attempts (other processes "
+                                 f"keep changing it); is another {self.what} of this name starting?")
+        self._thread = threading.Thread(target=self._renew, name="dmlray-run-lock", daemon=True)
+        self._thread.start()
+        return self
+
+    def _parse(self, data: bytes) -> dict | None:
+        try:
+            record = json.loads(data)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            return record
+        if data:
+            raise RunLockedError(f"{self.url}: not a dmlray lock (not JSON); delete it if no run of this name is live")
+        return None
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            try:
+                version = storage.replace_if(self.url, lock_record(self.holder, self.lease_s, self.what),
+                                             self._version)
+            except OSError as exc:  # a store hiccup: the lease still runs; try again next period
+                log.warning("%s: renewing the lock failed: %s", self.url, exc)
+                continue
+            if version is None:
+                log.error("%s: the lock was taken over (this run's lease expired): another run may now write "
+                          "the same folder", self.url)
+                self.lost.set()
+                return
+            self._version = version
+
+    def release(self) -> None:
+        """Stop renewing and delete the lock object if it is still this run's."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        if self._version is None or self.lost.is_set():
+            return
+        # a replace with our own version proves the lock is still ours; then it goes
+        if storage.replace_if(self.url, b"", self._version) is not None:
+            storage.delete(self.url)
+        self._version = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# --------------------------------------------------------------------------- fresh starts
+
+
+def is_strictly_inside(child: str, parent: str) -> bool:
+    """True when URL ``child`` is a folder strictly below ``parent`` (after resolving '..' and links)."""
+    if storage.is_s3(child) != storage.is_s3(parent):
+        return False
+    if storage.is_s3(child):
+        cb, ck = storage.split_s3(child.rstrip("/") + "/")
+        pb, pk = storage.split_s3(parent.rstrip("/") + "/")
+        parts = PurePosixPath(ck).parts
+        if cb != pb or any(p in (".", "..") for p in parts):
+            return False
+        base = PurePosixPath(pk).parts
+        return len(parts) > len(base) and parts[:len(base)] == base
+    c, p = storage.local_path(child).resolve(), storage.local_path(parent).resolve()
+    return c != p and c.is_relative_to(p)
+
+
+def clear_run_folder(folder_url: str, storage_path: str, keep: tuple[str, ...] = (LOCK_FILE,)) -> None:
+    """Delete everything in a run folder except ``keep`` (the lock of the run that asked);
+    refuses any folder that is not strictly inside ``storage_path``."""
+    if not is_strictly_inside(folder_url, storage_path):
+        raise ValueError(f"refusing to delete {folder_url}: it is not a folder inside run.storage_path {storage_path}")
+    for name in storage.list_dir(folder_url):
+        if name in keep:
+            continue
+        url = storage.join(folder_url, name)
+        storage.remove_tree(url)
+        if storage.exists(url):  # a plain file (remove_tree removes folders and prefixes)
+            storage.delete(url)

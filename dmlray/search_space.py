@@ -20,7 +20,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import itertools
+import logging
 import math
+import random
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,8 @@ from typing import Any
 import yaml
 
 from dmlray.config import PRESET_DIR, Config, ConfigError, config_from_dict
+
+log = logging.getLogger(__name__)
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 
@@ -197,7 +202,72 @@ def parse_space(data: Any, base: dict | None = None) -> list[Param]:
                 raise ConfigError(f"{key}: {param.kind} {list(param.args)} can give {value!r}, "
                                   f"which the config refuses: {exc}") from None
         params.append(param)
+    check_combinations(params, base)
     return params
+
+
+MAX_COMBINATIONS = 512
+"""Trial configs built and validated when checking a space; beyond it, corners and a seeded sample."""
+
+
+def combinations(params: list[Param], limit: int = MAX_COMBINATIONS, seed: int = 0) -> tuple[list[tuple], bool]:
+    """Value combinations to check, and whether they are all of them.
+
+    Each dimension contributes every choice, or a range's bounds and midpoint (what
+    ``Param.examples`` gives). When the product exceeds ``limit``: the corners (each
+    dimension at its first or last value; a seeded sample of them past ``limit // 2``)
+    plus a seeded random sample of the rest. The check is then not exhaustive: it says so.
+    """
+    values = [p.examples() for p in params]
+    total = math.prod(len(v) for v in values)
+    if total <= limit:
+        return list(itertools.product(*values)), True
+    rng = random.Random(seed)
+    ends = [(v[0], v[-1]) if len(v) > 1 else (v[0],) for v in values]
+    picked: dict[str, tuple] = {}  # by repr: values may be unhashable (a list-valued choice)
+    if math.prod(len(e) for e in ends) <= limit // 2:
+        picked.update((repr(c), c) for c in itertools.product(*ends))
+    else:
+        picked.update((repr(c), c) for c in (tuple(rng.choice(e) for e in ends) for _ in range(limit // 2)))
+    for _ in range(limit * 4):  # bounded: the sample may repeat itself
+        if len(picked) >= limit:
+            break
+        combo = tuple(rng.choice(v) for v in values)
+        picked[repr(combo)] = combo
+    return list(picked.values()), False
+
+
+def _check_loss_combination(cfg: Config, sample: dict[str, Any]) -> None:
+    """Swept loss parameters must be accepted by the loss together (it may check them jointly)."""
+    from dmlray import losses
+
+    if not any(k.startswith("loss.params.") for k in sample) or getattr(losses.loss_class(cfg.loss.name),
+                                                                          "needs_classes", False):
+        return
+    try:
+        losses.build(cfg.loss.name, **cfg.loss.params)
+    except Exception as exc:  # the loss's own checks
+        raise ConfigError(f"loss {cfg.loss.name!r} refuses params {cfg.loss.params}: {exc}") from None
+
+
+def check_combinations(params: list[Param], base: dict) -> None:
+    """Every trial config the space can produce must validate, not just each key alone (e.g.
+    data.classes_per_batch and data.class_buffer swept together). Raises ConfigError naming
+    the combination."""
+    if len(params) < 2:
+        return  # one key alone was checked by parse_space
+    combos, exhaustive = combinations(params)
+    if not exhaustive:
+        log.info("search space: %d keys give %d combinations; checked %d (corners and a seeded sample)",
+                 len(params), math.prod(len(p.examples()) for p in params), len(combos))
+    for combo in combos:
+        sample = {p.key: v for p, v in zip(params, combo)}
+        try:
+            _check_loss_combination(config_from_dict(apply_sample(base, sample)), sample)
+        except ConfigError as exc:
+            named = ", ".join(f"{k}={v!r}" for k, v in sample.items())
+            raise ConfigError(f"search space: each key is valid alone, but the combination {named} gives a config "
+                              f"the config refuses: {exc}") from None
 
 
 def space_path(source: str | Path) -> Path:

@@ -19,8 +19,8 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import json
 import math
-import pickle
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,10 +30,10 @@ import yaml
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler
 
-from dmlray.config import Config, ConfigError, config_from_dict, config_to_dict, load_config
+from dmlray.config import Config, ConfigError, check_name, check_port, config_from_dict, config_to_dict, load_config
 from dmlray.data import storage
 from dmlray.launch import build_trainer, ensure_ray, resolve_storage_path, storage_arguments
-from dmlray.runfolder import RunFolder
+from dmlray.runfolder import RunFolder, RunLock
 from dmlray.search_space import Param, apply_sample, load_space, set_key, to_tune
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,10 @@ log = logging.getLogger(__name__)
 RUNS_DIR = "runs"
 """Sub-folder of the sweep holding each trial's training run (Tune owns the trial folders)."""
 SETTINGS_FILE = "sweep.yaml"
-ASHA_STATE = "asha_state.pkl"
+ASHA_STATE = "asha_state.json"
+ASHA_STATE_VERSION = 1
+LEGACY_ASHA_STATE = "asha_state.pkl"
+"""Written by older versions as a pickle: never loaded (it could run code); a resumed sweep warns."""
 METRICS_LINGER_S = 30.0
 """At the end, wait this long at most for a last scrape of the sweep metrics."""
 
@@ -199,13 +202,31 @@ class SweepMetricsCallback(Callback):
         self._update(trials)
 
 
+def read_asha_state(url: str) -> dict | None:
+    """The saved ASHA state at ``url`` (None when there is none). A file that is not this
+    format's JSON is an error naming it: silently starting ASHA afresh would let every
+    resumed trial run to the end, the failure ResumableASHA exists to prevent."""
+    if not storage.exists(url):
+        return None
+    data = storage.read_bytes(url)
+    try:
+        state = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        state = None
+    if not isinstance(state, dict) or state.get("version") != ASHA_STATE_VERSION:
+        raise ValueError(f"{url}: not a dmlray ASHA state (JSON, version {ASHA_STATE_VERSION}); it is not loaded. "
+                         "Delete it to resume the sweep without the scheduler's history")
+    return state
+
+
 class ResumableASHA(ASHAScheduler):
     """An ASHAScheduler whose rungs survive ``Tuner.restore``.
 
     Tune saves trials and the searcher but never its scheduler: a restored sweep would
     start ASHA with empty rungs, and trials compared against nothing are never stopped.
-    This one writes its state to the sweep folder after each decision and reads it back
-    before its first decision in a restored run.
+    This one writes its state to the sweep folder as JSON after each decision (never a
+    pickle: loading it runs no code) and reads it back before its first decision in a
+    restored run.
     """
 
     def __init__(self, state_url: str, **kwargs):
@@ -213,17 +234,44 @@ class ResumableASHA(ASHAScheduler):
         self._state_url = state_url
         self._loaded = False
 
+    def state(self) -> dict:
+        """What ASHA decides with: each bracket's rungs (milestone, trial id → reward), which
+        bracket each live trial is in, and the counters; plain JSON."""
+        index = {id(b): i for i, b in enumerate(self._brackets)}
+        return {
+            "version": ASHA_STATE_VERSION,
+            "brackets": [[[milestone, dict(recorded)] for milestone, recorded in b._rungs] for b in self._brackets],
+            "trial_bracket": {trial_id: index[id(b)] for trial_id, b in self._trial_info.items()},
+            "counter": self._counter,
+            "num_stopped": self._num_stopped,
+        }
+
+    def set_state(self, state: dict) -> None:
+        """Restore ``state()``; a state made with other ASHA settings (other rungs) is refused."""
+        rungs = [[float(m) for m, _ in b._rungs] for b in self._brackets]
+        if [[float(m) for m, _ in b] for b in state["brackets"]] != rungs:
+            raise ValueError(f"rungs {state['brackets']} do not match this scheduler's {rungs}")
+        for bracket, saved in zip(self._brackets, state["brackets"]):
+            bracket._rungs = [(milestone, {str(k): float(v) for k, v in recorded.items()})
+                              for (milestone, _), (_, recorded) in zip(bracket._rungs, saved)]
+        self._trial_info = {str(t): self._brackets[int(i)] for t, i in state["trial_bracket"].items()}
+        self._counter, self._num_stopped = int(state["counter"]), int(state["num_stopped"])
+
     def _load_once(self) -> None:
         if self._loaded:
             return
         self._loaded = True
-        if storage.exists(self._state_url):
-            self.__dict__.update(pickle.loads(storage.read_bytes(self._state_url)))
+        state = read_asha_state(self._state_url)
+        if state is not None:
+            try:
+                self.set_state(state)
+            except (ValueError, KeyError, TypeError, IndexError) as exc:
+                raise ValueError(f"{self._state_url}: not this sweep's ASHA state ({exc}); delete it to resume "
+                                 "without the scheduler's history") from None
             log.info("ASHA resumed: %s", " | ".join(b.debug_str() for b in self._brackets))
 
     def _save(self) -> None:
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_state_url", "_loaded")}
-        storage.write_bytes(self._state_url, pickle.dumps(state))
+        storage.write_bytes(self._state_url, json.dumps(self.state()).encode())
 
     def on_trial_add(self, tune_controller, trial):
         self._load_once()
@@ -307,6 +355,7 @@ def run_sweep(config: str, space: str, overrides: list[str] = (), num_samples: i
         raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
     if reduction_factor < 2:
         raise ConfigError(f"reduction_factor must be >= 2, got {reduction_factor}")
+    check_port("--metrics-port", metrics_port)
     cfg = load_config(config, list(overrides))
     if cfg.run.num_workers < 1:
         raise ConfigError("run.num_workers: a sweep trial trains with Ray Train workers; set it >= 1")
@@ -314,8 +363,7 @@ def run_sweep(config: str, space: str, overrides: list[str] = (), num_samples: i
     base = config_to_dict(cfg)
     params = load_space(space, base)  # every problem in the space is reported before Ray starts
     name = name or f"{cfg.run.name}-sweep"
-    if not name or "/" in name:
-        raise ConfigError(f"sweep name must be a non-empty name without '/', got {name!r}")
+    check_name("--name (the sweep name)", name)
     root = resolve_storage_path(cfg.run.storage_path)
     url = storage.join(root, name)
 
@@ -332,6 +380,10 @@ def run_sweep(config: str, space: str, overrides: list[str] = (), num_samples: i
             log.warning("sweep %s exists: resuming it with its original settings (ignoring new %s)", url, ", ".join(changed))
         settings = stored
     base_cfg = config_from_dict(settings.base)
+    read_asha_state(storage.join(url, ASHA_STATE))  # a planted or broken state fails here, before Ray starts
+    if storage.exists(storage.join(url, LEGACY_ASHA_STATE)):
+        log.warning("%s is a pickle from an older dmlray: not loaded (it could run code); ASHA resumes without "
+                    "its history", storage.join(url, LEGACY_ASHA_STATE))
 
     metrics, bound = None, None
     if metrics_port is not None:  # a taken port fails here, before Ray starts
@@ -342,7 +394,9 @@ def run_sweep(config: str, space: str, overrides: list[str] = (), num_samples: i
         bound = metrics.serve(metrics_port, metrics_addr, auto=metrics_port_auto)
         _LIVE_METRICS[url] = metrics
     files: dict[str, str] = {}
+    lock = None
     try:
+        lock = RunLock(url, what="sweep").acquire()  # one live sweep per name; its trials run under it
         if stored is None:
             storage.write_bytes(_settings_url(url), yaml.safe_dump(asdict(settings), sort_keys=False).encode())
         ensure_ray(num_cpus=num_cpus)
@@ -363,13 +417,15 @@ def run_sweep(config: str, space: str, overrides: list[str] = (), num_samples: i
         tuner.fit()
         log.info("sweep %s: tuning loop ended after %.0fs", url, time.monotonic() - t0)
         result = collect(url, root, settings, restored)
+        result.files.update(write_reports(result, settings))
     finally:
+        if lock is not None:
+            lock.release()
         if metrics is not None:
             # let Prometheus read the final states before the endpoint goes away
             metrics.close(wait_for_scrape=METRICS_LINGER_S)
             _LIVE_METRICS.pop(url, None)
     result.files.update(files)
-    result.files.update(write_reports(result, settings))
     result.metrics_port = bound
     print_summary(result, settings, top)
     return result

@@ -307,3 +307,112 @@ def remove_tree(url: str) -> None:
     import shutil
 
     shutil.rmtree(local_path(url), ignore_errors=True)
+
+
+# ---------------------------------------------------------------- atomic create and compare-and-swap
+# Used by lock objects (dmlray.runfolder.RunLock). On S3 these are conditional PutObject requests
+# (If-None-Match: * and If-Match: <ETag>, both honoured by AWS S3 and by SeaweedFS 4.48 — verified
+# against a real server in tests/test_safety.py); locally the file is read and written under an
+# flock, so a version check and the write that follows are one step.
+
+
+def _precondition_failed(exc: Exception) -> bool:
+    return _error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
+
+
+def _digest(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def create_exclusive(url: str, data: bytes) -> str | None:
+    """Create the object only if nothing is at ``url``; its version token, or None when one exists."""
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        try:
+            return s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")["ETag"]
+        except Exception as exc:
+            if _precondition_failed(exc):
+                return None
+            raise _s3_error(url, exc, "create") from exc
+    import fcntl
+
+    path = local_path(url)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return None
+    with os.fdopen(fd, "wb") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # readers wait for the whole content (they take LOCK_SH)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return _digest(data)
+
+
+def read_versioned(url: str) -> tuple[bytes, str] | None:
+    """(content, version token) of the object at ``url``; None when there is none."""
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        try:
+            response = s3_client().get_object(Bucket=bucket, Key=key)
+            return response["Body"].read(), response["ETag"]
+        except Exception as exc:
+            if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise _s3_error(url, exc, "read") from exc
+    import fcntl
+
+    try:
+        with open(local_path(url), "rb") as f:
+            fcntl.flock(f, fcntl.LOCK_SH)
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    return data, _digest(data)
+
+
+def replace_if(url: str, data: bytes, version: str) -> str | None:
+    """Overwrite the object only if it is still at ``version``; the new token, or None when it changed."""
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        try:
+            return s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfMatch=version)["ETag"]
+        except Exception as exc:
+            if _precondition_failed(exc) or _error_code(exc) in ("404", "NoSuchKey"):
+                return None
+            raise _s3_error(url, exc, "replace") from exc
+    import fcntl
+
+    try:
+        f = open(local_path(url), "r+b")
+    except FileNotFoundError:
+        return None
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        if _digest(f.read()) != version:
+            return None
+        f.seek(0)
+        f.truncate()  # in place: the flock belongs to this inode (a rename would drop it)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return _digest(data)
+
+
+def modified(url: str) -> float | None:
+    """Last-modified time (POSIX seconds) of the object or file at ``url``; None when there is none."""
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        try:
+            return s3_client().head_object(Bucket=bucket, Key=key)["LastModified"].timestamp()
+        except Exception as exc:
+            if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise _s3_error(url, exc, "check") from exc
+    try:
+        return local_path(url).stat().st_mtime
+    except FileNotFoundError:
+        return None
