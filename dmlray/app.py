@@ -113,12 +113,13 @@ def eval_and_report(path: str, data: str | None = None, split: str | None = None
 
     device = torch.device("cpu")
     query = embed_split(model, manifest.shard_urls(split), tf, cfg.data.eval_batch_size, device,
-                        expected=manifest.num_samples(split), pixels=cfg.eval.baseline, progress=True)
+                        expected=manifest.num_samples(split), pixels=cfg.eval.baseline, progress=True,
+                        checksums=manifest.shard_checksums(split))
     gallery = None
     if cfg.data.gallery_split:
         gallery = embed_split(model, manifest.shard_urls(cfg.data.gallery_split), tf, cfg.data.eval_batch_size, device,
                               expected=manifest.num_samples(cfg.data.gallery_split), pixels=cfg.eval.baseline,
-                              progress=True)
+                              progress=True, checksums=manifest.shard_checksums(cfg.data.gallery_split))
     result = {"run": cfg.run.name, "steps": state["step"], "test_split": split, "ks": cfg.eval.ks,
               "checkpoint": checkpoint, "metrics": score(query, cfg.eval.ks, gallery)}
     if cfg.eval.baseline:

@@ -21,7 +21,7 @@ from dmlray.data import storage
 from dmlray.data.shards import read_manifest
 from dmlray.metrics import WorkerMetrics
 from dmlray.runfolder import LOCK_FILE, MetricsWriter, RunFolder, RunLock, clear_run_folder
-from dmlray.worker import WorkerContext, run_worker
+from dmlray.worker import WorkerContext, check_training_data, run_worker
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +269,10 @@ def launch(cfg: Config) -> dict:
     cfg.run.storage_path = resolve_storage_path(cfg.run.storage_path)
     manifest = read_manifest(cfg.data.url)
     log.info("dataset %s: splits %s", cfg.data.url, ", ".join(manifest.splits))
+    # a dataset that cannot fill a global P×K batch fails here, naming the numbers
+    eligibility = check_training_data(cfg, manifest, world_size=max(1, cfg.run.num_workers))
+    if eligibility.excluded:
+        log.warning("training data: %s", eligibility.describe_excluded())
     if cfg.run.num_workers > 0:
         ensure_ray()
         check_cluster_resources(cfg)

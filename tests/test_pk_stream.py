@@ -324,3 +324,16 @@ def test_evaluation_refuses_a_shard_that_differs_from_its_manifest(tmp_path):
     with pytest.raises(ShardError, match="sha256") as info:
         embed_split(model, [url], tf, 8, torch.device("cpu"), checksums=checksums)
     assert url in str(info.value)
+
+
+def test_launch_refuses_a_dataset_that_cannot_fill_the_global_batch_before_writing(glyphs_small, tmp_path):
+    from dmlray.config import load_config
+    from dmlray.launch import launch
+
+    # 30 training classes; 2 ranks × P=16 need 32 (nothing starts: no Ray, no folder)
+    cfg = load_config("demo", [f"data.url={glyphs_small}", f"run.storage_path={tmp_path / 'runs'}", "run.num_workers=2",
+                               "data.classes_per_batch=16", "data.class_buffer=32", "memory.size=0"])
+    t0 = time.monotonic()
+    with pytest.raises(DatasetTooSmall, match=r"30 eligible classes .* P·R = 16·2 = 32"):
+        launch(cfg)
+    assert time.monotonic() - t0 < 30 and not (tmp_path / "runs").exists()
