@@ -26,6 +26,7 @@ GAUGES = {
     "memory_weight": "Current weight of the memory loss term",
     "restarts": "Times this run restarted from a checkpoint",
     "skipped_samples": "Bad samples skipped by the data stream",
+    "storage_retries": "S3 requests retried after a transient failure (an outage shows as a rise)",
 }
 TAG_KEYS = ("run", "trial", "rank")
 PREFIX = "dmlray_"
