@@ -7,12 +7,12 @@ checkpoint report is a barrier, so all ranks must stop at the same step), report
 checkpoint and raises :class:`Preempted`. The worker group then restarts
 (``run.max_failures``) and resumes from that checkpoint: no step is lost.
 
-A second SIGTERM, or the grace period running out, ends the process the way the handler
-it replaced would have (Ray's: exit at once).
+A second SIGTERM, or the grace period (``GRACE_S``) running out, ends the process at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 GRACE_S = 120.0  # after the notice: time to finish the step and store the checkpoint
 
 _requested = threading.Event()
-_previous: object = None
+_installed = False
 
 
 class Preempted(RuntimeError):
@@ -61,32 +61,59 @@ def stop_agreed(device: torch.device) -> bool:
     return bool(value.item())
 
 
-def _on_sigterm(signum: int, frame) -> None:
-    if _requested.is_set():  # a second notice: do not wait any longer
+def _on_notice(count: int) -> None:
+    """The `count`-th SIGTERM of this process."""
+    if count > 1:  # a second notice: do not wait any longer
         log.warning("second SIGTERM: exiting now")
-        _exit_as_before(signum, frame)
-        return
+        os._exit(128 + signal.SIGTERM)
     log.warning("SIGTERM: finishing this step, writing a checkpoint, then stopping (grace %.0fs)", GRACE_S)
     request_stop()
-    timer = threading.Timer(GRACE_S, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    timer = threading.Timer(GRACE_S, lambda: os._exit(128 + signal.SIGTERM))
     timer.daemon = True  # a process that stopped in time is not held up by it
     timer.start()
 
 
-def _exit_as_before(signum: int, frame) -> None:
-    if callable(_previous):
-        _previous(signum, frame)
-    raise SystemExit(128 + signum)
+def _watch(read_fd: int, forward_fd: int) -> None:
+    """Read the signal numbers CPython's C-level handler writes to the wakeup fd."""
+    count = 0
+    while True:
+        try:
+            data = os.read(read_fd, 64)
+        except OSError:
+            return
+        if not data:
+            return
+        if forward_fd >= 0:  # someone else's wakeup fd (an event loop) still hears of every signal
+            with contextlib.suppress(OSError):
+                os.write(forward_fd, data)
+        for number in data:
+            if number == signal.SIGTERM:
+                count += 1
+                _on_notice(count)
+
+
+def _ignore(signum: int, frame) -> None:
+    """The Python-level handler: nothing, the watcher thread acts (see install_sigterm_handler)."""
 
 
 def install_sigterm_handler() -> bool:
-    """Make SIGTERM request a stop (see the module docstring). Signal handlers can only be
-    set from the main thread: returns False (and changes nothing) anywhere else."""
-    global _previous
+    """Make SIGTERM request a stop (see the module docstring). Returns False, changing
+    nothing, when not called from the main thread (only it may set signal handlers).
+
+    Python runs signal handlers in the main thread, between bytecodes; in a Ray actor the
+    main thread waits in C++ for tasks, so a Python handler would run late (seen: after
+    training ended). CPython's C-level handler also writes the signal's number to the
+    wakeup fd at once, whichever thread is busy: a small thread reads it and acts.
+    """
+    global _installed
     if threading.current_thread() is not threading.main_thread():
         return False
-    current = signal.getsignal(signal.SIGTERM)
-    if current is not _on_sigterm:
-        _previous = current
-        signal.signal(signal.SIGTERM, _on_sigterm)
+    if _installed:
+        return True
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)  # the C handler must never block
+    signal.signal(signal.SIGTERM, _ignore)
+    previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    threading.Thread(target=_watch, args=(read_fd, previous), name="dmlray-sigterm", daemon=True).start()
+    _installed = True
     return True

@@ -25,7 +25,8 @@ import yaml
 
 from test_deploy import local_cluster, submit_ray_job
 
-STEPS, LOG_EVERY, CHECKPOINT_EVERY = 40, 2, 10
+# ~2.5 steps/s on 2 shared cores: long enough to inject a fault after a checkpoint
+STEPS, LOG_EVERY, CHECKPOINT_EVERY = 120, 5, 20
 GRID = list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
 RESUMED = re.compile(r"rank 0 resumed at step (\d+)")
 
@@ -177,7 +178,7 @@ def wait_for(what: str, check: Callable[[], object], timeout: float, alive: Call
     raise TimeoutError(f"no {what} within {timeout:.0f}s")
 
 
-def ready_for_fault(state: dict, name: str, proc: subprocess.Popen | None = None, min_step: int = 14) -> int:
+def ready_for_fault(state: dict, name: str, proc: subprocess.Popen | None = None, min_step: int = 30) -> int:
     """Wait until the run passed `min_step` with a checkpoint stored a few seconds ago (Ray
     registers a reported checkpoint asynchronously); returns the last logged step."""
     alive = (lambda: proc.poll() is None) if proc is not None else (lambda: True)
@@ -197,6 +198,7 @@ def watch_recovery(state: dict, name: str, restarts_before: int, alive: Callable
         h = history(state, name) or []
         if h and h[-1]["restarts"] > restarts_before:
             return True
+        assert not h or h[-1]["step"] < STEPS, "the run finished without a restart"
         high = max([high] + [r["step"] for r in h])
         return False
 
