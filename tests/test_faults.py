@@ -220,14 +220,33 @@ def resumed_steps(log: str) -> list[int]:
     return [int(m) for m in RESUMED.findall(log)]
 
 
-def train_worker_pids(state: dict, node: str) -> list[int]:
-    """Ray Train worker processes on one worker node (its process group, by command line)."""
+def node_raylet(state: dict, node: str) -> int:
+    """The raylet's pid of one worker node (in the process group of its `ray start`)."""
     proc = next(p for p in local_cluster.load_state(state["dir"])["processes"] if p["name"] == node)
+    raylets = [pid for pid in local_cluster._group_members(proc["pgid"]) if _stat(pid)[0] == "raylet"]
+    assert len(raylets) == 1, f"{node}: raylets {raylets}"
+    return raylets[0]
+
+
+def _stat(pid: int) -> tuple[str, int]:
+    """(command name, parent pid) of a process; ("", 0) when it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "", 0
+    return raw[raw.index("(") + 1:raw.rindex(")")], int(raw[raw.rindex(")") + 2:].split()[1])
+
+
+def train_worker_pids(state: dict, node: str) -> list[int]:
+    """Ray Train worker processes on one worker node: children of its raylet (Ray starts
+    workers in process groups of their own) whose title names the Train worker actor."""
+    raylet = node_raylet(state, node)
     pids = []
-    for pid in local_cluster._group_members(proc["pgid"]):
-        with contextlib.suppress(OSError):
-            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
-                pids.append(pid)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and _stat(int(entry.name))[1] == raylet:
+            with contextlib.suppress(OSError):
+                if b"RayTrainWorker" in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
     return pids
 
 
@@ -320,7 +339,7 @@ def test_stopped_job_resubmitted_resumes(cluster, tmp_path):
     assert stop.returncode == 0, stop.stderr[-3000:]
     status = subprocess.run([ray_bin, "job", "status", "--address", address, first], capture_output=True,
                             text=True, timeout=120, env=env)
-    assert "STOPPED" in status.stdout + status.stderr
+    assert "stopped" in (status.stdout + status.stderr).lower()
     stopped_high = max(r["step"] for r in history(cluster, name))
 
     job = submit_ray_job(cluster, "python -m dmlray train job.yaml", timeout=900,
@@ -343,11 +362,7 @@ def test_dead_node_restarted_resumes_from_checkpoint(cluster, tmp_path):
     name, log = "nodedeath", tmp_path / "driver.log"
     with driver(cluster, name, log) as proc:
         at = ready_for_fault(cluster, name, proc)
-        node = next(p for p in local_cluster.load_state(cluster["dir"])["processes"] if p["name"] == "ray-worker-1")
-        raylets = [pid for pid in local_cluster._group_members(node["pgid"])
-                   if Path(f"/proc/{pid}/comm").read_text().strip() == "raylet"]
-        assert len(raylets) == 1, raylets
-        os.kill(raylets[0], signal.SIGKILL)
+        os.kill(node_raylet(cluster, "ray-worker-1"), signal.SIGKILL)
         t0 = time.monotonic()
         time.sleep(5)  # the node is gone for a while before it is replaced
         local_cluster.restart_node(cluster["dir"], "ray-worker-1", timeout=300)
