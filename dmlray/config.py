@@ -180,6 +180,9 @@ class RunConfig:
     """Checkpoints kept in the run folder (the most recent)."""
     metrics_port: int = 0
     """Port of a prometheus_client server when training outside Ray; 0 = none."""
+    storage_retry_s: float = 120.0
+    """Seconds an unreachable or failing S3 endpoint is retried (with backoff) before the
+    worker fails with an error naming it; run.max_failures then resumes from the checkpoint."""
 
 
 @dataclass(kw_only=True)
@@ -379,6 +382,7 @@ def validate(cfg: Config) -> None:
     need(len(cfg.eval.ks) > 0 and all(k >= 1 for k in cfg.eval.ks), "eval.ks must be positive integers")
     need(cfg.run.num_workers >= 0, "run.num_workers must be >= 0")
     need(cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
+    need(cfg.run.storage_retry_s > 0, "run.storage_retry_s must be > 0 seconds")
     need(cfg.run.max_failures >= -1, "run.max_failures must be >= -1 (-1 = retry forever)")
     need(cfg.data.eval_batch_size >= 1, f"data.eval_batch_size must be >= 1, got {cfg.data.eval_batch_size}")
     need(_finite(cfg.memory.weight) and cfg.memory.weight >= 0,

@@ -11,10 +11,12 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
 
+from dmlray import preemption
 from dmlray.checkpoints import LOCAL_CHECKPOINT, STATE_FILE, load_state, state_bytes
 from dmlray.config import Config, ConfigError, config_from_dict, config_to_dict, validate
 from dmlray.data import storage
@@ -45,6 +47,10 @@ def train_function(config: dict) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(cfg.run.threads_per_worker)
+    storage.set_retry_deadline(cfg.run.storage_retry_s)
+    preemption.reset()
+    if ray.is_initialized():  # local mode (num_workers=0) runs in the user's process: leave its signals alone
+        install_preemption_handler()
     device = torch.device("cpu")
     if cfg.run.use_gpu and torch.cuda.is_available():
         device = torch.device("cuda", context.get_local_rank())
@@ -65,6 +71,7 @@ def train_function(config: dict) -> None:
     writer = MetricsWriter(folder) if folder is not None else None
 
     def report(record: dict, history: list[dict], state: dict | None) -> None:
+        record["storage_retries"] = storage.retry_count()  # an S3 outage shows as a rise
         metrics.record(record)
         if writer is not None:
             writer.submit(history)  # written in the background: S3 latency stays off the step
@@ -98,6 +105,28 @@ def train_function(config: dict) -> None:
         writer.close()
     if folder is not None:
         folder.write_result(result_record(cfg, final))
+
+
+def install_preemption_handler() -> None:
+    """SIGTERM to this worker checkpoints at the next step and stops (dmlray.preemption).
+
+    Signal handlers can be set from the main thread only, and Ray Train runs the train
+    function in a thread of its own; the worker actor's main thread, free between Train's
+    status polls, sets it through the actor's ``execute`` method.
+    """
+    import ray
+
+    if threading.current_thread() is threading.main_thread():
+        preemption.install_sigterm_handler()
+        return
+    try:
+        actor = ray.get_runtime_context().current_actor
+        installed = ray.get(actor.execute.remote(preemption.install_sigterm_handler), timeout=60)
+    except Exception as exc:  # an internal Ray Train method: never fail a run for it
+        log.warning("no SIGTERM handler (a preemption loses up to a checkpoint interval): %s", exc)
+        return
+    if not installed:
+        log.warning("no SIGTERM handler: the worker actor's method ran outside the main thread")
 
 
 def progress_line(record: dict, steps: int) -> str:
@@ -167,11 +196,9 @@ def storage_arguments(storage_path: str) -> dict:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if not endpoint:
         return {"storage_path": path}
-    import pyarrow.fs
-
     # pyarrow ignores AWS_ENDPOINT_URL (FIELD_NOTES): spell the endpoint out
     scheme, _, host = endpoint.partition("://")
-    fs = pyarrow.fs.S3FileSystem(
+    fs = storage.arrow_s3_filesystem(  # an S3FileSystem that retries for storage.retry_deadline()
         endpoint_override=host, scheme=scheme or "https",
         access_key=os.environ.get("AWS_ACCESS_KEY_ID"), secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
         region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
@@ -186,6 +213,7 @@ def build_trainer(cfg: Config, trial: str = "", callbacks: list | None = None):
 
     scaling = ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
                             resources_per_worker=None if cfg.run.num_workers == 0 else {"CPU": cfg.run.cpus_per_worker, **({"GPU": 1} if cfg.run.use_gpu else {})})
+    storage.set_retry_deadline(cfg.run.storage_retry_s)  # also how long Ray's S3 filesystem retries
     run = RunConfig(
         name=cfg.run.name,
         failure_config=FailureConfig(max_failures=cfg.run.max_failures),

@@ -27,6 +27,7 @@ GAUGES = {
     "restarts": "Times this run restarted from a checkpoint",
     "skipped_samples": "Bad samples skipped by the data stream",
     "bad_shards": "Shards the data stream excluded (unreadable or failing their checksum)",
+    "storage_retries": "S3 requests retried after a transient failure (an outage shows as a rise)",
 }
 TAG_KEYS = ("run", "trial", "rank")
 PREFIX = "dmlray_"

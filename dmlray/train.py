@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dmlray import preemption
 from dmlray.distributed import all_gather_no_grad, all_gather_with_grad, world
 from dmlray.memory import CrossBatchMemory
 
@@ -254,7 +255,9 @@ class Trainer:
             self.step += 1
             window_samples += sum(batch[1].shape[0] for batch in micro) * world_size
             is_eval = self.step % self.eval_every == 0 or self.step == self.steps
-            is_checkpoint = is_eval or (self.checkpoint_every > 0 and self.step % self.checkpoint_every == 0)
+            # a preemption notice on any rank: all ranks checkpoint this step, then stop
+            stop = preemption.stop_agreed(self.device) and self.step < self.steps
+            is_checkpoint = is_eval or stop or (self.checkpoint_every > 0 and self.step % self.checkpoint_every == 0)
             if self.step % self.log_every == 0 or is_checkpoint:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 record = {
@@ -273,8 +276,12 @@ class Trainer:
                 window_start, window_samples, wait = time.perf_counter(), 0, 0.0
                 if is_eval and self.evaluate is not None:
                     record.update(self.evaluate(self.step))
+                if stop:
+                    record["preempted"] = True
                 self.history.append(record)
                 self.report(record, self.history, self.state_dict() if is_checkpoint else None)
+            if stop:
+                raise preemption.Preempted(self.step)
         return self.history
 
     def state_dict(self) -> dict:

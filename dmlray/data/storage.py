@@ -3,15 +3,27 @@
 S3 goes through boto3 with the standard configuration: credentials from the usual chain,
 the endpoint from ``AWS_ENDPOINT_URL`` (SeaweedFS, MinIO, ...), region from
 ``AWS_DEFAULT_REGION`` / ``AWS_REGION``. Errors name the URL, endpoint and bucket.
+
+An S3 endpoint that is unreachable or failing (5xx, refused connections, timeouts) is
+retried with exponential backoff for up to a deadline (``set_retry_deadline``, default
+two minutes; training sets it from ``run.storage_retry_s``): an outage shorter than that
+costs a pause, logged when it starts and when it ends and counted by ``retry_count()``.
+Past it, :class:`StorageUnavailable` names the endpoint. Errors that retrying cannot fix
+(wrong credentials, no such bucket or object) are raised at once.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Callable, TypeVar
 from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class StorageError(IOError):
@@ -28,6 +40,10 @@ class StorageError(IOError):
     def permanent(self) -> bool:
         """True when retrying cannot help: wrong credentials, no such bucket or object."""
         return self.code in PERMANENT_CODES
+
+
+class StorageUnavailable(StorageError):
+    """The endpoint kept failing transiently past the retry deadline (it is down or broken)."""
 
 
 # client errors: the same request fails the same way every time
@@ -70,6 +86,119 @@ def endpoint() -> str:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS default endpoint"
 
 
+# ------------------------------------------------------------------ transient failures
+
+DEFAULT_RETRY_S = 120.0
+BACKOFF_START_S = 0.5
+BACKOFF_MAX_S = 8.0  # short enough to notice a returning endpoint within seconds
+
+_retry_deadline_s = DEFAULT_RETRY_S
+_retry_lock = threading.Lock()
+_retry_total = 0
+
+
+def set_retry_deadline(seconds: float) -> None:
+    """How long this process keeps retrying a failing S3 endpoint before giving up."""
+    global _retry_deadline_s
+    if not seconds > 0:
+        raise ValueError(f"storage retry deadline must be > 0 seconds, got {seconds!r}")
+    _retry_deadline_s = float(seconds)
+
+
+def retry_deadline() -> float:
+    return _retry_deadline_s
+
+
+def retry_count() -> int:
+    """S3 requests this process has retried after a transient failure (a metric)."""
+    return _retry_total
+
+
+def _count_retry() -> None:
+    global _retry_total
+    with _retry_lock:
+        _retry_total += 1
+
+
+def with_retries(action: str, url: str, fn: Callable[[], T]) -> T:
+    """``fn()`` retried with exponential backoff while it raises a transient StorageError,
+    for up to the retry deadline from the first failure. The outage is logged once when it
+    starts and once when it ends (or when it is given up), not at every attempt."""
+    first_failure: float | None = None
+    attempt = 0
+    while True:
+        try:
+            result = fn()
+        except StorageError as exc:
+            if exc.permanent or isinstance(exc, StorageUnavailable):
+                raise
+            now = time.monotonic()
+            if first_failure is None:
+                first_failure = now
+                log.warning("storage: cannot %s %s (endpoint %s): %s; retrying for up to %.0fs",
+                            action, url, endpoint(), exc, _retry_deadline_s)
+            waited = now - first_failure
+            if waited >= _retry_deadline_s:
+                log.error("storage: endpoint %s still failing after %.0fs; giving up on %s", endpoint(), waited, url)
+                raise StorageUnavailable(
+                    f"S3 endpoint {endpoint()} unreachable or failing for {waited:.0f}s "
+                    f"(retry deadline run.storage_retry_s={_retry_deadline_s:g}s): {exc}", exc.code) from exc
+            _count_retry()
+            attempt += 1
+            time.sleep(min(BACKOFF_START_S * 2 ** (attempt - 1), BACKOFF_MAX_S, _retry_deadline_s - waited))
+            continue
+        if first_failure is not None:
+            log.warning("storage: endpoint %s is back: %s %s succeeded after %.1fs and %d retries",
+                        endpoint(), action, url, time.monotonic() - first_failure, attempt)
+        return result
+
+
+def arrow_retry_attempts(deadline_s: float) -> int:
+    """Attempts of the AWS SDK's standard retry strategy (backoff 2**n x 25 ms, at most 20 s
+    per attempt) whose backoffs add up to ``deadline_s``: on a refused connection, 15
+    attempts (the count for 120 s) measured 190 s, connection attempts included."""
+    waited, attempts = 0.0, 1
+    while waited < deadline_s and attempts < 1000:
+        waited += min(0.025 * 2 ** attempts, 20.0)
+        attempts += 1
+    return attempts
+
+
+def arrow_s3_filesystem(deadline_s: float | None = None, **kwargs):
+    """``pyarrow.fs.S3FileSystem(**kwargs)`` retrying for about the storage retry deadline
+    (the Ray Train checkpoint uploads and the controller's state go through it).
+
+    pyarrow's own pickling drops ``retry_strategy``, and Ray Train pickles the filesystem
+    to its controller and workers: this subclass pickles with its retry strategy.
+    """
+    attempts = arrow_retry_attempts(deadline_s if deadline_s is not None else _retry_deadline_s)
+    return _arrow_s3_class()(attempts, **kwargs)
+
+
+_ARROW_S3: list[type] = []
+
+
+def _arrow_s3_class() -> type:
+    if not _ARROW_S3:  # defined on first use: importing this module needs no pyarrow
+        import pyarrow.fs
+
+        class RetryingS3FileSystem(pyarrow.fs.S3FileSystem):
+            def __init__(self, retry_attempts: int, **kwargs):
+                super().__init__(retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=retry_attempts),
+                                 **kwargs)
+                self._init_args = (retry_attempts, kwargs)
+
+            def __reduce__(self):
+                return _rebuild_arrow_s3, self._init_args
+
+        _ARROW_S3.append(RetryingS3FileSystem)
+    return _ARROW_S3[0]
+
+
+def _rebuild_arrow_s3(retry_attempts: int, kwargs: dict):
+    return _arrow_s3_class()(retry_attempts, **kwargs)
+
+
 _clients: dict[tuple, object] = {}
 _clients_lock = threading.Lock()
 
@@ -100,7 +229,8 @@ def s3_client():
 
             region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
             cfg = BotoConfig(
-                retries={"max_attempts": 6, "mode": "standard"},  # transient errors back off and retry
+                # a few quick retries per request; with_retries() outlasts longer outages
+                retries={"max_attempts": 3, "mode": "standard"},
                 s3={"addressing_style": "path"},  # S3-compatible servers rarely have virtual hosts
                 connect_timeout=10,
                 read_timeout=60,
@@ -143,10 +273,14 @@ def open_read(url: str, start: int = 0) -> IO[bytes]:
     if is_s3(url):
         bucket, key = split_s3(url)
         extra = {"Range": f"bytes={start}-"} if start else {}
-        try:
-            return s3_client().get_object(Bucket=bucket, Key=key, **extra)["Body"]
-        except Exception as exc:  # botocore raises many types; all become StorageError
-            raise _s3_error(url, exc, "read") from exc
+
+        def get():
+            try:
+                return s3_client().get_object(Bucket=bucket, Key=key, **extra)["Body"]
+            except Exception as exc:  # botocore raises many types; all become StorageError
+                raise _s3_error(url, exc, "read") from exc
+
+        return with_retries("read", url, get)
     try:
         stream = open(local_path(url), "rb")
     except OSError as exc:
@@ -157,6 +291,12 @@ def open_read(url: str, start: int = 0) -> IO[bytes]:
 
 
 def read_bytes(url: str) -> bytes:
+    if is_s3(url):  # a connection lost mid-body retries the whole (small) object
+        return with_retries("read", url, lambda: _read_all(url))
+    return _read_all(url)
+
+
+def _read_all(url: str) -> bytes:
     stream = open_read(url)
     try:
         return stream.read()
@@ -172,10 +312,14 @@ def write_bytes(url: str, data: bytes) -> None:
     """Write an object whole; locally via a temporary file and rename (never half-visible)."""
     if is_s3(url):
         bucket, key = split_s3(url)
-        try:
-            s3_client().put_object(Bucket=bucket, Key=key, Body=data)
-        except Exception as exc:
-            raise _s3_error(url, exc, "write") from exc
+
+        def put() -> None:
+            try:
+                s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+            except Exception as exc:
+                raise _s3_error(url, exc, "write") from exc
+
+        with_retries("write", url, put)
         return
     path = local_path(url)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,12 +332,16 @@ def size(url: str) -> int | None:
     """Size in bytes of the object or file at ``url``; None when there is none."""
     if is_s3(url):
         bucket, key = split_s3(url)
-        try:
-            return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
-        except Exception as exc:
-            if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise _s3_error(url, exc, "check") from exc
+
+        def head() -> int | None:
+            try:
+                return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+            except Exception as exc:
+                if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise _s3_error(url, exc, "check") from exc
+
+        return with_retries("check", url, head)
     try:
         return local_path(url).stat().st_size
     except FileNotFoundError:
@@ -204,10 +352,14 @@ def delete(url: str) -> None:
     """Delete one object or file (nothing happens when it is already gone)."""
     if is_s3(url):
         bucket, key = split_s3(url)
-        try:
-            s3_client().delete_object(Bucket=bucket, Key=key)
-        except Exception as exc:
-            raise _s3_error(url, exc, "delete") from exc
+
+        def remove() -> None:
+            try:
+                s3_client().delete_object(Bucket=bucket, Key=key)
+            except Exception as exc:
+                raise _s3_error(url, exc, "delete") from exc
+
+        with_retries("delete", url, remove)
         return
     local_path(url).unlink(missing_ok=True)
 
@@ -232,10 +384,14 @@ def upload_file(src: str | Path, url: str) -> None:
     """Copy a local file to a URL; S3 uses boto3's managed (multipart) upload."""
     if is_s3(url):
         bucket, key = split_s3(url)
-        try:
-            s3_client().upload_file(str(src), bucket, key)
-        except Exception as exc:
-            raise _s3_error(url, exc, "upload to") from exc
+
+        def upload() -> None:
+            try:
+                s3_client().upload_file(str(src), bucket, key)
+            except Exception as exc:
+                raise _s3_error(url, exc, "upload to") from exc
+
+        with_retries("upload to", url, upload)
         return
     path = local_path(url)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -249,14 +405,17 @@ def upload_file(src: str | Path, url: str) -> None:
 def exists(url: str) -> bool:
     if is_s3(url):
         bucket, key = split_s3(url)
-        try:
-            s3_client().head_object(Bucket=bucket, Key=key)
-            return True
-        except Exception as exc:
-            code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
-            if code in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise _s3_error(url, exc, "check") from exc
+
+        def head() -> bool:
+            try:
+                s3_client().head_object(Bucket=bucket, Key=key)
+                return True
+            except Exception as exc:
+                if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise _s3_error(url, exc, "check") from exc
+
+        return with_retries("check", url, head)
     return local_path(url).exists()
 
 
@@ -278,15 +437,19 @@ def list_dir(url: str) -> list[str]:
     """Names of the entries directly under a folder URL (objects and sub-prefixes for S3)."""
     if is_s3(url):
         bucket, key = split_s3(url.rstrip("/") + "/")
-        names: list[str] = []
-        try:
-            pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key, Delimiter="/")
-            for page in pages:
-                names += [p["Prefix"][len(key):].rstrip("/") for p in page.get("CommonPrefixes", [])]
-                names += [o["Key"][len(key):] for o in page.get("Contents", [])]
-        except Exception as exc:
-            raise _s3_error(url, exc, "list") from exc
-        return sorted(names)
+
+        def listing() -> list[str]:
+            names: list[str] = []
+            try:
+                pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key, Delimiter="/")
+                for page in pages:
+                    names += [p["Prefix"][len(key):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+                    names += [o["Key"][len(key):] for o in page.get("Contents", [])]
+            except Exception as exc:
+                raise _s3_error(url, exc, "list") from exc
+            return sorted(names)
+
+        return with_retries("list", url, listing)
     path = local_path(url)
     return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
 

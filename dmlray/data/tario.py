@@ -10,10 +10,13 @@ WebDataset's ``ShardWriter`` and GNU tar.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from typing import IO, Callable, Iterator
 
 from dmlray.data import storage
+
+log = logging.getLogger(__name__)
 
 BLOCK = 512
 CHUNK = 1 << 20
@@ -32,8 +35,10 @@ class ShardError(IOError):
 
 class ResumableReader:
     """Sequential reads of one object in large chunks; a read that fails is retried with
-    exponential backoff from the same byte offset. Permanent storage errors (wrong
-    credentials, no such object) are raised at once: retrying cannot help."""
+    exponential backoff from the same byte offset (each reopening itself waits out an
+    outage up to the storage retry deadline, see ``storage.with_retries``). Permanent
+    storage errors (wrong credentials, no such object) and an endpoint that stayed down
+    past that deadline (``StorageUnavailable``) are raised at once."""
 
     def __init__(
         self,
@@ -67,7 +72,9 @@ class ResumableReader:
             except storage.StorageError as exc:
                 if exc.code in ("InvalidRange", "416") and self.offset > 0:
                     return b""  # resumed exactly at the end of the object
-                if exc.permanent:
+                if exc.permanent or isinstance(exc, storage.StorageUnavailable):
+                    # retrying cannot help, or open_at already retried up to the storage
+                    # deadline: a down endpoint is the run's error, not this shard's
                     raise
                 error: Exception = exc
             except Exception as exc:  # connection reset, timeout, incomplete read...
@@ -78,6 +85,8 @@ class ResumableReader:
                 raise ShardError(self.url, f"read failed at byte {self.offset} after {self.retries} retries: {error}")
             if self.on_retry is not None:
                 self.on_retry()
+            log.info("%s: read failed at byte %d (%s); resuming there (retry %d of %d)",
+                     self.url, self.offset, error, failures, self.retries)
             time.sleep(self.backoff * 2 ** (failures - 1))
         self.offset += len(data)
         if self.hasher is not None:
