@@ -142,6 +142,19 @@ def test_guarantees_hold_over_random_shapes(case):
     assert rank_sequences(layouts, P, K, R, W, steps - start, seed=case, start=start) == sequence[start:]
 
 
+@pytest.mark.parametrize("classes, per_class, shards, P, K, R, W", [
+    (245, 59, 2, 8, 4, 2, 0),  # large classes, few shards: the classes read last must be used whole
+    (50, 60, 5, 8, 4, 4, 2),  # loader workers sharing a rank's classes take turns along each cycle
+    (1127, 5, 55, 8, 4, 1, 2),  # n = K + 1: what an epoch leaves over carries into the next
+])
+def test_coverage_in_shapes_that_once_broke_it(classes, per_class, shards, P, K, R, W):
+    layouts = layouts_for([per_class] * classes, shards)
+    sequence = rank_sequences(layouts, P, K, R, W, -(-3 * classes * per_class // (P * K * R)), seed=3)
+    assert_global_batches(sequence, P, K, R)
+    uses = Counter(k for per_rank in sequence for draws in per_rank for _, ks in draws for k in ks)
+    assert len(uses) == classes * per_class and max(uses.values()) <= 2 * min(uses.values())
+
+
 def test_classes_below_k_are_left_out_counted_and_a_single_shard_trains():
     per_class = [6] * 12 + [2] * 5  # 5 classes cannot give K=4 distinct images
     layouts = layouts_for(per_class, 1)

@@ -260,9 +260,12 @@ class PKBatches(IterableDataset):
         rng = random.Random(stream_seed(self.seed, "epoch", *state.key, epoch))
         expected = {c: self.eligibility.counts[c] for c in slot.classes}
         ready_pool = min(max(self.P, self.class_buffer // 2), len(slot.classes))
-        # a class read last brings all its draws at once, each needing P−1 other classes
-        # beside it: while reading, keep P times the largest class's draws waiting
+        # A class read last brings all its draws at once, each needing P−1 other classes
+        # beside it: near the epoch's end (fewer classes left to read than the pool holds),
+        # keep P times the largest class's draws waiting. Only then: holding them all epoch
+        # long makes a worker read in bursts, which stalls a DataLoader's in-order delivery.
         reserve = self.P * max(min(n, self.max_per_class) // self.K for n in expected.values())
+        unread = len(expected)
         order = list(slot.shards)
         rng.shuffle(order)
         buffers: dict[int, _ClassBuffer] = {}
@@ -277,7 +280,8 @@ class PKBatches(IterableDataset):
             buffer.add(key, None if key in self._bad_keys else data)
             if buffer.count == expected[label]:
                 waiting += self._enqueue(state, label, buffers.pop(label), epoch)
-                while len(state.pool) >= ready_pool and waiting - self.P >= reserve:
+                unread -= 1
+                while len(state.pool) >= ready_pool and (unread >= ready_pool or waiting - self.P >= reserve):
                     waiting -= self.P
                     yield self._take(state, rng)
         for label, buffer in buffers.items():  # classes cut short by a bad shard
