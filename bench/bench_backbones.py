@@ -62,7 +62,8 @@ def stream_batches(manifest: Manifest, split: str, P: int, K: int, transform, wo
                    device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The trainer's input path: P×K uint8 batches from the split's shards (pinned on CUDA),
     normalised on the device. The one place the benchmarks build the training stream."""
-    stream = PKBatches(manifest.shard_urls(split), P, K, transform, seed=0, class_buffer=2 * P, open_shards=2, uint8=True)
+    stream = PKBatches(manifest.shard_urls(split), P, K, transform, seed=0, class_buffer=2 * P, open_shards=2,
+                       uint8=True)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                          pin_memory=device.type == "cuda", persistent_workers=False)
     for images, labels in loader:
