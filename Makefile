@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,5 +29,13 @@ test-fast: setup
 bench: setup
 	@for f in bench/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
 
+# the GPU path measured once (numerics, loss speed, stream vs synthetic, SOP-size eval; < 8 min on one
+# H200). Needs only torch/torchvision/numpy/pillow, so it runs with a machine's stock python3 where
+# there is no .venv (no package registry there): `make gpu-check` or `PYTHONPATH=. python3 bench/gpu_check.py
+# --out gpu-check-out`. `--smoke` runs every path at tiny sizes on a CPU (tests/test_gpu_check.py).
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	PYTHONPATH=. $(GPU_PYTHON) bench/gpu_check.py --out gpu-check-out
+
 clean:
-	rm -rf $(VENV) demo-out runs .pytest_cache
+	rm -rf $(VENV) demo-out runs .pytest_cache gpu-check-out

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -27,7 +28,7 @@ from bench_data import make_images  # noqa: E402  (same folder: the synthetic JP
 from dmlray import losses  # noqa: E402
 from dmlray.config import ModelConfig  # noqa: E402
 from dmlray.data.pack import Recipe, pack  # noqa: E402
-from dmlray.data.shards import read_manifest  # noqa: E402
+from dmlray.data.shards import Manifest, read_manifest  # noqa: E402
 from dmlray.data.pk_batches import PKBatches  # noqa: E402
 from dmlray.data.transforms import make_transform  # noqa: E402
 from dmlray.train import training_loss  # noqa: E402
@@ -57,6 +58,18 @@ def train_rate(model, loss_fn, optimizer, batches, steps: int, warmup: int, devi
     return done / (time.perf_counter() - t0)
 
 
+def stream_batches(manifest: Manifest, split: str, P: int, K: int, transform, workers: int,
+                   device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The trainer's input path: P×K uint8 batches from the split's shards (pinned on CUDA),
+    normalised on the device. The one place the benchmarks build the training stream."""
+    stream = PKBatches(manifest.layouts(split) or manifest.shard_urls(split), P, K, transform, seed=0,
+                       class_buffer=2 * P, open_shards=2, uint8=True)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=False)
+    for images, labels, _ in loader:
+        yield transform.normalise(images.to(device, non_blocking=True)), labels
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer images and steps")
@@ -78,7 +91,7 @@ def main() -> None:
         make_images(tmp / "raw", count)
         pack(Recipe(dataset="folder", shard_bytes=8 * 2**20, options={"test_fraction": 0}), str(tmp / "shards"),
              str(tmp / "raw"), progress=False)
-        urls = read_manifest(str(tmp / "shards")).shard_urls("train")
+        manifest = read_manifest(str(tmp / "shards"))
         print(f"{'backbone':<14}{'size':>5}{'stream img/s':>14}{'synthetic img/s':>17}{'ratio':>7}")
         for backbone, size in (("resnet50", 224), ("bn_inception", 227)):
             torch.manual_seed(0)
@@ -90,12 +103,9 @@ def main() -> None:
             convention = getattr(model.backbone, "input_convention", "rgb_imagenet")
             transform = make_transform("natural", size, 3, train=True, convention=convention)
             # uint8 batches, normalised on the device: what the trainer does
-            stream = PKBatches(urls, P, K, transform, seed=0, class_buffer=2 * P, open_shards=2, uint8=True)
-            loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=cuda,
-                                                 persistent_workers=False)
-            normalised = ((transform.normalise(x.to(device, non_blocking=True)), y) for x, y in loader)
+            normalised = stream_batches(manifest, "train", P, K, transform, workers, device)
             streamed = train_rate(model, loss_fn, optimizer, normalised, steps, warmup, device, cuda, cuda)
-            del loader
+            normalised.close()  # stops the loader's workers
             fixed = (torch.randn(P * K, 3, size, size, device=device), torch.arange(P, device=device).repeat_interleave(K))
             synthetic = train_rate(model, loss_fn, optimizer, itertools.repeat(fixed), steps, warmup, device, cuda, cuda)
             print(f"{backbone:<14}{size:>5}{streamed:>14.1f}{synthetic:>17.1f}{streamed / synthetic:>7.2f}")
