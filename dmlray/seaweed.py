@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from dmlray.owner_only import write_owner_only
 from dmlray.ports import HOST, free_ports
 
 
@@ -34,13 +35,12 @@ def find_weed() -> str:
 
 
 def write_identities(path: Path, access_key: str, secret_key: str) -> None:
-    """The S3 gateway's credentials file (one identity with every action), owner-only."""
-    path.write_text(json.dumps({"identities": [{
+    """The S3 gateway's credentials file (one identity with every action), owner-only from the start."""
+    write_owner_only(path, json.dumps({"identities": [{
         "name": "dmlray",
         "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
     }]}))
-    os.chmod(path, 0o600)
 
 
 def server_command(data: Path, identities: Path, *, master: int, volume: int, filer: int, s3: int,
