@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -92,7 +93,9 @@ class SeaweedS3:
     folder: Path
     buckets: list[str] = field(default_factory=lambda: ["dmlray"])
     access_key: str = "dmlray-access"
-    secret_key: str = "dmlray-secret-key"
+    # random unless given: other users of the host can reach a loopback port too; kept out
+    # of the repr, which tracebacks and pytest's reports print
+    secret_key: str = field(default_factory=lambda: secrets.token_hex(20), repr=False)
     region: str = "us-east-1"
     startup_timeout: float = 60.0
     process: subprocess.Popen | None = None
