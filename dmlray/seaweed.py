@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from dmlray.owner_only import write_owner_only
 from dmlray.ports import HOST, free_ports
 
 
@@ -34,13 +36,12 @@ def find_weed() -> str:
 
 
 def write_identities(path: Path, access_key: str, secret_key: str) -> None:
-    """The S3 gateway's credentials file (one identity with every action), owner-only."""
-    path.write_text(json.dumps({"identities": [{
+    """The S3 gateway's credentials file (one identity with every action), owner-only from the start."""
+    write_owner_only(path, json.dumps({"identities": [{
         "name": "dmlray",
         "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
     }]}))
-    os.chmod(path, 0o600)
 
 
 def server_command(data: Path, identities: Path, *, master: int, volume: int, filer: int, s3: int,
@@ -92,7 +93,9 @@ class SeaweedS3:
     folder: Path
     buckets: list[str] = field(default_factory=lambda: ["dmlray"])
     access_key: str = "dmlray-access"
-    secret_key: str = "dmlray-secret-key"
+    # random unless given: other users of the host can reach a loopback port too; kept out
+    # of the repr, which tracebacks and pytest's reports print
+    secret_key: str = field(default_factory=lambda: secrets.token_hex(20), repr=False)
     region: str = "us-east-1"
     startup_timeout: float = 60.0
     process: subprocess.Popen | None = None

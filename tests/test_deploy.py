@@ -37,6 +37,8 @@ IMAGE = "ghcr.io/dmlray/dmlray:0.1.0"
 RAY_VERSION = "2.60.0"
 K8S_VERSION = "1.33.0"  # a Kubernetes release kubernetes-validate ships schemas for
 SECRET_EXAMPLE = K8S / "base" / "secret.example.yaml"
+# The Secrets the manifests need, shipped as examples outside every kustomization.
+SECRET_EXAMPLES = [SECRET_EXAMPLE, K8S / "base" / "secret-ray-auth.example.yaml"]
 METRICS_PORT = 8080
 
 
@@ -89,6 +91,12 @@ def ray_templates(resources: list[dict]) -> list[tuple[str, dict]]:
 
 def secret_example() -> dict:
     return yaml.safe_load(SECRET_EXAMPLE.read_text())
+
+
+def secret_examples() -> dict[str, dict]:
+    """Every example Secret, by name."""
+    docs = [yaml.safe_load(path.read_text()) for path in SECRET_EXAMPLES]
+    return {d["metadata"]["name"]: d for d in docs}
 
 
 def mounted_file(template: dict, path: str, configmaps: dict[str, dict]) -> str | None:
@@ -292,9 +300,12 @@ def test_kuberay_operator_rules(kustomization):
 def test_core_resources_validate_with_kubernetes_validate(kustomization):
     import kubernetes_validate
 
-    core = [r for r in rendered(kustomization) if r["apiVersion"] == "v1"]
+    resources = rendered(kustomization)
+    core = [r for r in resources if r["apiVersion"] == "v1"]
     assert {r["kind"] for r in core} == {"ConfigMap"}, "Secrets must never be rendered from the kustomization"
-    for obj in core + [secret_example()]:
+    policies = of_kind(resources, "NetworkPolicy")
+    assert policies and {r["apiVersion"] for r in policies} == {"networking.k8s.io/v1"}
+    for obj in core + policies + list(secret_examples().values()):
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
         assert len(json.dumps(obj.get("data", {}))) < 1_000_000  # ConfigMap/Secret size limit
 
@@ -303,7 +314,7 @@ def test_core_resources_validate_with_kubernetes_validate(kustomization):
 def test_references_resolve(kustomization):
     resources = rendered(kustomization)
     configmaps = by_name(resources, "ConfigMap")
-    secret = secret_example()
+    secrets = secret_examples()
     for obj in of_kind(resources, "RayCluster") + of_kind(resources, "RayJob"):
         for where, template in pod_templates(obj):
             where = f"{obj['kind']}/{obj['metadata']['name']} {where}"
@@ -319,12 +330,13 @@ def test_references_resolve(kustomization):
                 for source in container.get("envFrom", []):
                     if "configMapRef" in source:
                         assert source["configMapRef"]["name"] in configmaps, f"{where}: envFrom a missing ConfigMap"
-                    assert "secretRef" not in source or source["secretRef"]["name"] == secret["metadata"]["name"]
+                    assert "secretRef" not in source or source["secretRef"]["name"] in secrets
                 for env in container.get("env", []):
                     ref = env.get("valueFrom", {}).get("secretKeyRef")
                     if ref:
-                        assert ref["name"] == secret["metadata"]["name"], f"{where}: {env['name']} from unknown Secret"
-                        assert ref["key"] in secret["stringData"], f"{where}: Secret has no key {ref['key']}"
+                        assert ref["name"] in secrets, f"{where}: {env['name']} from unknown Secret"
+                        assert ref["key"] in secrets[ref["name"]]["stringData"], \
+                            f"{where}: Secret {ref['name']} has no key {ref['key']}"
                     ref = env.get("valueFrom", {}).get("configMapKeyRef")
                     if ref:
                         assert ref["key"] in configmaps[ref["name"]]["data"], f"{where}: {env['name']}"
@@ -353,6 +365,130 @@ def test_credentials_come_from_the_secret_only(kustomization):
         kust = yaml.safe_load(kfile.read_text())
         listed = kust.get("resources", []) + [p.get("path", "") for p in kust.get("patches", [])]
         assert not [e for e in listed if "secret" in e.lower()], f"{kfile} includes a Secret"
+
+
+# ------------------------------------------------- Ray token auth and network policy
+
+RAY_AUTH_KEY = "auth_token"  # the key KubeRay reads from authOptions.secretName
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_ray_token_auth_is_on_with_the_token_from_a_secret(kustomization):
+    resources = rendered(kustomization)
+    secrets = secret_examples()
+    (cluster,) = of_kind(resources, "RayCluster")
+    auth = cluster["spec"].get("authOptions", {})
+    # KubeRay then sets RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (secretKeyRef) on every Ray
+    # container, the autoscaler's included
+    assert auth.get("mode") == "token", "the RayCluster must use token authentication"
+    assert RAY_AUTH_KEY in secrets[auth["secretName"]]["stringData"], auth
+    for where, template in ray_templates(resources):
+        for container in template["spec"]["containers"]:
+            names = {e["name"] for e in container.get("env", [])}
+            # set by hand they would override the operator's (and could switch auth off)
+            assert not names & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"}, where
+    for job in of_kind(resources, "RayJob"):
+        for container in job["spec"]["submitterPodTemplate"]["spec"]["containers"]:
+            env = {e["name"]: e for e in container.get("env", [])}
+            where = f"RayJob/{job['metadata']['name']} submitter"
+            assert env["RAY_AUTH_MODE"].get("value") == "token", where
+            ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+            assert (ref["name"], ref["key"]) == (auth["secretName"], RAY_AUTH_KEY), where
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """A label selector of matchLabels only (the manifests use nothing else) applied to labels."""
+    assert set(selector) <= {"matchLabels"}, f"unsupported selector {selector}"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def _admits(policy: dict, namespace: str, peer_namespace: str, peer_labels: dict, port: str | int,
+            pod_ports: dict[str, int]) -> bool:
+    """Whether the policy's ingress rules let a pod (namespace, labels) in on a port of the
+    selected pod (a container port name or number; pod_ports maps its names to numbers)."""
+    def peer_ok(peer: dict) -> bool:
+        assert set(peer) <= {"podSelector", "namespaceSelector"}, f"unsupported peer {peer}"
+        if "namespaceSelector" in peer:
+            in_namespace = _selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": peer_namespace})
+        else:  # a podSelector alone means the policy's own namespace
+            in_namespace = peer_namespace == namespace
+        return in_namespace and _selects(peer.get("podSelector", {}), peer_labels)
+
+    def port_ok(rule_port: dict) -> bool:
+        assert rule_port.get("protocol", "TCP") == "TCP" and "endPort" not in rule_port, rule_port
+        wanted = rule_port["port"]
+        number = pod_ports.get(port, port)
+        return wanted == port or pod_ports.get(wanted) == number
+
+    for rule in policy["spec"].get("ingress", []):
+        peers, ports = rule.get("from"), rule.get("ports")
+        if (peers is None or any(peer_ok(p) for p in peers)) and (ports is None or any(port_ok(p) for p in ports)):
+            return True
+    return False
+
+
+def _ray_pod_labels(cluster: dict, node_type: str, template: dict) -> dict:
+    """Labels KubeRay gives a Ray pod: the template's plus its own."""
+    return {**template["metadata"].get("labels", {}), "ray.io/cluster": cluster["metadata"]["name"],
+            "ray.io/node-type": node_type}
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_network_policy_admits_to_the_head_only_its_cluster_submitters_and_prometheus(kustomization):
+    resources = rendered(kustomization)
+    (cluster,) = of_kind(resources, "RayCluster")
+    namespace = cluster["metadata"].get("namespace", "default")
+    head_template = cluster["spec"]["headGroupSpec"]["template"]
+    head = _ray_pod_labels(cluster, "head", head_template)
+    workers = [_ray_pod_labels(cluster, "worker", g["template"]) for g in cluster["spec"]["workerGroupSpecs"]]
+    submitters = [j["spec"]["submitterPodTemplate"]["metadata"]["labels"] for j in of_kind(resources, "RayJob")]
+    policies = of_kind(resources, "NetworkPolicy")
+    head_policies = [p for p in policies if _selects(p["spec"]["podSelector"], head)]
+    assert len(head_policies) == 1, "exactly one NetworkPolicy selects the Ray head pods"
+    (policy,) = head_policies
+    assert policy["metadata"].get("namespace", "default") == namespace
+    assert "Ingress" in policy["spec"]["policyTypes"]
+    assert not any(_selects(policy["spec"]["podSelector"], labels) for labels in workers + submitters)
+    head_ports = {p["name"]: p["containerPort"] for p in head_template["spec"]["containers"][0]["ports"]}
+    for rule in policy["spec"]["ingress"]:
+        for port in rule.get("ports", []):
+            assert port["port"] in head_ports, f"{port['port']} is not a port of the head container"
+    ray_ports = ["gcs-server", "dashboard", "client"]
+
+    def admitted(peer_namespace: str, labels: dict) -> set:
+        return {p for p in [*head_ports, 6380, 40000]  # and raylet/object-manager ports (not named)
+                if _admits(policy, namespace, peer_namespace, labels, p, head_ports)}
+
+    everything = set(head_ports) | {6380, 40000}
+    # the cluster's own pods: every port
+    for labels in [head] + workers:
+        assert admitted(namespace, labels) == everything, labels
+    # the job submitters and the KubeRay operator: the jobs API only
+    for labels in submitters:
+        assert admitted(namespace, labels) == {"dashboard"}, labels
+    operator = {"app.kubernetes.io/name": "kuberay-operator"}
+    assert admitted("kuberay-system", operator) == {"dashboard"}
+    # Prometheus: the metrics ports only
+    prometheus = {"app.kubernetes.io/name": "prometheus", "prometheus": "kube-prometheus-stack-prometheus"}
+    assert admitted("monitoring", prometheus) == {"metrics", "driver-metrics"}
+    assert not admitted("monitoring", {"app.kubernetes.io/name": "grafana"}) & set(ray_ports)
+    # anybody else: nothing, a pod of the same name and labels in another namespace included
+    assert not admitted(namespace, {"app": "anything-else"})
+    assert not admitted(namespace, {"app.kubernetes.io/component": "job-submitter"})  # not dmlray's
+    assert not admitted("other-team", head), "ray.io/cluster=dmlray pods of another namespace"
+    assert not admitted("other-team", operator) and not admitted("other-team", prometheus)
+
+    # workers: their cluster's pods, and Prometheus on the metrics port
+    worker_policies = [p for p in policies if all(_selects(p["spec"]["podSelector"], w) for w in workers)]
+    assert len(worker_policies) == 1
+    (wpolicy,) = worker_policies
+    for group in cluster["spec"]["workerGroupSpecs"]:
+        ports = {p["name"]: p["containerPort"] for p in group["template"]["spec"]["containers"][0]["ports"]}
+        for labels, peer_namespace, allowed in [(head, namespace, {"metrics", 40000}), (workers[0], namespace,
+                                                 {"metrics", 40000}), (prometheus, "monitoring", {"metrics"}),
+                                                (submitters[0], namespace, set()), (head, "other-team", set())]:
+            got = {p for p in [*ports, 40000] if _admits(wpolicy, namespace, peer_namespace, labels, p, ports)}
+            assert got == allowed, (group["groupName"], labels, peer_namespace, got)
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
