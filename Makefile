@@ -5,13 +5,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup demo test test-fast bench gpu-check clean
+.PHONY: setup demo test test-fast lint format bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch and torchvision come from this machine's local wheels (pip's constraints file)
-	$(BIN)/pip install -q -e '.[ray,models,test]'
+	$(BIN)/pip install -q -e '.[ray,models,test,lint]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -21,6 +21,16 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -ra
+
+# ruff (lint and format check) and mypy, configured in pyproject.toml; `make format` rewrites
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 # skips the slow real-part tests (SeaweedFS, Ray clusters, Prometheus); CI runs them all
 test-fast: setup

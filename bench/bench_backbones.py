@@ -17,8 +17,8 @@ import itertools
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -28,14 +28,16 @@ from bench_data import make_images  # noqa: E402  (same folder: the synthetic JP
 from dmlray import losses  # noqa: E402
 from dmlray.config import ModelConfig  # noqa: E402
 from dmlray.data.pack import Recipe, pack  # noqa: E402
-from dmlray.data.shards import Manifest, read_manifest  # noqa: E402
 from dmlray.data.pk_batches import PKBatches  # noqa: E402
+from dmlray.data.shards import Manifest, read_manifest  # noqa: E402
 from dmlray.data.transforms import make_transform  # noqa: E402
-from dmlray.train import training_loss  # noqa: E402
-from dmlray.worker import build_model  # noqa: E402
+from dmlray.jobs.worker import build_model  # noqa: E402
+from dmlray.training.trainer import training_loss  # noqa: E402
 
 
-def train_rate(model, loss_fn, optimizer, batches, steps: int, warmup: int, device, amp: bool, channels_last: bool) -> float:
+def train_rate(
+    model, loss_fn, optimizer, batches, steps: int, warmup: int, device, amp: bool, channels_last: bool
+) -> float:
     """Images per second over ``steps`` optimisation steps after ``warmup`` ones."""
     done, t0 = 0, None
     for i, (images, labels) in enumerate(itertools.islice(batches, warmup + steps)):
@@ -58,14 +60,24 @@ def train_rate(model, loss_fn, optimizer, batches, steps: int, warmup: int, devi
     return done / (time.perf_counter() - t0)
 
 
-def stream_batches(manifest: Manifest, split: str, P: int, K: int, transform, workers: int,
-                   device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def stream_batches(
+    manifest: Manifest, split: str, P: int, K: int, transform, workers: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The trainer's input path: P×K uint8 batches from the split's shards (pinned on CUDA),
     normalised on the device. The one place the benchmarks build the training stream."""
-    stream = PKBatches(manifest.layouts(split) or manifest.shard_urls(split), P, K, transform, seed=0,
-                       class_buffer=2 * P, open_shards=2, uint8=True)
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=False)
+    stream = PKBatches(
+        manifest.layouts(split) or manifest.shard_urls(split),
+        P,
+        K,
+        transform,
+        seed=0,
+        class_buffer=2 * P,
+        open_shards=2,
+        uint8=True,
+    )
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False
+    )
     for images, labels, _ in loader:
         yield transform.normalise(images.to(device, non_blocking=True)), labels
 
@@ -82,15 +94,21 @@ def main() -> None:
     warmup = 5 if cuda else 1
     workers = args.workers or (8 if cuda else 2)
     P, K = (16, 4) if cuda else (4, 2)
-    print(f"device {device}, {steps} timed steps after {warmup}, batch {P}×{K}, {workers} loader workers, "
-          f"bf16+channels-last {'on' if cuda else 'off (CPU)'}")
+    print(
+        f"device {device}, {steps} timed steps after {warmup}, batch {P}×{K}, {workers} loader workers, "
+        f"bf16+channels-last {'on' if cuda else 'off (CPU)'}"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         count = 400 if (args.quick or not cuda) else 4000
         make_images(tmp / "raw", count)
-        pack(Recipe(dataset="folder", shard_bytes=8 * 2**20, options={"test_fraction": 0}), str(tmp / "shards"),
-             str(tmp / "raw"), progress=False)
+        pack(
+            Recipe(dataset="folder", shard_bytes=8 * 2**20, options={"test_fraction": 0}),
+            str(tmp / "shards"),
+            str(tmp / "raw"),
+            progress=False,
+        )
         manifest = read_manifest(str(tmp / "shards"))
         print(f"{'backbone':<14}{'size':>5}{'stream img/s':>14}{'synthetic img/s':>17}{'ratio':>7}")
         for backbone, size in (("resnet50", 224), ("bn_inception", 227)):
@@ -106,8 +124,13 @@ def main() -> None:
             normalised = stream_batches(manifest, "train", P, K, transform, workers, device)
             streamed = train_rate(model, loss_fn, optimizer, normalised, steps, warmup, device, cuda, cuda)
             normalised.close()  # stops the loader's workers
-            fixed = (torch.randn(P * K, 3, size, size, device=device), torch.arange(P, device=device).repeat_interleave(K))
-            synthetic = train_rate(model, loss_fn, optimizer, itertools.repeat(fixed), steps, warmup, device, cuda, cuda)
+            fixed = (
+                torch.randn(P * K, 3, size, size, device=device),
+                torch.arange(P, device=device).repeat_interleave(K),
+            )
+            synthetic = train_rate(
+                model, loss_fn, optimizer, itertools.repeat(fixed), steps, warmup, device, cuda, cuda
+            )
             print(f"{backbone:<14}{size:>5}{streamed:>14.1f}{synthetic:>17.1f}{streamed / synthetic:>7.2f}")
     print("goal on a GPU: stream / synthetic >= 0.90")
 

@@ -41,10 +41,10 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dmlray.data.pack import Recipe, pack  # noqa: E402
-from dmlray.data.shards import read_manifest  # noqa: E402
 from dmlray.data.pk_batches import PKBatches  # noqa: E402
+from dmlray.data.shards import read_manifest  # noqa: E402
 from dmlray.data.transforms import NaturalImageTransform  # noqa: E402
-from dmlray.seaweed import SeaweedS3  # noqa: E402
+from dmlray.devtools.seaweed import SeaweedS3  # noqa: E402
 
 BATCH_P, BATCH_K = 16, 4
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,8 +73,13 @@ def synthetic_jpeg(rng: np.random.Generator) -> bytes:
 
     w, h = int(rng.integers(440, 560)), int(rng.integers(330, 420))
     x, y = np.arange(w, dtype=np.float32) / w, np.arange(h, dtype=np.float32) / h
-    base = np.stack([np.outer(np.cos(y * rng.uniform(2, 12) + k), np.sin(x * rng.uniform(2, 12) + rng.uniform(0, 6)))
-                     for k in range(3)], -1)
+    base = np.stack(
+        [
+            np.outer(np.cos(y * rng.uniform(2, 12) + k), np.sin(x * rng.uniform(2, 12) + rng.uniform(0, 6)))
+            for k in range(3)
+        ],
+        -1,
+    )
     pixels = ((base + 1) * 100).astype(np.uint8) + rng.integers(0, 48, (h, w, 3), dtype=np.uint8)
     image = Image.fromarray(pixels)
     draw = ImageDraw.Draw(image)
@@ -149,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer images (a smoke run)")
     parser.add_argument("--images", type=int, default=0, help="synthetic images (default 2000; 400 with --quick)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    parser.add_argument("--rounds", type=int, default=0, help="best of this many measurements (default 2; 1 with --quick)")
+    parser.add_argument(
+        "--rounds", type=int, default=0, help="best of this many measurements (default 2; 1 with --quick)"
+    )
     parser.add_argument("--against", default="", help="also measure PKBatches as it was at this git revision")
     args = parser.parse_args(argv)
     old_stream = stream_class_at(args.against) if args.against else None
@@ -166,30 +173,54 @@ def main(argv: list[str] | None = None) -> int:
         paths = make_images(tmp_path / "raw", count)
         blobs = [p.read_bytes() for p in paths]
         mb = sum(map(len, blobs)) / 2**20
-        print(f"{count} synthetic JPEGs, {mb:.1f} MB (mean {mb * 1024 / count:.0f} KB), made in {time.perf_counter() - t0:.0f}s; "
-              f"{workers} DataLoader workers, batches of {BATCH_P}×{BATCH_K}, {os.cpu_count()} CPUs")
+        print(
+            f"{count} synthetic JPEGs, {mb:.1f} MB (mean {mb * 1024 / count:.0f} KB), made in {time.perf_counter() - t0:.0f}s; "
+            f"{workers} DataLoader workers, batches of {BATCH_P}×{BATCH_K}, {os.cpu_count()} CPUs"
+        )
         with SeaweedS3(tmp_path / "s3", buckets=["bench"]) as s3, s3.activated():
             url = "s3://bench/synthetic"
             t0 = time.perf_counter()
-            pack(Recipe(dataset="folder", shard_bytes=8 * 2**20, options={"test_fraction": 0, "resize": 0, "verify": True}),
-                 url, str(tmp_path / "raw"), progress=False)
+            pack(
+                Recipe(
+                    dataset="folder", shard_bytes=8 * 2**20, options={"test_fraction": 0, "resize": 0, "verify": True}
+                ),
+                url,
+                str(tmp_path / "raw"),
+                progress=False,
+            )
             pack_s = time.perf_counter() - t0
             manifest = read_manifest(url)
             shard_urls = manifest.shard_urls("train")
-            print(f"packed into {len(shard_urls)} shards on SeaweedFS in {pack_s:.1f}s ({mb / pack_s:.1f} MB/s, verify on)")
+            print(
+                f"packed into {len(shard_urls)} shards on SeaweedFS in {pack_s:.1f}s ({mb / pack_s:.1f} MB/s, verify on)"
+            )
             small_url = "s3://bench/synthetic-256"
             t0 = time.perf_counter()
-            pack(Recipe(dataset="folder", shard_bytes=8 * 2**20, options={"test_fraction": 0, "resize": 256, "verify": True}),
-                 small_url, str(tmp_path / "raw"), progress=False)
+            pack(
+                Recipe(
+                    dataset="folder", shard_bytes=8 * 2**20, options={"test_fraction": 0, "resize": 256, "verify": True}
+                ),
+                small_url,
+                str(tmp_path / "raw"),
+                progress=False,
+            )
             small = read_manifest(small_url)
             small_mb = sum(s["bytes"] for s in small.split("train")["shards"]) / 2**20
             print(f"packed pre-resized (shorter side 256) in {time.perf_counter() - t0:.1f}s: {small_mb:.1f} MB")
 
             def stream_loader(uint8: bool = False, source=manifest, stream_class=None):
                 shards = source.shard_urls("train") if stream_class else source.layouts("train")
-                stream = (stream_class or PKBatches)(shards, BATCH_P, BATCH_K, transform, seed=0, class_buffer=32,
-                                                     open_shards=2, checksums=source.shard_checksums("train"),
-                                                     uint8=uint8)
+                stream = (stream_class or PKBatches)(
+                    shards,
+                    BATCH_P,
+                    BATCH_K,
+                    transform,
+                    seed=0,
+                    class_buffer=32,
+                    open_shards=2,
+                    checksums=source.shard_checksums("train"),
+                    uint8=uint8,
+                )
                 loader = DataLoader(stream, batch_size=None, num_workers=workers, multiprocessing_context="fork")
                 return stream, loader
 
@@ -197,14 +228,28 @@ def main(argv: list[str] | None = None) -> int:
                 from torchvision.datasets import ImageFolder
 
                 dataset = ImageFolder(str(tmp_path / "raw"), loader=read_file, transform=Augment(transform))
-                return DataLoader(dataset, batch_size=BATCH_P * BATCH_K, shuffle=True, num_workers=workers,
-                                  multiprocessing_context="fork", drop_last=True, persistent_workers=True)
+                return DataLoader(
+                    dataset,
+                    batch_size=BATCH_P * BATCH_K,
+                    shuffle=True,
+                    num_workers=workers,
+                    multiprocessing_context="fork",
+                    drop_last=True,
+                    persistent_workers=True,
+                )
 
             def memory_loader(mode: str):
                 collate = transform.collate if mode == "augment" else torch.stack
-                return DataLoader(BytesDataset(blobs, mode, transform), batch_size=BATCH_P * BATCH_K, shuffle=True,
-                                  num_workers=workers, multiprocessing_context="fork", drop_last=True, persistent_workers=True,
-                                  collate_fn=lambda items: (collate(items),))
+                return DataLoader(
+                    BytesDataset(blobs, mode, transform),
+                    batch_size=BATCH_P * BATCH_K,
+                    shuffle=True,
+                    num_workers=workers,
+                    multiprocessing_context="fork",
+                    drop_last=True,
+                    persistent_workers=True,
+                    collate_fn=lambda items: (collate(items),),
+                )
 
             results: dict[str, float] = {}
             stats = {}
@@ -220,13 +265,18 @@ def main(argv: list[str] | None = None) -> int:
                 results["s3 stream 256"] = max(results.get("s3 stream 256", 0), throughput(loader, measure, workers))
                 del loader
                 if old_stream is not None:
-                    for name, source in ((f"s3 stream @{args.against}", manifest),
-                                         (f"s3 stream 256 @{args.against}", small)):
+                    for name, source in (
+                        (f"s3 stream @{args.against}", manifest),
+                        (f"s3 stream 256 @{args.against}", small),
+                    ):
                         _, loader = stream_loader(source=source, stream_class=old_stream)
                         results[name] = max(results.get(name, 0), throughput(loader, measure, workers))
                         del loader
-                for name, make in (("imagefolder", folder_loader), ("decode+aug", lambda: memory_loader("augment")),
-                                   ("decode only", lambda: memory_loader("decode"))):
+                for name, make in (
+                    ("imagefolder", folder_loader),
+                    ("decode+aug", lambda: memory_loader("augment")),
+                    ("decode only", lambda: memory_loader("decode")),
+                ):
                     epochs = _Repeat(make)
                     results[name] = max(results.get(name, 0), throughput(epochs, measure, workers))
 
@@ -235,21 +285,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<24} {value:9.1f}")
     if old_stream is not None:
         for name in ("s3 stream", "s3 stream 256"):
-            print(f"{name} / {name} @{args.against} = {results[name] / results[f'{name} @{args.against}']:.2f}   "
-                  "(goal >= 0.90: the P×K guarantees cost at most 10%)")
+            print(
+                f"{name} / {name} @{args.against} = {results[name] / results[f'{name} @{args.against}']:.2f}   "
+                "(goal >= 0.90: the P×K guarantees cost at most 10%)"
+            )
     s3 = results["s3 stream"]
     print(f"\ns3 stream / decode only  = {s3 / results['decode only']:.2f}   (goal >= 0.90)")
     print(f"s3 stream / decode+aug   = {s3 / results['decode+aug']:.2f}   (I/O overhead of the stream)")
     print(f"s3 stream / imagefolder  = {s3 / results['imagefolder']:.2f}   (goal >= 1.00)")
-    print(f"s3 stream u8 / decode only = {results['s3 stream u8'] / results['decode only']:.2f}   "
-          "(uint8 batches, normalised on the training device)")
+    print(
+        f"s3 stream u8 / decode only = {results['s3 stream u8'] / results['decode only']:.2f}   "
+        "(uint8 batches, normalised on the training device)"
+    )
     small = results["s3 stream 256"]
-    print(f"s3 stream 256 / decode only = {small / results['decode only']:.2f}   (goal >= 0.90; packed with resize: 256)")
+    print(
+        f"s3 stream 256 / decode only = {small / results['decode only']:.2f}   (goal >= 0.90; packed with resize: 256)"
+    )
     print(f"s3 stream 256 / imagefolder = {small / results['imagefolder']:.2f}   (goal >= 1.00)")
     if stats:
-        print(f"stream: {stats['samples_used']} of {stats['samples_read']} samples read were used "
-              f"({stats['samples_used'] / max(1, stats['samples_read']):.0%}; the rest is read-ahead and buffer), "
-              f"skipped {stats['samples_skipped']}")
+        print(
+            f"stream: {stats['samples_used']} of {stats['samples_read']} samples read were used "
+            f"({stats['samples_used'] / max(1, stats['samples_read']):.0%}; the rest is read-ahead and buffer), "
+            f"skipped {stats['samples_skipped']}"
+        )
     return 0
 
 

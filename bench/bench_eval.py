@@ -11,7 +11,7 @@ Peak memory is also given above the process's resident size just before the time
 (the data and the imported libraries), the part the method itself adds.
 
 Methods
-    dmlray  dmlray.evaluate (torch backend, the default): chunked matmul + exact top-k.
+    dmlray  dmlray.evaluation (torch backend, the default): chunked matmul + exact top-k.
     faiss   faiss IndexFlatIP exact search for max(K, R, 16)+1 neighbours in one call, metrics
             from its neighbour table in numpy (what most DML code bases do).
     pml     pytorch-metric-learning AccuracyCalculator (MAP@R, precision@1; it searches
@@ -46,8 +46,7 @@ def make_data(n: int, dim: int, per_class: float, seed: int, noise: float = NOIS
     """
     rng = np.random.default_rng(seed)
     n_classes = max(1, int(round(n / per_class)))
-    labels = np.concatenate([np.arange(n_classes), np.arange(n_classes),
-                             rng.integers(0, n_classes, n - 2 * n_classes)])
+    labels = np.concatenate([np.arange(n_classes), np.arange(n_classes), rng.integers(0, n_classes, n - 2 * n_classes)])
     rng.shuffle(labels)
     centres = rng.standard_normal((n_classes, dim), dtype=np.float32)
     x = centres[labels] + noise * rng.standard_normal((n, dim), dtype=np.float32)
@@ -76,8 +75,7 @@ def metrics_from_table(idx: np.ndarray, labels: np.ndarray, ks: tuple[int, ...])
     return out
 
 
-def worker(method: str, n: int, dim: int, per_class: float, seed: int, out: str,
-           ks_all: tuple[int, ...] = KS) -> None:
+def worker(method: str, n: int, dim: int, per_class: float, seed: int, out: str, ks_all: tuple[int, ...] = KS) -> None:
     """Runs one method on fresh data in this process; writes results to ``out``."""
     x, y = make_data(n, dim, per_class, seed)
     ks = tuple(k for k in ks_all if k < n)
@@ -86,7 +84,7 @@ def worker(method: str, n: int, dim: int, per_class: float, seed: int, out: str,
     if method == "dmlray":
         import torch
 
-        from dmlray.evaluate import _score
+        from dmlray.evaluation.metrics import _score
 
         xt, yt = torch.from_numpy(x), torch.from_numpy(y)
         rss0 = _rss_kb("VmRSS")
@@ -94,8 +92,7 @@ def worker(method: str, n: int, dim: int, per_class: float, seed: int, out: str,
         s = _score(xt, yt, None, None, ks, True, None, "torch", keep_top=COMPARE_TOP)
         result["seconds"] = time.perf_counter() - t0
         result["cpu_seconds"] = time.process_time() - cpu0
-        result["metrics"] = {**{f"recall@{k}": v for k, v in s["recall"].items()},
-                             "map@r": s["map_at_r"]}
+        result["metrics"] = {**{f"recall@{k}": v for k, v in s["recall"].items()}, "map@r": s["map_at_r"]}
         saved = {"idx": s["neighbours"].numpy(), "sims": s["neighbour_sims"].numpy()}
         result["threads"] = torch.get_num_threads()
     elif method == "faiss":
@@ -125,15 +122,16 @@ def worker(method: str, n: int, dim: int, per_class: float, seed: int, out: str,
         from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
         xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-        calc = AccuracyCalculator(include=("mean_average_precision_at_r", "precision_at_1"),
-                                  k="max_bin_count")
+        calc = AccuracyCalculator(include=("mean_average_precision_at_r", "precision_at_1"), k="max_bin_count")
         rss0 = _rss_kb("VmRSS")
         cpu0, t0 = time.process_time(), time.perf_counter()
         acc = calc.get_accuracy(xt, yt)
         result["seconds"] = time.perf_counter() - t0
         result["cpu_seconds"] = time.process_time() - cpu0
-        result["metrics"] = {"recall@1": float(acc["precision_at_1"]),
-                             "map@r": float(acc["mean_average_precision_at_r"])}
+        result["metrics"] = {
+            "recall@1": float(acc["precision_at_1"]),
+            "map@r": float(acc["mean_average_precision_at_r"]),
+        }
     else:
         raise ValueError(method)
     result.setdefault("cpu_seconds", time.process_time() - cpu0)
@@ -146,13 +144,32 @@ def worker(method: str, n: int, dim: int, per_class: float, seed: int, out: str,
 
 def run_method(method: str, args: argparse.Namespace, tmp: Path, timeout: float) -> dict | None:
     out = str(tmp / f"{method}.json")
-    cmd = [sys.executable, __file__, "--worker", method, "--n", str(args.n), "--dim",
-           str(args.dim), "--per-class", str(args.per_class), "--seed", str(args.seed),
-           "--out", out, "--ks", args.ks]
-    threads = {} if args.threads is None else {"OMP_NUM_THREADS": str(args.threads),
-                                                "MKL_NUM_THREADS": str(args.threads)}
-    env = {**os.environ, **threads, "PYTHONPATH": str(Path(__file__).resolve().parents[1])
-           + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        method,
+        "--n",
+        str(args.n),
+        "--dim",
+        str(args.dim),
+        "--per-class",
+        str(args.per_class),
+        "--seed",
+        str(args.seed),
+        "--out",
+        out,
+        "--ks",
+        args.ks,
+    ]
+    threads = (
+        {} if args.threads is None else {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    )
+    env = {
+        **os.environ,
+        **threads,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     try:
         subprocess.run(cmd, check=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -169,8 +186,10 @@ def compare_neighbours(tmp: Path) -> str:
     # rounding: the two libraries sum the 512 products in different orders.
     near_tie = np.abs(a["sims"] - b["sims"]) < 1e-5
     real = int((~same & ~near_tie).sum())
-    return (f"neighbours (top {a['idx'].shape[1]}): {same.mean() * 100:.4f}% identical, "
-            f"{rows_diff} queries differ, {real} differences not explained by near-ties")
+    return (
+        f"neighbours (top {a['idx'].shape[1]}): {same.mean() * 100:.4f}% identical, "
+        f"{rows_diff} queries differ, {real} differences not explained by near-ties"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,30 +199,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--per-class", type=float, default=60502 / 11316)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ks", default=",".join(map(str, KS)),
-                   help="Recall@K list (default SOP's); faiss searches max(K)+1 deep")
+    p.add_argument(
+        "--ks", default=",".join(map(str, KS)), help="Recall@K list (default SOP's); faiss searches max(K)+1 deep"
+    )
     p.add_argument("--methods", default="dmlray,faiss,pml")
     p.add_argument("--pml-timeout", type=float, default=600.0)
-    p.add_argument("--repeat", type=int, default=1,
-                   help="run the methods this many times, interleaved, and keep each one's "
-                        "fastest run (robust to load from other users of the machine)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="threads for torch and faiss (default: their own default)")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run the methods this many times, interleaved, and keep each one's "
+        "fastest run (robust to load from other users of the machine)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="threads for torch and faiss (default: their own default)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.n is None:
         args.n = 10_000 if args.quick else 60_502
     if args.worker:
-        worker(args.worker, args.n, args.dim, args.per_class, args.seed, args.out,
-               tuple(int(k) for k in args.ks.split(",")))
+        worker(
+            args.worker,
+            args.n,
+            args.dim,
+            args.per_class,
+            args.seed,
+            args.out,
+            tuple(int(k) for k in args.ks.split(",")),
+        )
         return 0
 
     import tempfile
 
-    print(f"N={args.n} D={args.dim} ~{args.per_class:.2f} items/class, K=({args.ks}), "
-          f"leave-one-out, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
-          f"best of {args.repeat}")
+    print(
+        f"N={args.n} D={args.dim} ~{args.per_class:.2f} items/class, K=({args.ks}), "
+        f"leave-one-out, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
+        f"best of {args.repeat}"
+    )
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -216,24 +248,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'method':<8} {'wall s':>8} {'CPU s':>8} {'peak MB':>8} {'added MB':>9}  metrics")
         for m, r in results.items():
             ms = " ".join(f"{k}={v:.4f}" for k, v in r["metrics"].items())
-            print(f"{m:<8} {r['seconds']:8.2f} {r['cpu_seconds']:8.2f} {r['peak_mb']:8.0f} "
-                  f"{r['added_mb']:9.0f}  {ms}")
+            print(f"{m:<8} {r['seconds']:8.2f} {r['cpu_seconds']:8.2f} {r['peak_mb']:8.0f} {r['added_mb']:9.0f}  {ms}")
         if "dmlray" in results and "faiss" in results:
             dm, fa = results["dmlray"], results["faiss"]
             # On a shared machine wall time depends on the neighbours' load; CPU time less so.
-            print(f"dmlray / faiss: CPU time {dm['cpu_seconds'] / fa['cpu_seconds']:.2f}x, "
-                  f"wall time {dm['seconds'] / fa['seconds']:.2f}x, "
-                  f"peak memory {dm['peak_mb'] / fa['peak_mb']:.2f}x "
-                  f"(goal: time <= 1.5x, peak < 2048 MB: "
-                  f"{'met' if dm['cpu_seconds'] <= 1.5 * fa['cpu_seconds'] and dm['peak_mb'] < 2048 else 'NOT met'}"
-                  f", time judged on CPU seconds)")
+            print(
+                f"dmlray / faiss: CPU time {dm['cpu_seconds'] / fa['cpu_seconds']:.2f}x, "
+                f"wall time {dm['seconds'] / fa['seconds']:.2f}x, "
+                f"peak memory {dm['peak_mb'] / fa['peak_mb']:.2f}x "
+                f"(goal: time <= 1.5x, peak < 2048 MB: "
+                f"{'met' if dm['cpu_seconds'] <= 1.5 * fa['cpu_seconds'] and dm['peak_mb'] < 2048 else 'NOT met'}"
+                f", time judged on CPU seconds)"
+            )
             agree = all(abs(dm["metrics"][k] - fa["metrics"][k]) < 1e-4 for k in fa["metrics"])
             print(f"metrics agree with faiss: {agree}")
             print(compare_neighbours(tmp))
         if "dmlray" in results and "pml" in results:
             dm, pm = results["dmlray"], results["pml"]
-            print(f"dmlray / pml: CPU time {dm['cpu_seconds'] / pm['cpu_seconds']:.2f}x, "
-                  f"MAP@R diff {abs(dm['metrics']['map@r'] - pm['metrics']['map@r']):.2e}")
+            print(
+                f"dmlray / pml: CPU time {dm['cpu_seconds'] / pm['cpu_seconds']:.2f}x, "
+                f"MAP@R diff {abs(dm['metrics']['map@r'] - pm['metrics']['map@r']):.2e}"
+            )
     return 0
 
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +27,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dmlray import losses  # noqa: E402
-from dmlray.memory import CrossBatchMemory  # noqa: E402
+from dmlray.training.memory import CrossBatchMemory  # noqa: E402
 
 
 def timed(
-    fns: dict[str, Callable[[], object]], repeats: dict[str, int], device: torch.device, warmup_s: float = 0.3,
+    fns: dict[str, Callable[[], object]],
+    repeats: dict[str, int],
+    device: torch.device,
+    warmup_s: float = 0.3,
     statistic: Callable[[list[float]], float] = min,
 ) -> tuple[dict[str, float], dict[str, object]]:
     """Minimum wall time of each function in ms (runs interleaved), and each one's first result.
@@ -77,7 +80,8 @@ def make_inputs(batch: int, memory: int, dim: int, classes: int, device: torch.d
 
 
 def bench_batch(batch: int, dim: int, repeats: int, device: torch.device) -> dict:
-    from pytorch_metric_learning import losses as pml_losses, miners as pml_miners
+    from pytorch_metric_learning import losses as pml_losses
+    from pytorch_metric_learning import miners as pml_miners
 
     emb, labels, _, _ = make_inputs(batch, 0, dim, batch // 4, device)
     ours = losses.build("multi_similarity", alpha=2.0, beta=40.0, base=0.5, margin=0.1)
@@ -102,13 +106,21 @@ def bench_batch(batch: int, dim: int, repeats: int, device: torch.device) -> dic
         return value.detach()
 
     times, first = timed(
-        {"floor": floor, "dmlray": run_ours, "pml": run_pml}, {"floor": repeats, "dmlray": repeats, "pml": repeats}, device
+        {"floor": floor, "dmlray": run_ours, "pml": run_pml},
+        {"floor": repeats, "dmlray": repeats, "pml": repeats},
+        device,
     )
     return {"case": f"batch B={batch} (M=B)", **times, "values": (float(first["dmlray"]), float(first["pml"]))}
 
 
 def bench_memory(
-    batch: int, memory: int, dim: int, repeats: int, pml_repeats: int, device: torch.device, with_pml: bool = True,
+    batch: int,
+    memory: int,
+    dim: int,
+    repeats: int,
+    pml_repeats: int,
+    device: torch.device,
+    with_pml: bool = True,
     statistic: Callable[[list[float]], float] = min,
 ) -> dict:
     """The batch against a full memory of ``memory`` entries, enqueued at the same slots on both sides.
@@ -144,14 +156,18 @@ def bench_memory(
     return {"case": f"memory B={batch} M={memory}", **times, "values": values}
 
 
-def pml_memory(x: torch.Tensor, labels: torch.Tensor, mem: torch.Tensor, mem_labels: torch.Tensor,
-               cursor: int) -> Callable[[], torch.Tensor]:
+def pml_memory(
+    x: torch.Tensor, labels: torch.Tensor, mem: torch.Tensor, mem_labels: torch.Tensor, cursor: int
+) -> Callable[[], torch.Tensor]:
     """PML's CrossBatchMemory(MultiSimilarityLoss, miner=MultiSimilarityMiner) holding ``mem``,
     the batch enqueued at ``cursor`` on every call (its ring buffer then matches dmlray's memory)."""
-    from pytorch_metric_learning import losses as pml_losses, miners as pml_miners
+    from pytorch_metric_learning import losses as pml_losses
+    from pytorch_metric_learning import miners as pml_miners
 
     cbm = pml_losses.CrossBatchMemory(
-        pml_losses.MultiSimilarityLoss(alpha=2, beta=40, base=0.5), x.shape[1], memory_size=mem.shape[0],
+        pml_losses.MultiSimilarityLoss(alpha=2, beta=40, base=0.5),
+        x.shape[1],
+        memory_size=mem.shape[0],
         miner=pml_miners.MultiSimilarityMiner(epsilon=0.1),
     ).to(x.device)
     cbm.embedding_memory.copy_(mem)

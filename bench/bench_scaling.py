@@ -36,13 +36,15 @@ def steady_rate(history: list[dict], warmup: int) -> float:
 def gather_and_memory_costs(batch: int, dim: int, memory: int, repeats: int) -> dict:
     """Per-step cost (ms) of the MS loss against the global batch, and of the memory term, in one process."""
     from dmlray import losses
-    from dmlray.memory import CrossBatchMemory
+    from dmlray.training.memory import CrossBatchMemory
 
     torch.manual_seed(0)
     loss_fn = losses.build("multi_similarity")
     mem = CrossBatchMemory(memory, dim)
     for _ in range(memory // (2 * batch) + 1):
-        mem.enqueue(torch.nn.functional.normalize(torch.randn(2 * batch, dim), dim=1), torch.randint(0, 300, (2 * batch,)))
+        mem.enqueue(
+            torch.nn.functional.normalize(torch.randn(2 * batch, dim), dim=1), torch.randint(0, 300, (2 * batch,))
+        )
     x = torch.nn.functional.normalize(torch.randn(batch, dim), dim=1).requires_grad_()
     y = torch.randint(0, 300, (batch,))
     g = torch.cat([x, torch.nn.functional.normalize(torch.randn(batch, dim), dim=1)])
@@ -66,7 +68,7 @@ def gloo_gather_cost(batch: int, dim: int) -> float:
     """ms per all_gather_with_grad forward+backward of (batch, dim) across 2 gloo processes."""
     code = f"""
 import time, torch, torch.distributed as dist
-from dmlray.distributed import all_gather_with_grad
+from dmlray.training.distributed import all_gather_with_grad
 dist.init_process_group("gloo")
 x = torch.randn({batch}, {dim}, requires_grad=True)
 for i in range(220):
@@ -80,8 +82,12 @@ dist.destroy_process_group()
 """
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(code)
-    out = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", f.name],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", f.name],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     os.unlink(f.name)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -89,7 +95,9 @@ dist.destroy_process_group()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps, one round")
-    parser.add_argument("--rounds", type=int, default=0, help="alternating torchrun/Ray rounds (default 3; 1 with --quick)")
+    parser.add_argument(
+        "--rounds", type=int, default=0, help="alternating torchrun/Ray rounds (default 3; 1 with --quick)"
+    )
     args = parser.parse_args()
     steps = 120 if args.quick else 400
     warmup = 20 if args.quick else 50
@@ -98,7 +106,7 @@ def main() -> None:
 
     from dmlray.config import config_to_dict, load_config
     from dmlray.data.pack import Recipe, pack
-    from dmlray.launch import ensure_ray, launch
+    from dmlray.jobs.launch import ensure_ray, launch
 
     rates: dict[str, list[float]] = {"torchrun": [], "ray": []}
     walls: dict[str, list[float]] = {"torchrun": [], "ray": []}
@@ -106,27 +114,48 @@ def main() -> None:
         tmp = Path(tmp)
         data = tmp / "glyphs"
         pack(Recipe(dataset="glyphs", shard_bytes=256 * 1024, options={"max_classes": 300}), str(data), progress=False)
-        common = [f"data.url={data}", f"train.steps={steps}", f"train.eval_every={steps}", "train.log_every=10",
-                  "eval.baseline=false", "memory.start=0", "run.num_workers=2", f"run.storage_path={tmp / 'runs'}"]
+        common = [
+            f"data.url={data}",
+            f"train.steps={steps}",
+            f"train.eval_every={steps}",
+            "train.log_every=10",
+            "eval.baseline=false",
+            "memory.start=0",
+            "run.num_workers=2",
+            f"run.storage_path={tmp / 'runs'}",
+        ]
         ensure_ray()  # one cluster for every Ray round: its start-up is not the loop's cost
         # rounds alternate so that drifts in the machine's speed hit both alike
         for r in range(rounds):
             cfg = load_config("demo", common + [f"run.name=torchrun{r}"])
             (tmp / "torchrun.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
             t0 = time.perf_counter()
-            subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
-                            str(ROOT / "bench" / "torchrun_worker.py"), str(tmp / "torchrun.yaml"), str(tmp / "torchrun.json")],
-                           check=True, capture_output=True)
+            subprocess.run(
+                [
+                    str(Path(sys.executable).parent / "torchrun"),
+                    "--nproc_per_node",
+                    "2",
+                    str(ROOT / "bench" / "torchrun_worker.py"),
+                    str(tmp / "torchrun.yaml"),
+                    str(tmp / "torchrun.json"),
+                ],
+                check=True,
+                capture_output=True,
+            )
             walls["torchrun"].append(time.perf_counter() - t0)
             rates["torchrun"].append(steady_rate(json.loads((tmp / "torchrun.json").read_text()), warmup))
 
             t0 = time.perf_counter()
             launch(load_config("demo", common + [f"run.name=ray{r}"]))
             walls["ray"].append(time.perf_counter() - t0)
-            history = [json.loads(line) for line in (tmp / "runs" / f"ray{r}" / "metrics.jsonl").read_text().splitlines()]
+            history = [
+                json.loads(line) for line in (tmp / "runs" / f"ray{r}" / "metrics.jsonl").read_text().splitlines()
+            ]
             rates["ray"].append(steady_rate(history, warmup))
-            print(f"round {r + 1}/{rounds}: torchrun {rates['torchrun'][-1]:.1f}, Ray Train {rates['ray'][-1]:.1f} samples/s",
-                  flush=True)
+            print(
+                f"round {r + 1}/{rounds}: torchrun {rates['torchrun'][-1]:.1f}, Ray Train {rates['ray'][-1]:.1f} samples/s",
+                flush=True,
+            )
         import ray
 
         ray.shutdown()
@@ -135,19 +164,31 @@ def main() -> None:
     gather_ms = gloo_gather_cost(batch=64, dim=64)
     torchrun_rate, ray_rate = statistics.median(rates["torchrun"]), statistics.median(rates["ray"])
     step_ms = 1e3 * 128 / ray_rate
-    print(f"training loop, 2 CPU workers, {steps} steps (first {warmup} excluded), global batch 128, "
-          f"median of {rounds} alternating rounds:")
-    print(f"  torchrun    {torchrun_rate:8.1f} samples/s  ({1e3 * 128 / torchrun_rate:6.1f} ms/step, "
-          f"wall {statistics.median(walls['torchrun']):.0f}s incl. start-up)")
-    print(f"  Ray Train   {ray_rate:8.1f} samples/s  ({step_ms:6.1f} ms/step, "
-          f"wall {statistics.median(walls['ray']):.0f}s incl. start-up)")
+    print(
+        f"training loop, 2 CPU workers, {steps} steps (first {warmup} excluded), global batch 128, "
+        f"median of {rounds} alternating rounds:"
+    )
+    print(
+        f"  torchrun    {torchrun_rate:8.1f} samples/s  ({1e3 * 128 / torchrun_rate:6.1f} ms/step, "
+        f"wall {statistics.median(walls['torchrun']):.0f}s incl. start-up)"
+    )
+    print(
+        f"  Ray Train   {ray_rate:8.1f} samples/s  ({step_ms:6.1f} ms/step, "
+        f"wall {statistics.median(walls['ray']):.0f}s incl. start-up)"
+    )
     spread = {k: 100 * (max(v) - min(v)) / statistics.median(v) for k, v in rates.items()}
-    print(f"  Ray Train per-step overhead vs torchrun: {100 * (torchrun_rate / ray_rate - 1):+.1f}%  (goal: under 5%; "
-          f"round-to-round spread torchrun {spread['torchrun']:.0f}%, Ray {spread['ray']:.0f}%)")
+    print(
+        f"  Ray Train per-step overhead vs torchrun: {100 * (torchrun_rate / ray_rate - 1):+.1f}%  (goal: under 5%; "
+        f"round-to-round spread torchrun {spread['torchrun']:.0f}%, Ray {spread['ray']:.0f}%)"
+    )
     print("per-step costs inside the loop (batch 64 per rank, 64-d, memory 2048):")
-    print(f"  all_gather_with_grad fwd+bwd, 2 gloo ranks: {gather_ms:.2f} ms  ({100 * gather_ms / step_ms:.1f}% of a step)")
+    print(
+        f"  all_gather_with_grad fwd+bwd, 2 gloo ranks: {gather_ms:.2f} ms  ({100 * gather_ms / step_ms:.1f}% of a step)"
+    )
     print(f"  MS loss vs global batch fwd+bwd:            {costs['batch_term_ms']:.2f} ms")
-    print(f"  memory enqueue + MS loss vs memory fwd+bwd: {costs['memory_term_ms']:.2f} ms  ({100 * costs['memory_term_ms'] / step_ms:.1f}% of a step)")
+    print(
+        f"  memory enqueue + MS loss vs memory fwd+bwd: {costs['memory_term_ms']:.2f} ms  ({100 * costs['memory_term_ms'] / step_ms:.1f}% of a step)"
+    )
 
 
 if __name__ == "__main__":

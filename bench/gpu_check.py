@@ -40,9 +40,10 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -56,19 +57,24 @@ from bench_data import make_images  # noqa: E402
 from bench_eval import KS, make_data  # noqa: E402
 from bench_losses import bench_memory  # noqa: E402
 
-from dmlray import losses, miners  # noqa: E402
+from dmlray import losses
 from dmlray.config import LossConfig, ModelConfig  # noqa: E402
 from dmlray.data.pack import Recipe, pack  # noqa: E402
 from dmlray.data.shards import read_manifest  # noqa: E402
 from dmlray.data.transforms import NaturalImageTransform, make_transform  # noqa: E402
-from dmlray.distributed import (  # noqa: E402
-    _AllGatherWithGrad, all_gather_list, all_gather_no_grad, all_gather_variable, all_gather_with_grad,
+from dmlray.evaluation.metrics import retrieval_metrics  # noqa: E402
+from dmlray.jobs.worker import build_loss, build_model  # noqa: E402
+from dmlray.losses import miners  # noqa: E402
+from dmlray.training.distributed import (  # noqa: E402
+    _AllGatherWithGrad,
+    all_gather_list,
+    all_gather_no_grad,
+    all_gather_variable,
+    all_gather_with_grad,
     broadcast_object,
 )
-from dmlray.evaluate import retrieval_metrics  # noqa: E402
-from dmlray.memory import CrossBatchMemory  # noqa: E402
-from dmlray.train import Trainer  # noqa: E402
-from dmlray.worker import build_loss, build_model  # noqa: E402
+from dmlray.training.memory import CrossBatchMemory  # noqa: E402
+from dmlray.training.trainer import Trainer  # noqa: E402
 
 CPU = torch.device("cpu")
 START = time.perf_counter()
@@ -95,9 +101,20 @@ class Sizes:
 
 
 SMOKE = Sizes(
-    loss_batch=(4, 3), loss_dim=16, loss_memory=40, speed=(32, 512, 64), speed_repeats=(3, 1), images=64,
-    batch=(2, 2), backbones=(("bn_inception", 64), ("resnet18", 64)), window=1, windows=2, run_seconds=20.0,
-    check_images=(2, 64), retrieval_check=600, eval_items=2000,
+    loss_batch=(4, 3),
+    loss_dim=16,
+    loss_memory=40,
+    speed=(32, 512, 64),
+    speed_repeats=(3, 1),
+    images=64,
+    batch=(2, 2),
+    backbones=(("bn_inception", 64), ("resnet18", 64)),
+    window=1,
+    windows=2,
+    run_seconds=20.0,
+    check_images=(2, 64),
+    retrieval_check=600,
+    eval_items=2000,
 )
 
 
@@ -168,13 +185,22 @@ def loss_inputs(P: int, K: int, dim: int, memory: int, seed: int = 0) -> dict[st
     labels = torch.arange(P).repeat_interleave(K)
     raw = torch.randn(P * K, dim, generator=g, dtype=torch.float64)
     xbm = CrossBatchMemory(memory, dim, dtype=torch.float64)
-    xbm.enqueue(F.normalize(torch.randn(memory, dim, generator=g, dtype=torch.float64), dim=1),
-                torch.randint(0, P + 2, (memory,), generator=g))
+    xbm.enqueue(
+        F.normalize(torch.randn(memory, dim, generator=g, dtype=torch.float64), dim=1),
+        torch.randint(0, P + 2, (memory,), generator=g),
+    )
     slots = xbm.enqueue(F.normalize(raw, dim=1), labels)
     refs, ref_labels = xbm.contents()
     aux = torch.randn(P * K, dim, generator=g, dtype=torch.float64)  # the adversarial loss's second branch
-    return {"raw": raw, "labels": labels, "refs": refs.clone(), "ref_labels": ref_labels.clone(),
-            "self_index": slots, "aux": aux, "classes": P + 2}
+    return {
+        "raw": raw,
+        "labels": labels,
+        "refs": refs.clone(),
+        "ref_labels": ref_labels.clone(),
+        "self_index": slots,
+        "aux": aux,
+        "classes": P + 2,
+    }
 
 
 @contextlib.contextmanager
@@ -194,8 +220,9 @@ def same_noise(seed: int) -> Iterator[None]:
         miners._gumbel = original
 
 
-def run_loss(loss: torch.nn.Module, inputs: dict, memory: bool, device: torch.device, dtype: torch.dtype,
-             bf16: bool) -> dict[str, torch.Tensor]:
+def run_loss(
+    loss: torch.nn.Module, inputs: dict, memory: bool, device: torch.device, dtype: torch.dtype, bf16: bool
+) -> dict[str, torch.Tensor]:
     """Value and gradients (embeddings, aux branch, loss parameters) of one loss call."""
     leaf = inputs["raw"].to(device, dtype, copy=True).requires_grad_(True)  # copy: never the shared input
     aux = inputs["aux"].to(device, dtype, copy=True).requires_grad_(True)
@@ -233,8 +260,16 @@ def check_losses(device: torch.device, sizes: Sizes) -> list[dict]:
             for label, bf16 in (("float32", False), ("bfloat16", True)):
                 got = run_loss(copy.deepcopy(base).to(device), inputs, mode == "memory", device, torch.float32, bf16)
                 result = compare(got, want, tolerance(name, label))
-                rows.append({"loss": name, "mode": mode, "dtype": label, "trainable_alone": cls.trainable_alone,
-                             "value": float(want["value"]), **result})
+                rows.append(
+                    {
+                        "loss": name,
+                        "mode": mode,
+                        "dtype": label,
+                        "trainable_alone": cls.trainable_alone,
+                        "value": float(want["value"]),
+                        **result,
+                    }
+                )
     return rows
 
 
@@ -257,8 +292,11 @@ def check_memory(device: torch.device) -> dict:
         seen.append((slots.cpu(), emb.cpu(), lab.cpu(), restored.ptr, restored.filled))
     (s0, e0, l0, p0, f0), (s1, e1, l1, p1, f1) = seen
     same = torch.equal(s0, s1) and torch.equal(e0, e1) and torch.equal(l0, l1) and (p0, f0) == (p1, f1)
-    return {"check": "cross-batch memory", "pass": same,
-            "detail": f"{f1} entries, ptr {p1}, {int((s1 < 0).sum())} overwritten rows"}
+    return {
+        "check": "cross-batch memory",
+        "pass": same,
+        "detail": f"{f1} entries, ptr {p1}, {int((s1 < 0).sum())} overwritten rows",
+    }
 
 
 def check_gathers(device: torch.device, tmp: Path) -> dict:
@@ -274,8 +312,9 @@ def check_gathers(device: torch.device, tmp: Path) -> dict:
     backend = "nccl" if device.type == "cuda" else "gloo"
     from datetime import timedelta
 
-    dist.init_process_group(backend, init_method=f"file://{tmp / 'pg-init'}", rank=0, world_size=1,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        backend, init_method=f"file://{tmp / 'pg-init'}", rank=0, world_size=1, timeout=timedelta(seconds=60)
+    )
     try:
         x.grad = None
         gathered = _AllGatherWithGrad.apply(x)  # the public function skips it at world size 1
@@ -297,8 +336,13 @@ def check_normalise(device: torch.device) -> list[dict]:
         batch = pixels.pin_memory() if device.type == "cuda" else pixels
         got = transform.normalise(batch.to(device, non_blocking=True))
         result = compare({"images": got}, {"images": want}, TOLERANCES["float32"])
-        rows.append({"check": f"uint8 normalise on device ({convention})", "pass": result["pass"],
-                     "detail": f"max abs error {result['max_abs']:.2e}"})
+        rows.append(
+            {
+                "check": f"uint8 normalise on device ({convention})",
+                "pass": result["pass"],
+                "detail": f"max abs error {result['max_abs']:.2e}",
+            }
+        )
     return rows
 
 
@@ -330,16 +374,23 @@ def check_backbones(device: torch.device, sizes: Sizes) -> list[dict]:
         def distance(a: torch.Tensor, b: torch.Tensor) -> float:
             return float((a - b).norm(dim=1).max())
 
-        pairs = {"float32 channels-last vs CPU float64": (got["channels-last", "float32"], want),
-                 "float32 channels-last vs contiguous": (got["channels-last", "float32"], got["contiguous", "float32"]),
-                 "bfloat16 channels-last vs CPU float64": (got["channels-last", "bfloat16"], want)}
+        pairs = {
+            "float32 channels-last vs CPU float64": (got["channels-last", "float32"], want),
+            "float32 channels-last vs contiguous": (got["channels-last", "float32"], got["contiguous", "float32"]),
+            "bfloat16 channels-last vs CPU float64": (got["channels-last", "bfloat16"], want),
+        }
         for what, (a, b) in pairs.items():
             d = distance(a, b)
             judged = what.startswith("float32")
             limit = f" (limit {FLOAT32_BACKBONE_LIMIT})" if judged else ""
             verdict = d <= FLOAT32_BACKBONE_LIMIT if judged else None
-            rows.append({"check": f"{name} {what} ({batch}×{size}²)", "pass": verdict,
-                         "detail": f"max embedding distance {d:.2e}{limit}"})
+            rows.append(
+                {
+                    "check": f"{name} {what} ({batch}×{size}²)",
+                    "pass": verdict,
+                    "detail": f"max embedding distance {d:.2e}{limit}",
+                }
+            )
     return rows
 
 
@@ -361,20 +412,33 @@ def check_retrieval(device: torch.device, n: int) -> list[dict]:
         diffs = {k: abs(got[k] - want[k]) for k in want}
         ok = all(d <= METRIC_TOLERANCE.get(k, 1e-4) for k, d in diffs.items())
         worst = max(diffs, key=diffs.get)
-        rows.append({"check": f"retrieval metrics {protocol} (n={n})", "pass": ok,
-                     "detail": f"largest difference {worst} {diffs[worst]:.1e}; recall@1 {want['recall@1']:.4f}"})
+        rows.append(
+            {
+                "check": f"retrieval metrics {protocol} (n={n})",
+                "pass": ok,
+                "detail": f"largest difference {worst} {diffs[worst]:.1e}; recall@1 {want['recall@1']:.4f}",
+            }
+        )
     return rows
 
 
 def section_numerics(device: torch.device, sizes: Sizes, tmp: Path) -> dict:
     rows = check_losses(device, sizes)
     log(f"numerics: {sum(r['pass'] for r in rows)} of {len(rows)} loss comparisons pass")
-    checks = [check_memory(device), check_gathers(device, tmp), *check_normalise(device),
-              *check_retrieval(device, sizes.retrieval_check)]
+    checks = [
+        check_memory(device),
+        check_gathers(device, tmp),
+        *check_normalise(device),
+        *check_retrieval(device, sizes.retrieval_check),
+    ]
     log("numerics: memory, gathers, normalise and retrieval checked")
     checks += check_backbones(device, sizes)
-    return {"tolerances": {k: asdict(v) for k, v in TOLERANCES.items()}, "losses": rows, "checks": checks,
-            "all_pass": all(r["pass"] is not False for r in rows + checks)}
+    return {
+        "tolerances": {k: asdict(v) for k, v in TOLERANCES.items()},
+        "losses": rows,
+        "checks": checks,
+        "all_pass": all(r["pass"] is not False for r in rows + checks),
+    }
 
 
 # ------------------------------------------------------------------ 2 loss speed
@@ -395,19 +459,30 @@ def section_loss_speed(device: torch.device, sizes: Sizes) -> dict:
     with_pml = pml_available()
     row = bench_memory(batch, memory, dim, repeats, pml_repeats, device, with_pml=with_pml, statistic=statistics.median)
     ours, pml_value = row["values"]
-    out = {"case": row["case"], "dim": dim, "floor_ms": row["floor"], "dmlray_ms": row["dmlray"],
-           "dmlray_over_floor": row["dmlray"] / row["floor"], "pml": "importable" if with_pml else "not importable"}
+    out = {
+        "case": row["case"],
+        "dim": dim,
+        "floor_ms": row["floor"],
+        "dmlray_ms": row["dmlray"],
+        "dmlray_over_floor": row["dmlray"] / row["floor"],
+        "pml": "importable" if with_pml else "not importable",
+    }
     if with_pml:
-        out.update(pml_ms=row["pml"], pml_over_dmlray=row["pml"] / row["dmlray"],
-                   values_agree=abs(ours - pml_value) <= 1e-4 * max(1.0, abs(pml_value)), values=[ours, pml_value])
+        out.update(
+            pml_ms=row["pml"],
+            pml_over_dmlray=row["pml"] / row["dmlray"],
+            values_agree=abs(ours - pml_value) <= 1e-4 * max(1.0, abs(pml_value)),
+            values=[ours, pml_value],
+        )
     return out
 
 
 # ------------------------------------------------------------------ 3 stream against synthetic
 
 
-def make_stream(dataset_root: str, P: int, K: int, transform, workers: int,
-                device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def make_stream(
+    dataset_root: str, P: int, K: int, transform, workers: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The P×K training stream from a packed dataset: the only place this script builds it
     (it follows bench_backbones, which the PKBatches rewrite adapts)."""
     return stream_batches(read_manifest(dataset_root), "train", P, K, transform, workers, device)
@@ -419,8 +494,13 @@ def prepare_datasets(tmp: Path, count: int) -> dict[str, str]:
     roots = {}
     for label, resize in (("original", 0), ("resize 256", 256)):
         root = str(tmp / f"shards-{resize}")
-        pack(Recipe(dataset="folder", shard_bytes=8 * 2**20, options={"test_fraction": 0, "resize": resize}),
-             root, str(tmp / "raw"), progress=False, workers=os.cpu_count())
+        pack(
+            Recipe(dataset="folder", shard_bytes=8 * 2**20, options={"test_fraction": 0, "resize": resize}),
+            root,
+            str(tmp / "raw"),
+            progress=False,
+            workers=os.cpu_count(),
+        )
         roots[label] = root
     return roots
 
@@ -443,17 +523,31 @@ def trainer_rate(model: torch.nn.Module, feed: Iterator, sizes: Sizes, device: t
             raise _Enough
 
     trainer = Trainer(
-        model=model, loss_fn=losses.build("multi_similarity"), optimizer=torch.optim.Adam(model.parameters(), lr=1e-5),
-        scheduler=None, batches=lambda start: feed, steps=sizes.window * (1 + sizes.windows), device=device,
-        log_every=sizes.window, eval_every=10**9, amp="bf16", channels_last=True, report=report,
+        model=model,
+        loss_fn=losses.build("multi_similarity"),
+        optimizer=torch.optim.Adam(model.parameters(), lr=1e-5),
+        scheduler=None,
+        batches=lambda start: feed,
+        steps=sizes.window * (1 + sizes.windows),
+        device=device,
+        log_every=sizes.window,
+        eval_every=10**9,
+        amp="bf16",
+        channels_last=True,
+        report=report,
     )
     with contextlib.suppress(_Enough):
         trainer.train()
     (step0, t0, _), (step1, t1, _) = stamps[0], stamps[-1]
     images = (step1 - step0) * sizes.batch[0] * sizes.batch[1]
     windows = [(b[0] - a[0]) * sizes.batch[0] * sizes.batch[1] / (b[1] - a[1]) for a, b in zip(stamps, stamps[1:])]
-    return {"images_per_s": images / (t1 - t0), "timed_steps": step1 - step0, "window_min": min(windows),
-            "window_max": max(windows), "data_wait": statistics.mean(s[2] for s in stamps[1:])}
+    return {
+        "images_per_s": images / (t1 - t0),
+        "timed_steps": step1 - step0,
+        "window_min": min(windows),
+        "window_max": max(windows),
+        "data_wait": statistics.mean(s[2] for s in stamps[1:]),
+    }
 
 
 def run_feed(model: torch.nn.Module, open_feed: Callable[[], Iterator], sizes: Sizes, device: torch.device) -> dict:
@@ -464,8 +558,9 @@ def run_feed(model: torch.nn.Module, open_feed: Callable[[], Iterator], sizes: S
         getattr(feed, "close", lambda: None)()  # a stream's close stops its loader workers
 
 
-def section_stream(device: torch.device, sizes: Sizes, workers: int, tmp: Path,
-                   partial: Callable[[dict], None]) -> dict:
+def section_stream(
+    device: torch.device, sizes: Sizes, workers: int, tmp: Path, partial: Callable[[dict], None]
+) -> dict:
     roots = prepare_datasets(tmp, sizes.images)
     P, K = sizes.batch
     log(f"stream: {sizes.images} JPEGs made and packed twice")
@@ -486,8 +581,9 @@ def section_stream(device: torch.device, sizes: Sizes, workers: int, tmp: Path,
             log(f"stream: {backbone} {label}: {rates[label]['images_per_s']:.1f} images/s")
         for label, rate in rates.items():
             ratio = rate["images_per_s"] / rates["synthetic"]["images_per_s"]
-            out["runs"].append({"backbone": backbone, "size": size, "feed": label, **rate, "ratio": ratio,
-                                "goal_met": ratio >= 0.9})
+            out["runs"].append(
+                {"backbone": backbone, "size": size, "feed": label, **rate, "ratio": ratio, "goal_met": ratio >= 0.9}
+            )
         partial(out)
     out["goal"] = "stream / synthetic >= 0.9"
     return out
@@ -518,9 +614,19 @@ def section_eval(device: torch.device, sizes: Sizes) -> dict:
     log(f"eval: {seconds:.2f}s on {device}")
     cpu_metrics, cpu_seconds, _ = timed_metrics(torch.from_numpy(x), torch.from_numpy(y), CPU)
     diffs = {k: abs(metrics[k] - cpu_metrics[k]) for k in metrics}
-    return {"items": sizes.eval_items, "dim": 512, "ks": list(KS), "seconds_first": first[1], "seconds": seconds,
-            "peak_added_mib": added, "data_mib": x.nbytes / 2**20, "cpu_seconds": cpu_seconds, "metrics": metrics,
-            "max_difference_to_cpu": max(diffs.values()), "all_pass": max(diffs.values()) <= 1e-4}
+    return {
+        "items": sizes.eval_items,
+        "dim": 512,
+        "ks": list(KS),
+        "seconds_first": first[1],
+        "seconds": seconds,
+        "peak_added_mib": added,
+        "data_mib": x.nbytes / 2**20,
+        "cpu_seconds": cpu_seconds,
+        "metrics": metrics,
+        "max_difference_to_cpu": max(diffs.values()),
+        "all_pass": max(diffs.values()) <= 1e-4,
+    }
 
 
 # ------------------------------------------------------------------ report
@@ -542,9 +648,11 @@ def md_table(headers: list[str], rows: list[list[Any]]) -> str:
 
 def markdown(report: dict) -> str:
     meta = report["meta"]
-    parts = [f"# gpu_check ({'smoke' if meta['smoke'] else 'full'})",
-             f"{meta['device_name']}; torch {meta['torch']}, CUDA {meta['cuda']}, cuDNN {meta['cudnn']}; "
-             f"{meta['cpus']} CPUs; TF32 matmul {meta['tf32_matmul']}, cuDNN {meta['tf32_cudnn']}"]
+    parts = [
+        f"# gpu_check ({'smoke' if meta['smoke'] else 'full'})",
+        f"{meta['device_name']}; torch {meta['torch']}, CUDA {meta['cuda']}, cuDNN {meta['cudnn']}; "
+        f"{meta['cpus']} CPUs; TF32 matmul {meta['tf32_matmul']}, cuDNN {meta['tf32_cudnn']}",
+    ]
     for name in ("numerics", "loss_speed", "stream", "eval"):
         sec = report.get(name)
         if not sec:
@@ -560,37 +668,77 @@ def markdown(report: dict) -> str:
 
 def numerics_md(r: dict) -> str:
     tol = ", ".join(f"{k} rtol {v['rtol']:g} / atol {v['atol']:g}·max|ref|" for k, v in r["tolerances"].items())
-    losses_md = md_table(["loss", "mode", "dtype", "result", "worst (× tol)", "at", "max abs err", "value (f64)"],
-                         [[x["loss"] + ("" if x["trainable_alone"] else " (aux)"), x["mode"], x["dtype"], x["pass"],
-                           x["worst"], x["worst_at"], x["max_abs"], x["value"]] for x in r["losses"]])
+    losses_md = md_table(
+        ["loss", "mode", "dtype", "result", "worst (× tol)", "at", "max abs err", "value (f64)"],
+        [
+            [
+                x["loss"] + ("" if x["trainable_alone"] else " (aux)"),
+                x["mode"],
+                x["dtype"],
+                x["pass"],
+                x["worst"],
+                x["worst_at"],
+                x["max_abs"],
+                x["value"],
+            ]
+            for x in r["losses"]
+        ],
+    )
     checks_md = md_table(["check", "result", "detail"], [[c["check"], c["pass"], c["detail"]] for c in r["checks"]])
     return f"Against float64 on the CPU; tolerances: {tol}.\n\n{losses_md}\n\n{checks_md}"
 
 
 def loss_speed_md(r: dict) -> str:
-    rows = [["floor (E·Rᵀ fwd+bwd)", r["floor_ms"], 1.0],
-            ["dmlray MS + memory", r["dmlray_ms"], r["dmlray_over_floor"]]]
+    rows = [
+        ["floor (E·Rᵀ fwd+bwd)", r["floor_ms"], 1.0],
+        ["dmlray MS + memory", r["dmlray_ms"], r["dmlray_over_floor"]],
+    ]
     if "pml_ms" in r:
         rows.append([f"PML (values agree: {r['values_agree']})", r["pml_ms"], r["pml_ms"] / r["floor_ms"]])
     return f"{r['case']}, d={r['dim']}, median ms; PML {r['pml']}.\n\n" + md_table(["what", "ms", "× floor"], rows)
 
 
 def stream_md(r: dict) -> str:
-    rows = [[x["backbone"], x["size"], x["feed"], x["images_per_s"], x["ratio"], x["goal_met"], x["data_wait"],
-             x["timed_steps"], f"{x['window_min']:.0f}–{x['window_max']:.0f}"] for x in r["runs"]]
-    return (f"P×K = {r['P']}×{r['K']}, {r['workers']} loader workers, {r['images']} synthetic JPEGs; "
-            f"goal: {r.get('goal', 'stream / synthetic >= 0.9')}.\n\n"
-            + md_table(["backbone", "size", "feed", "images/s", "÷ synthetic", "≥ 0.9", "data wait", "steps",
-                        "window range"], rows))
+    rows = [
+        [
+            x["backbone"],
+            x["size"],
+            x["feed"],
+            x["images_per_s"],
+            x["ratio"],
+            x["goal_met"],
+            x["data_wait"],
+            x["timed_steps"],
+            f"{x['window_min']:.0f}–{x['window_max']:.0f}",
+        ]
+        for x in r["runs"]
+    ]
+    return (
+        f"P×K = {r['P']}×{r['K']}, {r['workers']} loader workers, {r['images']} synthetic JPEGs; "
+        f"goal: {r.get('goal', 'stream / synthetic >= 0.9')}.\n\n"
+        + md_table(
+            ["backbone", "size", "feed", "images/s", "÷ synthetic", "≥ 0.9", "data wait", "steps", "window range"], rows
+        )
+    )
 
 
 def eval_md(r: dict) -> str:
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items() if k.startswith(("recall", "map")))
-    return md_table(["items × dim", "seconds (first run)", "peak added MiB (data MiB)", "CPU seconds", "equal to CPU"],
-                    [[f"{r['items']:,} × {r['dim']}", f"{r['seconds']:.2f} ({r['seconds_first']:.2f})",
-                      "n/a" if r["peak_added_mib"] is None else f"{r['peak_added_mib']:.0f} ({r['data_mib']:.0f})",
-                      r["cpu_seconds"], r["all_pass"]]]) \
+    return (
+        md_table(
+            ["items × dim", "seconds (first run)", "peak added MiB (data MiB)", "CPU seconds", "equal to CPU"],
+            [
+                [
+                    f"{r['items']:,} × {r['dim']}",
+                    f"{r['seconds']:.2f} ({r['seconds_first']:.2f})",
+                    "n/a" if r["peak_added_mib"] is None else f"{r['peak_added_mib']:.0f} ({r['data_mib']:.0f})",
+                    r["cpu_seconds"],
+                    r["all_pass"],
+                ]
+            ],
+        )
         + f"\n\n{metrics}; largest difference to the CPU {r['max_difference_to_cpu']:.1e}"
+    )
 
 
 SECTION_TABLES = {"numerics": numerics_md, "loss_speed": loss_speed_md, "stream": stream_md, "eval": eval_md}
@@ -620,10 +768,18 @@ def run_section(report: dict, name: str, out: Path, fn: Callable[[], dict]) -> N
 
 def meta(device: torch.device, smoke: bool) -> dict:
     cuda = device.type == "cuda"
-    return {"smoke": smoke, "device": str(device), "device_name": torch.cuda.get_device_name(device) if cuda else "CPU",
-            "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-            "python": sys.version.split()[0], "cpus": os.cpu_count(),
-            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32}
+    return {
+        "smoke": smoke,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if cuda else "CPU",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -644,8 +800,10 @@ def main(argv: list[str] | None = None) -> int:
     workers = args.workers or (2 if args.smoke else 12)
     report: dict[str, Any] = {"meta": meta(device, args.smoke)}
     m = report["meta"]
-    log(f"torch {m['torch']}, CUDA {m['cuda']}, cuDNN {m['cudnn']}, device {device} ({m['device_name']}), "
-        f"{m['cpus']} CPUs, python {m['python']}")
+    log(
+        f"torch {m['torch']}, CUDA {m['cuda']}, cuDNN {m['cudnn']}, device {device} ({m['device_name']}), "
+        f"{m['cpus']} CPUs, python {m['python']}"
+    )
     with tempfile.TemporaryDirectory(prefix="dmlray-gpu-check-") as tmp_name:
         tmp = Path(tmp_name)
 

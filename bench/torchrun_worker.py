@@ -1,6 +1,6 @@
 """The dmlray training loop under plain torchrun (no Ray): the peer of bench_scaling.py.
 
-    torchrun --nproc_per_node 2 bench/torchrun_worker.py CONFIG.yaml OUT.json
+torchrun --nproc_per_node 2 bench/torchrun_worker.py CONFIG.yaml OUT.json
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from dmlray.config import load_config
-from dmlray.worker import WorkerContext, run_worker
+from dmlray.jobs.worker import WorkerContext, run_worker
 
 
 def main(config_path: str, out_path: str) -> None:
@@ -26,8 +26,12 @@ def main(config_path: str, out_path: str) -> None:
     def report(record, hist, state):
         history[:] = hist
 
-    run_worker(cfg, WorkerContext(rank=rank, world_size=dist.get_world_size(), report=report,
-                                  wrap_model=lambda m: DistributedDataParallel(m)))
+    run_worker(
+        cfg,
+        WorkerContext(
+            rank=rank, world_size=dist.get_world_size(), report=report, wrap_model=lambda m: DistributedDataParallel(m)
+        ),
+    )
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(history, f)

@@ -40,9 +40,9 @@ import sys
 import time
 from pathlib import Path
 
+from dmlray.devtools.ports import HOST, free_ports
+from dmlray.devtools.seaweed import server_command, wait_writable, write_identities
 from dmlray.owner_only import write_owner_only
-from dmlray.ports import HOST, free_ports
-from dmlray.seaweed import server_command, wait_writable, write_identities
 
 STATE_FILE = "cluster.json"
 ENV_FILE = "env.sh"
@@ -71,7 +71,7 @@ def _start_time(pid: int) -> int | None:
     except OSError:
         return None
     # the command name (field 2) may contain spaces: split after its closing parenthesis
-    return int(raw[raw.rindex(")") + 2:].split()[19])
+    return int(raw[raw.rindex(")") + 2 :].split()[19])
 
 
 def _group_members(pgid: int) -> list[int]:
@@ -84,7 +84,7 @@ def _group_members(pgid: int) -> list[int]:
             raw = (entry / "stat").read_text()
         except OSError:
             continue
-        fields = raw[raw.rindex(")") + 2:].split()
+        fields = raw[raw.rindex(")") + 2 :].split()
         # fields[0] is the state (field 3); zombies are already dead, only not reaped
         if int(fields[2]) == pgid and fields[0] != "Z":
             members.append(int(entry.name))
@@ -99,8 +99,14 @@ def _spawn(name: str, cmd: list[str], env: dict[str, str], logs: Path) -> dict:
         proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
-    return {"name": name, "pid": proc.pid, "pgid": proc.pid, "start_time": _start_time(proc.pid),
-            "cmd": cmd, "log": str(log_path)}
+    return {
+        "name": name,
+        "pid": proc.pid,
+        "pgid": proc.pid,
+        "start_time": _start_time(proc.pid),
+        "cmd": cmd,
+        "log": str(log_path),
+    }
 
 
 def _alive(proc: dict) -> bool:
@@ -116,7 +122,7 @@ def _alive(proc: dict) -> bool:
         if started != proc["start_time"]:
             return False  # pid reused: ours is gone, and so is its group
         stat = Path(f"/proc/{proc['pid']}/stat").read_text()
-        if stat[stat.rindex(")") + 2:].split()[0] != "Z":
+        if stat[stat.rindex(")") + 2 :].split()[0] != "Z":
             return True
     return bool(_group_members(proc["pgid"]))
 
@@ -129,7 +135,7 @@ def _leader_alive(proc: dict) -> bool:
         stat = stat_path.read_text()
     except OSError:
         return False
-    return stat[stat.rindex(")") + 2:].split()[0] != "Z"
+    return stat[stat.rindex(")") + 2 :].split()[0] != "Z"
 
 
 def stop_processes(procs: list[dict], timeout: float = 15.0) -> list[dict]:
@@ -201,8 +207,12 @@ def ray_auth_env(ray: dict) -> dict[str, str]:
 def cluster_env(state: dict) -> dict[str, str]:
     """Environment for clients of this cluster (`ray job submit`, `ray.init(address=...)`,
     boto3): RAY_ADDRESS (the jobs API), the auth token and the S3 settings."""
-    return {"RAY_ADDRESS": state["ray"]["dashboard_url"], "RAY_USAGE_STATS_ENABLED": "0",
-            **ray_auth_env(state["ray"]), **s3_env(state.get("s3"))}
+    return {
+        "RAY_ADDRESS": state["ray"]["dashboard_url"],
+        "RAY_USAGE_STATS_ENABLED": "0",
+        **ray_auth_env(state["ray"]),
+        **s3_env(state.get("s3")),
+    }
 
 
 def write_env_file(state: dict) -> Path:
@@ -215,7 +225,7 @@ def write_env_file(state: dict) -> Path:
 
 
 def start_seaweedfs(folder: Path, bucket: str, timeout: float) -> tuple[dict, dict]:
-    """`weed server` (dmlray.seaweed's command line) with credentials made for this cluster."""
+    """`weed server` (dmlray.devtools.seaweed's command line) with credentials made for this cluster."""
     data = folder / "seaweedfs"
     data.mkdir(parents=True, exist_ok=True)
     access_key, secret_key = "dmlray-" + secrets.token_hex(6), secrets.token_hex(20)
@@ -224,11 +234,22 @@ def start_seaweedfs(folder: Path, bucket: str, timeout: float) -> tuple[dict, di
     master, volume, filer, s3 = free_ports(4, grpc_offset=10000)
     cmd = server_command(data, identities, master=master, volume=volume, filer=filer, s3=s3)
     proc = _spawn("seaweedfs", cmd, dict(os.environ), folder / "logs")
-    info = {"endpoint": f"http://{HOST}:{s3}", "access_key": access_key, "secret_key": secret_key,
-            "region": "us-east-1", "bucket": bucket, "master_port": master}
+    info = {
+        "endpoint": f"http://{HOST}:{s3}",
+        "access_key": access_key,
+        "secret_key": secret_key,
+        "region": "us-east-1",
+        "bucket": bucket,
+        "master_port": master,
+    }
     try:
-        wait_writable(s3_client(info), [bucket], info["endpoint"], timeout,
-                      exited=lambda: None if _alive(proc) else f"weed exited during startup; see {proc['log']}")
+        wait_writable(
+            s3_client(info),
+            [bucket],
+            info["endpoint"],
+            timeout,
+            exited=lambda: None if _alive(proc) else f"weed exited during startup; see {proc['log']}",
+        )
     except BaseException:
         stop_processes([proc])
         raise
@@ -240,10 +261,12 @@ def s3_client(info: dict):
     from botocore.config import Config
 
     return boto3.client(
-        "s3", endpoint_url=info["endpoint"], aws_access_key_id=info["access_key"],
-        aws_secret_access_key=info["secret_key"], region_name=info["region"],
-        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2},
-                      connect_timeout=5, read_timeout=30),
+        "s3",
+        endpoint_url=info["endpoint"],
+        aws_access_key_id=info["access_key"],
+        aws_secret_access_key=info["secret_key"],
+        region_name=info["region"],
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}, connect_timeout=5, read_timeout=30),
     )
 
 
@@ -252,13 +275,20 @@ def s3_client(info: dict):
 
 def _ray_node_ports() -> dict[str, int]:
     """Ports a Ray node binds; distinct per node, since every node shares 127.0.0.1."""
-    names = ["node-manager-port", "object-manager-port", "metrics-export-port",
-             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port"]
+    names = [
+        "node-manager-port",
+        "object-manager-port",
+        "metrics-export-port",
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "runtime-env-agent-port",
+    ]
     return dict(zip(names, free_ports(len(names))))
 
 
-def start_ray_nodes(folder: Path, workers: int, cpus: int, head_cpus: int, env: dict[str, str],
-                    timeout: float = 180.0) -> tuple[list[dict], dict]:
+def start_ray_nodes(
+    folder: Path, workers: int, cpus: int, head_cpus: int, env: dict[str, str], timeout: float = 180.0
+) -> tuple[list[dict], dict]:
     """Start the head, then the worker nodes one after another, each waited for until the
     GCS lists it alive. Nodes registering at once on a small machine time out in the GCS
     (`RPC error: Deadline Exceeded`); one at a time they do not."""
@@ -269,21 +299,37 @@ def start_ray_nodes(folder: Path, workers: int, cpus: int, head_cpus: int, env: 
     gcs, dashboard, client = free_ports(3)
     head_ports = _ray_node_ports()
     head_cmd = [
-        ray, "start", "--head", f"--port={gcs}", f"--dashboard-host={HOST}", f"--dashboard-port={dashboard}",
-        f"--ray-client-server-port={client}", f"--num-cpus={head_cpus}", f"--temp-dir={temp_dir}",
-        *(f"--{k}={v}" for k, v in head_ports.items()), *NODE_FLAGS,
+        ray,
+        "start",
+        "--head",
+        f"--port={gcs}",
+        f"--dashboard-host={HOST}",
+        f"--dashboard-port={dashboard}",
+        f"--ray-client-server-port={client}",
+        f"--num-cpus={head_cpus}",
+        f"--temp-dir={temp_dir}",
+        *(f"--{k}={v}" for k, v in head_ports.items()),
+        *NODE_FLAGS,
     ]
-    info = {"address": f"{HOST}:{gcs}", "dashboard_url": f"http://{HOST}:{dashboard}",
-            "client_port": client, "temp_dir": temp_dir, "nodes": 1 + workers, "auth_token_path": str(token),
-            "metrics_ports": [head_ports["metrics-export-port"]], "worker_cpus": cpus}
+    info = {
+        "address": f"{HOST}:{gcs}",
+        "dashboard_url": f"http://{HOST}:{dashboard}",
+        "client_port": client,
+        "temp_dir": temp_dir,
+        "nodes": 1 + workers,
+        "auth_token_path": str(token),
+        "metrics_ports": [head_ports["metrics-export-port"]],
+        "worker_cpus": cpus,
+    }
     env = {**env, **ray_auth_env(info)}
     procs = [_spawn("ray-head", head_cmd, env, folder / "logs")]
     try:
         _wait_port(gcs, procs[0], 120.0)
         wait_for_nodes(info, 1, procs, timeout, port=head_ports["node-manager-port"])
         for i in range(workers):
-            procs.append(start_worker_node(folder, info, env, f"ray-worker-{i}", expected=2 + i, timeout=timeout,
-                                           others=procs))
+            procs.append(
+                start_worker_node(folder, info, env, f"ray-worker-{i}", expected=2 + i, timeout=timeout, others=procs)
+            )
     except BaseException:
         stop_processes(procs)
         raise
@@ -293,15 +339,28 @@ def start_ray_nodes(folder: Path, workers: int, cpus: int, head_cpus: int, env: 
 NODE_FLAGS = ["--block", f"--node-ip-address={HOST}", "--disable-usage-stats"]
 
 
-def start_worker_node(folder: Path, ray: dict, env: dict[str, str], name: str, expected: int, timeout: float,
-                      others: list[dict] = (), attempts: int = 2) -> dict:
+def start_worker_node(
+    folder: Path,
+    ray: dict,
+    env: dict[str, str],
+    name: str,
+    expected: int,
+    timeout: float,
+    others: list[dict] = (),
+    attempts: int = 2,
+) -> dict:
     """Start one worker node (fresh ports) and wait until `expected` nodes are alive.
 
     A node that dies while registering (a loaded host) is started again, up to `attempts`
     times in all; `others` are the cluster's processes that must stay alive meanwhile.
     """
-    cmd_base = [_bin("ray"), "start", f"--address={ray['address']}", f"--num-cpus={ray.get('worker_cpus', 1)}",
-                *NODE_FLAGS]
+    cmd_base = [
+        _bin("ray"),
+        "start",
+        f"--address={ray['address']}",
+        f"--num-cpus={ray.get('worker_cpus', 1)}",
+        *NODE_FLAGS,
+    ]
     env = {**env, **ray_auth_env(ray)}
     for attempt in range(1, attempts + 1):
         ports = _ray_node_ports()
@@ -345,8 +404,14 @@ def alive_node_ports(ray: dict, timeout: float = 60.0) -> list[int]:
     )
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **ray_auth_env(ray)}
     env.pop("RAY_ADDRESS", None)
-    out = subprocess.run([sys.executable, "-c", code, ray["address"]], capture_output=True, text=True,
-                         timeout=timeout, env=env, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, ray["address"]],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=True,
+    )
     last = out.stdout.strip().splitlines()[-1]
     return [] if last == "-" else [int(p) for p in last.split()]
 
@@ -379,8 +444,15 @@ def wait_for_nodes(ray: dict, expected: int, procs: list[dict], timeout: float, 
 # ------------------------------------------------------------------------------ commands
 
 
-def up(folder: str | Path, workers: int = 2, cpus: int = 1, head_cpus: int | None = None,
-       s3: bool = True, bucket: str = "dmlray", timeout: float = 180.0) -> dict:
+def up(
+    folder: str | Path,
+    workers: int = 2,
+    cpus: int = 1,
+    head_cpus: int | None = None,
+    s3: bool = True,
+    bucket: str = "dmlray",
+    timeout: float = 180.0,
+) -> dict:
     """Start SeaweedFS (optional) and a head + `workers` Ray nodes; return the state."""
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
@@ -392,8 +464,9 @@ def up(folder: str | Path, workers: int = 2, cpus: int = 1, head_cpus: int | Non
             proc, state["s3"] = start_seaweedfs(folder, bucket, timeout)
             state["processes"].append(proc)
             _write_state(folder, state)
-        procs, state["ray"] = start_ray_nodes(folder, workers, cpus, cpus if head_cpus is None else head_cpus,
-                                              node_env(state), timeout)
+        procs, state["ray"] = start_ray_nodes(
+            folder, workers, cpus, cpus if head_cpus is None else head_cpus, node_env(state), timeout
+        )
         state["processes"].extend(procs)
         _write_state(folder, state)
         write_env_file(state)
@@ -430,8 +503,9 @@ def restart_node(folder: str | Path, name: str, timeout: float = 180.0) -> dict:
     old_metrics = old.get("ports", {}).get("metrics-export-port")
     state["ray"]["metrics_ports"] = [p for p in state["ray"].get("metrics_ports", []) if p != old_metrics]
     others = [p for p in state["processes"] if p["name"].startswith("ray-") and p is not old]
-    proc = start_worker_node(folder, state["ray"], node_env(state), name, expected=state["ray"]["nodes"],
-                             timeout=timeout, others=others)
+    proc = start_worker_node(
+        folder, state["ray"], node_env(state), name, expected=state["ray"]["nodes"], timeout=timeout, others=others
+    )
     state["processes"] = [proc if p is old else p for p in state["processes"]]
     _write_state(folder, state)
     return proc
@@ -449,8 +523,13 @@ def restart_seaweedfs(folder: str | Path, pause_s: float = 0.0, timeout: float =
     proc = _spawn("seaweedfs", old["cmd"], dict(os.environ), folder / "logs")
     state["processes"] = [proc if p is old else p for p in state["processes"]]
     _write_state(folder, state)
-    wait_writable(s3_client(state["s3"]), [state["s3"]["bucket"]], state["s3"]["endpoint"], timeout,
-                  exited=lambda: None if _alive(proc) else f"weed exited during startup; see {proc['log']}")
+    wait_writable(
+        s3_client(state["s3"]),
+        [state["s3"]["bucket"]],
+        state["s3"]["endpoint"],
+        timeout,
+        exited=lambda: None if _alive(proc) else f"weed exited during startup; see {proc['log']}",
+    )
     return proc
 
 
@@ -495,13 +574,17 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "up":
         state = up(args.dir, args.workers, args.cpus, args.head_cpus, not args.no_s3, args.bucket, args.timeout)
-        print(f"Ray: {state['ray']['address']} ({state['ray']['nodes']} nodes), "
-              f"jobs API / dashboard: {state['ray']['dashboard_url']}")
+        print(
+            f"Ray: {state['ray']['address']} ({state['ray']['nodes']} nodes), "
+            f"jobs API / dashboard: {state['ray']['dashboard_url']}"
+        )
         if state["s3"]:
             print(f"S3: {state['s3']['endpoint']} bucket {state['s3']['bucket']}")
-        print(f"state: {Path(args.dir).resolve() / STATE_FILE}; "
-              f"source {Path(args.dir).resolve() / ENV_FILE} (or eval \"$(python {sys.argv[0]} env --dir {args.dir})\")"
-              " to use it")
+        print(
+            f"state: {Path(args.dir).resolve() / STATE_FILE}; "
+            f'source {Path(args.dir).resolve() / ENV_FILE} (or eval "$(python {sys.argv[0]} env --dir {args.dir})")'
+            " to use it"
+        )
     elif args.command == "down":
         down(args.dir, args.timeout, args.keep_temp)
         print("stopped")

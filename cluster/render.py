@@ -34,11 +34,26 @@ from typing import Any
 import yaml
 
 KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
-SUPPORTED_FIELDS = {"apiVersion", "kind", "resources", "namespace", "labels", "generatorOptions",
-                    "configMapGenerator", "patches"}
+SUPPORTED_FIELDS = {
+    "apiVersion",
+    "kind",
+    "resources",
+    "namespace",
+    "labels",
+    "generatorOptions",
+    "configMapGenerator",
+    "patches",
+}
 # Kinds this renderer leaves without a namespace (cluster-scoped).
-CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
-                  "PriorityClass", "StorageClass", "PersistentVolume"}
+CLUSTER_SCOPED = {
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "CustomResourceDefinition",
+    "PriorityClass",
+    "StorageClass",
+    "PersistentVolume",
+}
 
 
 class RenderError(ValueError):
@@ -97,8 +112,10 @@ def _configmap(root: Path, spec: dict, options: dict) -> dict:
         raise RenderError(f"{root}: configMapGenerator fields not supported: {sorted(unknown)}")
     opts = {**options, **spec.get("options", {})}
     if not opts.get("disableNameSuffixHash"):
-        raise RenderError(f"{root}: ConfigMap {spec['name']!r} needs disableNameSuffixHash: true "
-                          "(hashed names are not rewritten inside RayCluster/RayJob)")
+        raise RenderError(
+            f"{root}: ConfigMap {spec['name']!r} needs disableNameSuffixHash: true "
+            "(hashed names are not rewritten inside RayCluster/RayJob)"
+        )
     data: dict[str, str] = {}
     for env in spec.get("envs", []):
         data.update(_env_file(_inside(root, env)))
@@ -244,8 +261,13 @@ def _matches(obj: dict, target: dict) -> bool:
         raise RenderError(f"patch target fields not supported: {sorted(unknown)}")
     api = obj.get("apiVersion", "")
     group, _, version = api.rpartition("/")
-    checks = {"group": group, "version": version, "kind": obj["kind"], "name": obj["metadata"]["name"],
-              "namespace": obj["metadata"].get("namespace", "")}
+    checks = {
+        "group": group,
+        "version": version,
+        "kind": obj["kind"],
+        "name": obj["metadata"]["name"],
+        "namespace": obj["metadata"].get("namespace", ""),
+    }
     return all(re.fullmatch(str(pattern), checks[field]) for field, pattern in target.items())
 
 
@@ -277,8 +299,7 @@ def _apply_patch(resources: list[dict], spec: dict, root: Path) -> list[dict]:
         body["metadata"] = {k: v for k, v in body["metadata"].items() if k != "name"} or None
         if body["metadata"] is None:
             body.pop("metadata")
-    return [_merge(r, body, f"{r['kind']}/{r['metadata']['name']}") if _matches(r, target) else r
-            for r in resources]
+    return [_merge(r, body, f"{r['kind']}/{r['metadata']['name']}") if _matches(r, target) else r for r in resources]
 
 
 # ------------------------------------------------------------------------------ render

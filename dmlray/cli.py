@@ -16,11 +16,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dst", required=True, help="destination: path, file:// or s3://bucket/prefix")
     p.add_argument("--src", default=None, help="raw dataset folder (not needed for glyphs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="leave out missing or undecodable images (listed in the manifest) instead of stopping")
-    p.add_argument("--workers", type=int, default=0, help="threads writing shards in parallel (0 = the recipe's or automatic)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a complete dataset already at --dst (its manifest is removed first)")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave out missing or undecodable images (listed in the manifest) instead of stopping",
+    )
+    p.add_argument(
+        "--workers", type=int, default=0, help="threads writing shards in parallel (0 = the recipe's or automatic)"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a complete dataset already at --dst (its manifest is removed first)",
+    )
 
     p = sub.add_parser("train", help="train from a preset or YAML config with key=value overrides")
     p.add_argument("config", help="preset name (see --list-presets) or YAML path")
@@ -49,12 +57,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-period", type=int, default=0, help="ASHA: steps before stopping (0 = first evaluation)")
     p.add_argument("--reduction-factor", type=int, default=2, help="ASHA: keep 1/rf of the trials at each rung")
     p.add_argument("--seed", type=int, default=None, help="search seed (default train.seed)")
-    p.add_argument("--metrics-port", type=int, default=None,
-                   help="serve sweep metrics for Prometheus on this port (0 = any free port; default off)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve sweep metrics for Prometheus on this port (0 = any free port; default off)",
+    )
     p.add_argument("--metrics-addr", default="127.0.0.1", help="address of the sweep metrics server")
-    p.add_argument("--metrics-port-auto", action="store_true", help="if the metrics port is taken, use the next free one")
-    p.add_argument("--prometheus-dir", default=None,
-                   help="where prometheus.yml and the driver's file_sd entry go (default: the sweep folder if local)")
+    p.add_argument(
+        "--metrics-port-auto", action="store_true", help="if the metrics port is taken, use the next free one"
+    )
+    p.add_argument(
+        "--prometheus-dir",
+        default=None,
+        help="where prometheus.yml and the driver's file_sd entry go (default: the sweep folder if local)",
+    )
     p.add_argument("overrides", nargs="*", help="section.key=value overrides of the base config")
 
     sub.add_parser("presets", help="list the presets shipped with dmlray")
@@ -89,35 +106,55 @@ def _dispatch(args) -> int:
     if args.command == "pack":
         from dmlray.data.pack import load_recipe, pack
 
-        url = pack(load_recipe(args.recipe), args.dst, args.src, progress=not args.no_progress,
-                   skip_bad=args.skip_bad, workers=args.workers or None, overwrite=args.overwrite)
+        url = pack(
+            load_recipe(args.recipe),
+            args.dst,
+            args.src,
+            progress=not args.no_progress,
+            skip_bad=args.skip_bad,
+            workers=args.workers or None,
+            overwrite=args.overwrite,
+        )
         print(f"wrote {url}")
         return 0
     if args.command == "train":
-        from dmlray.app import train_and_report
         from dmlray.config import load_config
+        from dmlray.jobs.commands import train_and_report
 
         train_and_report(load_config(args.config, args.overrides))
         return 0
     if args.command == "eval":
-        from dmlray.app import eval_and_report
+        from dmlray.jobs.commands import eval_and_report
 
         eval_and_report(args.checkpoint, data=args.data, split=args.split, export=args.export)
         return 0
     if args.command == "demo":
-        from dmlray.demo import run_demo
+        from dmlray.jobs.demo import run_demo
 
         run_demo(args.out, args.overrides)
         return 0
     if args.command == "tune":
-        from dmlray.tune import run_sweep
+        from dmlray.sweeps.tune import run_sweep
 
-        result = run_sweep(args.config, args.space, overrides=args.overrides, num_samples=args.num_samples,
-                           scheduler=args.scheduler, search=args.search, max_concurrent=args.max_concurrent,
-                           metric=args.metric, mode=args.mode, name=args.name, grace_period=args.grace_period,
-                           reduction_factor=args.reduction_factor, seed=args.seed, metrics_port=args.metrics_port,
-                           metrics_addr=args.metrics_addr, metrics_port_auto=args.metrics_port_auto,
-                           prometheus_dir=args.prometheus_dir)
+        result = run_sweep(
+            args.config,
+            args.space,
+            overrides=args.overrides,
+            num_samples=args.num_samples,
+            scheduler=args.scheduler,
+            search=args.search,
+            max_concurrent=args.max_concurrent,
+            metric=args.metric,
+            mode=args.mode,
+            name=args.name,
+            grace_period=args.grace_period,
+            reduction_factor=args.reduction_factor,
+            seed=args.seed,
+            metrics_port=args.metrics_port,
+            metrics_addr=args.metrics_addr,
+            metrics_port_auto=args.metrics_port_auto,
+            prometheus_dir=args.prometheus_dir,
+        )
         return 0 if result.complete else 3
     if args.command == "presets":
         from dmlray.config import preset_names

@@ -354,8 +354,14 @@ def validate(cfg: Config) -> None:
     need(cfg.data.loader_workers >= 0, "data.loader_workers must be >= 0")
     need(cfg.model.embedding_dim >= 1, "model.embedding_dim must be >= 1")
     need(cfg.model.hidden_dim >= 0, f"model.hidden_dim must be >= 0 (0 = linear head), got {cfg.model.hidden_dim}")
-    need(cfg.model.batchnorm in ("train", "frozen", "sync"), f"model.batchnorm must be train, frozen or sync, got {cfg.model.batchnorm!r}")
-    need(cfg.model.batchnorm != "sync" or cfg.run.use_gpu, "model.batchnorm=sync needs run.use_gpu=true (torch's SyncBatchNorm runs on GPUs only)")
+    need(
+        cfg.model.batchnorm in ("train", "frozen", "sync"),
+        f"model.batchnorm must be train, frozen or sync, got {cfg.model.batchnorm!r}",
+    )
+    need(
+        cfg.model.batchnorm != "sync" or cfg.run.use_gpu,
+        "model.batchnorm=sync needs run.use_gpu=true (torch's SyncBatchNorm runs on GPUs only)",
+    )
     need(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
     need(cfg.memory.ramp_steps >= 0, "memory.ramp_steps must be >= 0")
     need(cfg.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0")
@@ -363,16 +369,22 @@ def validate(cfg: Config) -> None:
     need(cfg.train.accumulate >= 1, "train.accumulate must be >= 1")
     need(not (cfg.train.amp == "bf16" and cfg.train.dtype == "float64"), "train.amp=bf16 needs train.dtype=float32")
     if cfg.model.backbone not in models.backbone_names():
-        raise ConfigError(f"model.backbone: unknown backbone {cfg.model.backbone!r}; known: {', '.join(models.backbone_names())}")
+        raise ConfigError(
+            f"model.backbone: unknown backbone {cfg.model.backbone!r}; known: {', '.join(models.backbone_names())}"
+        )
     if cfg.loss.name not in losses.names():
         raise ConfigError(f"loss.name: unknown loss {cfg.loss.name!r}; known: {', '.join(losses.names())}")
     if not losses.loss_class(cfg.loss.name).trainable_alone:
-        raise ConfigError(f"loss.name: {cfg.loss.name!r} is an auxiliary term that needs inputs the trainer does not "
-                          "make (a second embedding branch); use it beside a main loss in your own training code")
+        raise ConfigError(
+            f"loss.name: {cfg.loss.name!r} is an auxiliary term that needs inputs the trainer does not "
+            "make (a second embedding branch); use it beside a main loss in your own training code"
+        )
     need(cfg.memory.size >= 0, "memory.size must be >= 0")
     need(cfg.memory.start >= 0, "memory.start must be >= 0")
     if cfg.memory.size > 0 and not losses.loss_class(cfg.loss.name).supports_references:
-        raise ConfigError(f"memory.size: loss {cfg.loss.name!r} cannot pair against a cross-batch memory; set memory.size=0")
+        raise ConfigError(
+            f"memory.size: loss {cfg.loss.name!r} cannot pair against a cross-batch memory; set memory.size=0"
+        )
     need(cfg.optim.name in ("adam", "adamw", "sgd"), f"optim.name must be adam, adamw or sgd, got {cfg.optim.name!r}")
     need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
     need(cfg.train.steps >= 1, "train.steps must be >= 1")
@@ -385,18 +397,24 @@ def validate(cfg: Config) -> None:
     need(cfg.run.storage_retry_s > 0, "run.storage_retry_s must be > 0 seconds")
     need(cfg.run.max_failures >= -1, "run.max_failures must be >= -1 (-1 = retry forever)")
     need(cfg.data.eval_batch_size >= 1, f"data.eval_batch_size must be >= 1, got {cfg.data.eval_batch_size}")
-    need(_finite(cfg.memory.weight) and cfg.memory.weight >= 0,
-         f"memory.weight must be finite and >= 0, got {cfg.memory.weight}")
+    need(
+        _finite(cfg.memory.weight) and cfg.memory.weight >= 0,
+        f"memory.weight must be finite and >= 0, got {cfg.memory.weight}",
+    )
     need(_finite(cfg.optim.lr), f"optim.lr must be finite, got {cfg.optim.lr}")
     for key in ("head_lr", "loss_lr", "weight_decay"):
         value = getattr(cfg.optim, key)
         need(_finite(value) and value >= 0, f"optim.{key} must be finite and >= 0, got {value}")
     need(_finite(cfg.optim.gamma) and cfg.optim.gamma > 0, f"optim.gamma must be finite and > 0, got {cfg.optim.gamma}")
     milestones = cfg.optim.milestones
-    need(all(m >= 1 for m in milestones) and all(a < b for a, b in zip(milestones, milestones[1:])),
-         f"optim.milestones must be positive and strictly increasing, got {milestones}")
-    need(_finite(cfg.run.cpus_per_worker) and cfg.run.cpus_per_worker > 0,
-         f"run.cpus_per_worker must be > 0, got {cfg.run.cpus_per_worker}")
+    need(
+        all(m >= 1 for m in milestones) and all(a < b for a, b in zip(milestones, milestones[1:])),
+        f"optim.milestones must be positive and strictly increasing, got {milestones}",
+    )
+    need(
+        _finite(cfg.run.cpus_per_worker) and cfg.run.cpus_per_worker > 0,
+        f"run.cpus_per_worker must be > 0, got {cfg.run.cpus_per_worker}",
+    )
     need(cfg.run.threads_per_worker >= 1, f"run.threads_per_worker must be >= 1, got {cfg.run.threads_per_worker}")
     need(0 <= cfg.run.metrics_port <= 65535, f"run.metrics_port must be a port in 0-65535, got {cfg.run.metrics_port}")
     check_name("run.name", cfg.run.name)

@@ -28,7 +28,7 @@ def write_owner_only(path: str | Path, data: str | bytes) -> Path:
             os.fchmod(fd, MODE)
             view = memoryview(payload)
             while view:  # os.write may write less than asked
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)

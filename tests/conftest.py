@@ -17,7 +17,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory):
     """A SeaweedFS S3 server on loopback with enforced credentials (stopped at the end)."""
-    from dmlray.seaweed import SeaweedS3
+    from dmlray.devtools.seaweed import SeaweedS3
 
     server = SeaweedS3(tmp_path_factory.mktemp("seaweed"), buckets=["dmlray-test"])
     server.start()

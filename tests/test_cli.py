@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dmlray.cli import build_parser, main
-from dmlray.ports import free_ports
+from dmlray.devtools.ports import free_ports
 
 
 def test_pack_to_a_file_url_and_a_plain_path_give_the_same_shards(tmp_path):
@@ -21,17 +21,34 @@ def test_pack_to_a_file_url_and_a_plain_path_give_the_same_shards(tmp_path):
     a = json.loads((tmp_path / "a" / "manifest.json").read_text())
     b = json.loads((tmp_path / "b" / "manifest.json").read_text())
     for split in ("train", "test"):
-        assert [s["sha256"] for s in a["splits"][split]["shards"]] == [s["sha256"] for s in b["splits"][split]["shards"]]
+        assert [s["sha256"] for s in a["splits"][split]["shards"]] == [
+            s["sha256"] for s in b["splits"][split]["shards"]
+        ]
     assert a["splits"]["train"]["num_classes"] + a["splits"]["test"]["num_classes"] >= 700
     assert a["splits"]["train"]["num_samples"] == 16 * a["splits"]["train"]["num_classes"]
 
 
 def test_train_in_local_mode_then_eval_the_run(glyphs_small, tmp_path, capsys):
     port = free_ports(1)[0]
-    rc = main(["train", "demo", f"data.url={glyphs_small}", f"run.storage_path={tmp_path}", "run.name=cli",
-               "run.num_workers=0", f"run.metrics_port={port}", "train.steps=30", "train.eval_every=15",
-               "train.log_every=5", "data.classes_per_batch=8", "data.class_buffer=16", "memory.size=128",
-               "memory.start=10", "optim.milestones=[]"])
+    rc = main(
+        [
+            "train",
+            "demo",
+            f"data.url={glyphs_small}",
+            f"run.storage_path={tmp_path}",
+            "run.name=cli",
+            "run.num_workers=0",
+            f"run.metrics_port={port}",
+            "train.steps=30",
+            "train.eval_every=15",
+            "train.log_every=5",
+            "data.classes_per_batch=8",
+            "data.class_buffer=16",
+            "memory.size=128",
+            "memory.start=10",
+            "optim.milestones=[]",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "R@1" in out and "raw pixels" in out and str(tmp_path / "cli") in out
@@ -79,8 +96,14 @@ def test_unknown_key_fails_before_anything_runs(tmp_path, capsys):
 
 def test_parser_knows_every_documented_subcommand():
     parser = build_parser()
-    for argv in (["pack", "glyphs", "--dst", "x"], ["train", "demo", "a.b=1"], ["eval", "runs/x"], ["demo"],
-                 ["tune", "demo", "--space", "s.yaml"], ["presets"]):
+    for argv in (
+        ["pack", "glyphs", "--dst", "x"],
+        ["train", "demo", "a.b=1"],
+        ["eval", "runs/x"],
+        ["demo"],
+        ["tune", "demo", "--space", "s.yaml"],
+        ["presets"],
+    ):
         assert parser.parse_args(argv).command == argv[0]
     with pytest.raises(SystemExit):
         parser.parse_args(["pack", "glyphs"])  # --dst is required

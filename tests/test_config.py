@@ -16,18 +16,21 @@ def test_round_trip_through_a_dict():
     assert config_from_dict(config_to_dict(cfg)) == cfg
 
 
-@pytest.mark.parametrize("override, named", [
-    ("train.stepz=3", "train.stepz"),
-    ("trian.steps=3", "trian"),
-    ("train.steps=many", "train.steps"),
-    ("train.steps=1.5", "train.steps"),
-    ("run.use_gpu=maybe", "run.use_gpu"),
-    ("data.samples_per_class=1", "data.samples_per_class"),
-    ("loss.name=no_such_loss", "loss.name"),
-    ("loss.name=adversarial", "auxiliary term"),
-    ("model.backbone=no_such_net", "model.backbone"),
-    ("optim.name=adagrad", "optim.name"),
-])
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("train.stepz=3", "train.stepz"),
+        ("trian.steps=3", "trian"),
+        ("train.steps=many", "train.steps"),
+        ("train.steps=1.5", "train.steps"),
+        ("run.use_gpu=maybe", "run.use_gpu"),
+        ("data.samples_per_class=1", "data.samples_per_class"),
+        ("loss.name=no_such_loss", "loss.name"),
+        ("loss.name=adversarial", "auxiliary term"),
+        ("model.backbone=no_such_net", "model.backbone"),
+        ("optim.name=adagrad", "optim.name"),
+    ],
+)
 def test_bad_keys_and_values_are_errors_that_name_them(override, named):
     with pytest.raises(ConfigError) as info:
         load_config("demo", [override])

@@ -11,8 +11,8 @@ import pytest
 
 from dmlray.data import storage
 from dmlray.data.pack import pack
-from dmlray.data.shards import read_manifest
 from dmlray.data.pk_batches import PKBatches
+from dmlray.data.shards import read_manifest
 from dmlray.data.stream import iter_eval_batches, iter_shard, rank_shards
 from dmlray.data.transforms import ImageTransform
 
@@ -51,8 +51,9 @@ def test_pk_batches_from_s3_are_balanced_and_ranks_draw_disjoint_classes(glyphs_
     manifest = read_manifest(glyphs_s3)
     tf = ImageTransform(32, 1, train=True)
     layouts = manifest.layouts("train")
-    streams = [PKBatches(layouts, 4, 3, tf, seed=7, rank=r, world_size=2, class_buffer=12, open_shards=2)
-               for r in (0, 1)]
+    streams = [
+        PKBatches(layouts, 4, 3, tf, seed=7, rank=r, world_size=2, class_buffer=12, open_shards=2) for r in (0, 1)
+    ]
     draws = []
     for stream in streams:
         batches = list(itertools.islice(iter(stream), 5))

@@ -67,7 +67,9 @@ def make_cars(root: Path, classes=(1, 2, 99, 100), per_class: int = 3) -> Path:
     annotations = np.zeros((1, len(records)), dtype=[(f, "O") for f in fields])
     for i, rec in enumerate(records):
         for f, v in zip(fields, rec):
-            annotations[0, i][f] = np.array([[v]], dtype=np.uint8 if f == "test" else None) if f != "relative_im_path" else np.array([v])
+            annotations[0, i][f] = (
+                np.array([[v]], dtype=np.uint8 if f == "test" else None) if f != "relative_im_path" else np.array([v])
+            )
     class_names = np.empty((1, 196), dtype=object)
     for i in range(196):
         class_names[0, i] = np.array([f"Maker Model {i + 1}"])
@@ -92,14 +94,20 @@ def make_sop(root: Path) -> Path:
 def make_inshop(root: Path) -> Path:
     rows = []
     n = 0
-    for item, statuses in (("id_00000001", ["train"] * 3), ("id_00000007", ["train"] * 2),
-                           ("id_00000003", ["query", "gallery", "gallery"]), ("id_00000004", ["query", "query", "gallery"])):
+    for item, statuses in (
+        ("id_00000001", ["train"] * 3),
+        ("id_00000007", ["train"] * 2),
+        ("id_00000003", ["query", "gallery", "gallery"]),
+        ("id_00000004", ["query", "query", "gallery"]),
+    ):
         for j, status in enumerate(statuses):
             n += 1
             rel = f"img/WOMEN/Dresses/{item}/{j + 1:02d}_1_front.jpg"
             jpeg(root / rel, 300 + n)
             rows.append(f"{rel}    {item}    {status}")
-    (root / "list_eval_partition.txt").write_text(f"{len(rows)}\nimage_name item_id evaluation_status\n" + "\n".join(rows) + "\n")
+    (root / "list_eval_partition.txt").write_text(
+        f"{len(rows)}\nimage_name item_id evaluation_status\n" + "\n".join(rows) + "\n"
+    )
     return root
 
 
@@ -187,12 +195,21 @@ def test_layout_specifics(tmp_path):
     assert flags == {0, 1}, "split by class, whatever the file's test flag says"
     assert {m["json"]["class_name"] for m in members.values()} == {"Maker Model 1", "Maker Model 2"}
     # In-Shop: query and gallery share their class ids; train classes are other items
-    pack(Recipe(dataset="inshop", shard_bytes=1 << 20), str(tmp_path / "i"), str(make_inshop(tmp_path / "inshop")), progress=False)
+    pack(
+        Recipe(dataset="inshop", shard_bytes=1 << 20),
+        str(tmp_path / "i"),
+        str(make_inshop(tmp_path / "inshop")),
+        progress=False,
+    )
     m = read_manifest(str(tmp_path / "i"))
     assert m.classes("query") == m.classes("gallery") == [3, 4] and not set(m.classes("train")) & {3, 4}
     # folder with test_fraction 0: one split holding every class
-    pack(Recipe(dataset="folder", shard_bytes=1 << 20, options={"test_fraction": 0, "resize": 0}), str(tmp_path / "f"),
-         str(make_folder(tmp_path / "folder")), progress=False)
+    pack(
+        Recipe(dataset="folder", shard_bytes=1 << 20, options={"test_fraction": 0, "resize": 0}),
+        str(tmp_path / "f"),
+        str(make_folder(tmp_path / "folder")),
+        progress=False,
+    )
     assert read_manifest(str(tmp_path / "f")).splits == ["train"]
     assert read_manifest(str(tmp_path / "f")).classes("train") == [1, 2, 3, 4]
 
@@ -202,7 +219,12 @@ def test_pre_resize_shrinks_the_shorter_side(tmp_path):
     jpeg(src / "a" / "big.jpg", 1, size=(120, 90))
     jpeg(src / "a" / "small.jpg", 2, size=(20, 16))
     jpeg(src / "b" / "big.jpg", 3, size=(90, 120))
-    pack(Recipe(dataset="folder", shard_bytes=1 << 20, options={"test_fraction": 0, "resize": 32}), str(tmp_path / "p"), str(src), progress=False)
+    pack(
+        Recipe(dataset="folder", shard_bytes=1 << 20, options={"test_fraction": 0, "resize": 32}),
+        str(tmp_path / "p"),
+        str(src),
+        progress=False,
+    )
     members = shard_members(tmp_path / "p" / "train" / "shard-000000.tar")
     sizes = {m["json"]["path"]: Image.open(io.BytesIO(m["image"])).size for m in members.values()}
     assert sizes == {"a/big.jpg": (43, 32), "a/small.jpg": (20, 16), "b/big.jpg": (32, 43)}
@@ -239,7 +261,9 @@ def test_missing_image_names_the_file_or_is_skipped_and_listed(tmp_path, capsys)
     src = make_cub(tmp_path / "raw")
     missing = src / "images" / "002.Bird_2" / "Bird_2_0001_5.jpg"
     missing.unlink()
-    with pytest.raises(BadInputError, match=f"missing image {missing}.*images.txt|missing image {missing}.*image_class_labels"):
+    with pytest.raises(
+        BadInputError, match=f"missing image {missing}.*images.txt|missing image {missing}.*image_class_labels"
+    ):
         pack(Recipe(dataset="cub"), str(tmp_path / "a"), str(src), progress=False)
     assert not (tmp_path / "a" / "manifest.json").exists()
     # the command line: the same message, exit status 2; --skip-bad packs the rest
@@ -285,7 +309,13 @@ def test_split_with_zero_classes_is_an_error(tmp_path):
     for f in src.rglob("*.jpg"):
         f.write_bytes(b"not a jpeg")
     with pytest.raises(ValueError, match="split 'train' has zero classes.*2 bad images were skipped"):
-        pack(Recipe(dataset="folder", options={"test_fraction": 0}), str(tmp_path / "b"), str(src), progress=False, skip_bad=True)
+        pack(
+            Recipe(dataset="folder", options={"test_fraction": 0}),
+            str(tmp_path / "b"),
+            str(src),
+            progress=False,
+            skip_bad=True,
+        )
     assert not (tmp_path / "b" / "manifest.json").exists()
 
 
@@ -350,7 +380,9 @@ def test_interrupted_pack_resumes_without_rewriting_complete_shards(tmp_path, mo
     assert {u: os.stat(storage.local_path(u)).st_mtime_ns for u in first} == written  # untouched
     a = json.loads((clean / "manifest.json").read_text())["splits"]
     b = json.loads((dst / "manifest.json").read_text())["splits"]
-    assert {s: [x["sha256"] for x in a[s]["shards"]] for s in a} == {s: [x["sha256"] for x in b[s]["shards"]] for s in b}
+    assert {s: [x["sha256"] for x in a[s]["shards"]] for s in a} == {
+        s: [x["sha256"] for x in b[s]["shards"]] for s in b
+    }
     # a changed source image changes its shard's fingerprint: only that shard is written again,
     # once --overwrite allows replacing a complete dataset, and after its old manifest is gone
     jpeg(src / "c00" / "img_0.jpg", 999)
@@ -378,7 +410,9 @@ def test_each_layout_packs_into_seaweedfs(reader, tmp_path, s3_env):
     url = f"s3://dmlray-test/layouts/{reader}"
     pack(Recipe(dataset=reader, shard_bytes=8 * 1024, options=options, workers=2), url, str(src), progress=False)
     check_manifest(url, expected)
-    keys = [o["Key"] for o in s3_env.client().list_objects_v2(Bucket="dmlray-test", Prefix=f"layouts/{reader}/")["Contents"]]
+    keys = [
+        o["Key"] for o in s3_env.client().list_objects_v2(Bucket="dmlray-test", Prefix=f"layouts/{reader}/")["Contents"]
+    ]
     assert f"layouts/{reader}/manifest.json" in keys and not any("_partial" in k for k in keys)
 
 

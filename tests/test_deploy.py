@@ -109,7 +109,7 @@ def mounted_file(template: dict, path: str, configmaps: dict[str, dict]) -> str 
         if path.startswith(prefix) and "configMap" in volume:
             cm = configmaps.get(volume["configMap"]["name"])
             if cm is not None:
-                return cm.get("data", {}).get(path[len(prefix):])
+                return cm.get("data", {}).get(path[len(prefix) :])
     return None
 
 
@@ -121,8 +121,9 @@ def test_renderer_matches_kubectl_kustomize(kustomization):
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl not installed: cluster/render.py is not compared with kustomize here")
-    out = subprocess.run([kubectl, "kustomize", str(K8S / kustomization)], capture_output=True, text=True,
-                         timeout=120, check=True).stdout
+    out = subprocess.run(
+        [kubectl, "kustomize", str(K8S / kustomization)], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
 
     def key(r):
         return r["kind"], r["metadata"].get("namespace", ""), r["metadata"]["name"]
@@ -139,26 +140,51 @@ def test_renderer_semantics(tmp_path):
     (base / "cfg").mkdir(parents=True)
     (base / "cfg" / "a.txt").write_text("A")
     (base / "cfg" / "x.env").write_text("# comment\nX=1\n")
-    (base / "obj.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": "job"},
-        "spec": {"entrypoint": "e", "list": [{"name": "a"}, {"name": "b"}], "drop": 1}}))
-    (base / "kustomization.yaml").write_text(yaml.safe_dump({
-        "resources": ["obj.yaml"], "generatorOptions": {"disableNameSuffixHash": True},
-        "configMapGenerator": [{"name": "cm", "files": ["cfg/a.txt", "renamed=cfg/a.txt"], "envs": ["cfg/x.env"]}]}))
+    (base / "obj.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "ray.io/v1",
+                "kind": "RayJob",
+                "metadata": {"name": "job"},
+                "spec": {"entrypoint": "e", "list": [{"name": "a"}, {"name": "b"}], "drop": 1},
+            }
+        )
+    )
+    (base / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "resources": ["obj.yaml"],
+                "generatorOptions": {"disableNameSuffixHash": True},
+                "configMapGenerator": [
+                    {"name": "cm", "files": ["cfg/a.txt", "renamed=cfg/a.txt"], "envs": ["cfg/x.env"]}
+                ],
+            }
+        )
+    )
     overlay = tmp_path / "overlay"
     overlay.mkdir()
     (overlay / "b.txt").write_text("B")
-    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
-        "resources": ["../base"], "namespace": "ns",
-        "labels": [{"pairs": {"team": "dml"}, "includeSelectors": False}],
-        "generatorOptions": {"disableNameSuffixHash": True},
-        "configMapGenerator": [{"name": "cm", "behavior": "merge", "files": ["a.txt=b.txt"]}],
-        "patches": [
-            {"target": {"kind": "RayJob", "name": "job"},
-             "patch": "- {op: test, path: /spec/list/1/name, value: b}\n- {op: remove, path: /spec/list/0}\n"
-                      "- {op: add, path: /spec/list/-, value: {name: c}}\n- {op: replace, path: /spec/entrypoint, value: f}"},
-            {"patch": "apiVersion: ray.io/v1\nkind: RayJob\nmetadata: {name: job}\nspec: {drop: null, extra: {k: v}}"},
-        ]}))
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "resources": ["../base"],
+                "namespace": "ns",
+                "labels": [{"pairs": {"team": "dml"}, "includeSelectors": False}],
+                "generatorOptions": {"disableNameSuffixHash": True},
+                "configMapGenerator": [{"name": "cm", "behavior": "merge", "files": ["a.txt=b.txt"]}],
+                "patches": [
+                    {
+                        "target": {"kind": "RayJob", "name": "job"},
+                        "patch": "- {op: test, path: /spec/list/1/name, value: b}\n- {op: remove, path: /spec/list/0}\n"
+                        "- {op: add, path: /spec/list/-, value: {name: c}}\n- {op: replace, path: /spec/entrypoint, value: f}",
+                    },
+                    {
+                        "patch": "apiVersion: ray.io/v1\nkind: RayJob\nmetadata: {name: job}\nspec: {drop: null, extra: {k: v}}"
+                    },
+                ],
+            }
+        )
+    )
     out = {r["kind"]: r for r in render.render(overlay)}
     assert out["ConfigMap"]["data"] == {"a.txt": "B", "renamed": "A", "X": "1"}
     assert out["ConfigMap"]["metadata"] == {"name": "cm", "namespace": "ns", "labels": {"team": "dml"}}
@@ -171,12 +197,21 @@ def test_renderer_semantics(tmp_path):
         with pytest.raises(render.RenderError, match=match):
             render.render(overlay)
 
-    refused({"patches": [{"target": {"kind": "RayJob"}, "patch": "- {op: test, path: /spec/entrypoint, value: x}"}]},
-            "test failed")
-    refused({"patches": [{"patch": "apiVersion: ray.io/v1\nkind: RayJob\nmetadata: {name: job}\nspec: {list: []}"}]},
-            "JSON6902")
-    refused({"configMapGenerator": [{"name": "other", "files": ["../base/cfg/a.txt"]}],
-             "generatorOptions": {"disableNameSuffixHash": True}}, "outside")
+    refused(
+        {"patches": [{"target": {"kind": "RayJob"}, "patch": "- {op: test, path: /spec/entrypoint, value: x}"}]},
+        "test failed",
+    )
+    refused(
+        {"patches": [{"patch": "apiVersion: ray.io/v1\nkind: RayJob\nmetadata: {name: job}\nspec: {list: []}"}]},
+        "JSON6902",
+    )
+    refused(
+        {
+            "configMapGenerator": [{"name": "other", "files": ["../base/cfg/a.txt"]}],
+            "generatorOptions": {"disableNameSuffixHash": True},
+        },
+        "outside",
+    )
     refused({"configMapGenerator": [{"name": "other", "literals": ["a=b"]}]}, "disableNameSuffixHash")
     refused({"namePrefix": "x-"}, "not supported")
 
@@ -192,8 +227,12 @@ def _strict(schema):
     if not isinstance(schema, dict):
         return schema
     out = {k: _strict(v) for k, v in schema.items()}
-    if (out.get("type") == "object" and isinstance(out.get("properties"), dict)
-            and "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields")):
+    if (
+        out.get("type") == "object"
+        and isinstance(out.get("properties"), dict)
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
         out["additionalProperties"] = False
     return out
 
@@ -251,12 +290,14 @@ def _check_kuberay_cluster_spec(spec: dict, where: str) -> None:
         assert group["template"]["spec"]["containers"], f"{where}: {name} group has no container"
         params = group.get("rayStartParams", {})
         if group.get("resources"):
-            assert not set(params) & {"num-cpus", "num-gpus", "memory", "resources"}, \
+            assert not set(params) & {"num-cpus", "num-gpus", "memory", "resources"}, (
                 f"{where}: {name}: resources set both in rayStartParams and resources"
+            )
         assert "labels" not in params, f"{where}: {name}: rayStartParams['labels'] is not supported"
         if spec.get("enableInTreeAutoscaling") and spec.get("autoscalerOptions", {}).get("version") == "v2":
-            assert group["template"]["spec"].get("restartPolicy", "Never") == "Never", \
+            assert group["template"]["spec"].get("restartPolicy", "Never") == "Never", (
                 f"{where}: {name}: autoscaler v2 needs restartPolicy Never or unset"
+            )
     names = [g["groupName"] for g in spec.get("workerGroupSpecs", [])]
     assert len(names) == len(set(names)), f"{where}: duplicate worker group names"
     for group in spec.get("workerGroupSpecs", []):
@@ -335,8 +376,9 @@ def test_references_resolve(kustomization):
                     ref = env.get("valueFrom", {}).get("secretKeyRef")
                     if ref:
                         assert ref["name"] in secrets, f"{where}: {env['name']} from unknown Secret"
-                        assert ref["key"] in secrets[ref["name"]]["stringData"], \
+                        assert ref["key"] in secrets[ref["name"]]["stringData"], (
                             f"{where}: Secret {ref['name']} has no key {ref['key']}"
+                        )
                     ref = env.get("valueFrom", {}).get("configMapKeyRef")
                     if ref:
                         assert ref["key"] in configmaps[ref["name"]]["data"], f"{where}: {env['name']}"
@@ -402,10 +444,12 @@ def _selects(selector: dict, labels: dict) -> bool:
     return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
 
 
-def _admits(policy: dict, namespace: str, peer_namespace: str, peer_labels: dict, port: str | int,
-            pod_ports: dict[str, int]) -> bool:
+def _admits(
+    policy: dict, namespace: str, peer_namespace: str, peer_labels: dict, port: str | int, pod_ports: dict[str, int]
+) -> bool:
     """Whether the policy's ingress rules let a pod (namespace, labels) in on a port of the
     selected pod (a container port name or number; pod_ports maps its names to numbers)."""
+
     def peer_ok(peer: dict) -> bool:
         assert set(peer) <= {"podSelector", "namespaceSelector"}, f"unsupported peer {peer}"
         if "namespaceSelector" in peer:
@@ -429,8 +473,11 @@ def _admits(policy: dict, namespace: str, peer_namespace: str, peer_labels: dict
 
 def _ray_pod_labels(cluster: dict, node_type: str, template: dict) -> dict:
     """Labels KubeRay gives a Ray pod: the template's plus its own."""
-    return {**template["metadata"].get("labels", {}), "ray.io/cluster": cluster["metadata"]["name"],
-            "ray.io/node-type": node_type}
+    return {
+        **template["metadata"].get("labels", {}),
+        "ray.io/cluster": cluster["metadata"]["name"],
+        "ray.io/node-type": node_type,
+    }
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
@@ -456,8 +503,11 @@ def test_network_policy_admits_to_the_head_only_its_cluster_submitters_and_prome
     ray_ports = ["gcs-server", "dashboard", "client"]
 
     def admitted(peer_namespace: str, labels: dict) -> set:
-        return {p for p in [*head_ports, 6380, 40000]  # and raylet/object-manager ports (not named)
-                if _admits(policy, namespace, peer_namespace, labels, p, head_ports)}
+        return {
+            p
+            for p in [*head_ports, 6380, 40000]  # and raylet/object-manager ports (not named)
+            if _admits(policy, namespace, peer_namespace, labels, p, head_ports)
+        }
 
     everything = set(head_ports) | {6380, 40000}
     # the cluster's own pods: every port
@@ -484,9 +534,13 @@ def test_network_policy_admits_to_the_head_only_its_cluster_submitters_and_prome
     (wpolicy,) = worker_policies
     for group in cluster["spec"]["workerGroupSpecs"]:
         ports = {p["name"]: p["containerPort"] for p in group["template"]["spec"]["containers"][0]["ports"]}
-        for labels, peer_namespace, allowed in [(head, namespace, {"metrics", 40000}), (workers[0], namespace,
-                                                 {"metrics", 40000}), (prometheus, "monitoring", {"metrics"}),
-                                                (submitters[0], namespace, set()), (head, "other-team", set())]:
+        for labels, peer_namespace, allowed in [
+            (head, namespace, {"metrics", 40000}),
+            (workers[0], namespace, {"metrics", 40000}),
+            (prometheus, "monitoring", {"metrics"}),
+            (submitters[0], namespace, set()),
+            (head, "other-team", set()),
+        ]:
             got = {p for p in [*ports, 40000] if _admits(wpolicy, namespace, peer_namespace, labels, p, ports)}
             assert got == allowed, (group["groupName"], labels, peer_namespace, got)
 
@@ -495,8 +549,11 @@ def test_network_policy_admits_to_the_head_only_its_cluster_submitters_and_prome
 def test_ray_pods_have_shm_metrics_and_the_right_accelerators(kustomization):
     resources = rendered(kustomization)
     (cluster,) = of_kind(resources, "RayCluster")
-    gpu_groups = [g for g in cluster["spec"]["workerGroupSpecs"]
-                  if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"].get("limits", {})]
+    gpu_groups = [
+        g
+        for g in cluster["spec"]["workerGroupSpecs"]
+        if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"].get("limits", {})
+    ]
     for where, template in ray_templates(resources):
         spec = template["spec"]
         container = spec["containers"][0]
@@ -549,8 +606,15 @@ def test_podmonitor_scrapes_the_ray_pods(kustomization):
 # ------------------------------------------------------------------- Grafana dashboard
 
 DASHBOARD = K8S / "grafana" / "dmlray-sweep.json"
-REQUIRED_METRICS = ["ray_dmlray_step", "ray_dmlray_loss", "ray_dmlray_samples_per_second", "ray_dmlray_memory_fill",
-                    "ray_dmlray_recall_at_1", "dmlray_sweep_trials", "dmlray_sweep_best_metric"]
+REQUIRED_METRICS = [
+    "ray_dmlray_step",
+    "ray_dmlray_loss",
+    "ray_dmlray_samples_per_second",
+    "ray_dmlray_memory_fill",
+    "ray_dmlray_recall_at_1",
+    "dmlray_sweep_trials",
+    "dmlray_sweep_best_metric",
+]
 
 
 def _dashboard_exprs(dashboard: dict) -> list[tuple[str, str]]:
@@ -595,8 +659,10 @@ def test_dashboard_queries_with_promtool(tmp_path):
     if promtool is None:
         pytest.skip("promtool (Debian package prometheus) not installed: PromQL syntax not checked")
     dashboard = json.loads(DASHBOARD.read_text())
-    rules = [{"record": f"dmlray:panel_{i}", "expr": expr.replace("$run", ".*").replace("$trial", ".*")}
-             for i, (_, expr) in enumerate(_dashboard_exprs(dashboard))]
+    rules = [
+        {"record": f"dmlray:panel_{i}", "expr": expr.replace("$run", ".*").replace("$trial", ".*")}
+        for i, (_, expr) in enumerate(_dashboard_exprs(dashboard))
+    ]
     path = tmp_path / "rules.yaml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     out = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
@@ -620,8 +686,9 @@ def expand_entrypoint(job: dict, configmaps: dict[str, dict]) -> list[str]:
     def cat(match: re.Match) -> str:
         content = mounted_file(template, match.group(1), configmaps)
         assert content is not None, f"{match.group(1)} is not mounted from a ConfigMap in the submitter pod"
-        assert not [line for line in content.splitlines() if line.strip().startswith("#")], \
+        assert not [line for line in content.splitlines() if line.strip().startswith("#")], (
             f"{match.group(1)}: comment lines would be spliced into the command"
+        )
         return " " + content + " "
 
     expanded = CAT.sub(cat, job["spec"]["entrypoint"])
@@ -659,8 +726,10 @@ def test_job_entrypoint_is_a_dmlray_command(kustomization, job_name):
         assert text is not None, f"{space_path} is not mounted in the head pod"
         space = yaml.safe_load(text)
         assert isinstance(space, dict) and space, "the search space must be a non-empty mapping"
-        head_ports = {p["name"]: p["containerPort"]
-                      for p in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+        head_ports = {
+            p["name"]: p["containerPort"]
+            for p in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]
+        }
 
     from dmlray.cli import parse
 
@@ -724,8 +793,10 @@ def test_cluster_launcher_configs_match_rays_schema():
     assert [p.name for p in configs] == ["aws-gpu.yaml"]
     for path in configs:
         config = yaml.safe_load(path.read_text())
-        errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
-                  for e in jsonschema.Draft7Validator(schema).iter_errors(config)]
+        errors = [
+            f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in jsonschema.Draft7Validator(schema).iter_errors(config)
+        ]
         assert not errors, f"{path.name}: {errors}"
         validate_config(config)  # Ray's own check: the schema plus its consistency rules
         assert config["head_node_type"] in config["available_node_types"]
@@ -737,8 +808,9 @@ def test_cluster_launcher_configs_match_rays_schema():
 # ---------------------------------------------------------------- the local launcher
 
 
-def submit_ray_job(state: dict, entrypoint: str, timeout: float = 600.0,
-                   runtime_env: dict | None = None) -> subprocess.CompletedProcess:
+def submit_ray_job(
+    state: dict, entrypoint: str, timeout: float = 600.0, runtime_env: dict | None = None
+) -> subprocess.CompletedProcess:
     """`ray job submit` an entrypoint to a cluster from cluster/local_cluster.py and wait for
     it; the result's stdout holds the job's logs, returncode is non-zero if the job failed.
     Jobs run with the cluster's S3 credentials and this venv's `dmlray` on PATH."""
@@ -747,8 +819,9 @@ def submit_ray_job(state: dict, entrypoint: str, timeout: float = 600.0,
         cmd += ["--runtime-env-json", json.dumps(runtime_env)]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_", "AWS_"))}
     env.update(local_cluster.cluster_env(state))
-    return subprocess.run(cmd + ["--", *shlex.split(entrypoint)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        cmd + ["--", *shlex.split(entrypoint)], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 @pytest.fixture
@@ -758,15 +831,21 @@ def local_ray_cluster(tmp_path):
     folder = tmp_path / "cluster"
     script = ROOT / "cluster" / "local_cluster.py"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    up = subprocess.run([sys.executable, str(script), "up", "--workers", "1", "--cpus", "1", "--dir", str(folder),
-                         "--timeout", "300"], capture_output=True, text=True, timeout=420, env=env)
+    up = subprocess.run(
+        [sys.executable, str(script), "up", "--workers", "1", "--cpus", "1", "--dir", str(folder), "--timeout", "300"],
+        capture_output=True,
+        text=True,
+        timeout=420,
+        env=env,
+    )
     try:
         assert up.returncode == 0, f"up failed:\n{up.stdout}\n{up.stderr}"
         yield local_cluster.load_state(folder)
     finally:
         if (folder / local_cluster.STATE_FILE).exists():
-            subprocess.run([sys.executable, str(script), "down", "--dir", str(folder)], capture_output=True,
-                           timeout=120, env=env)
+            subprocess.run(
+                [sys.executable, str(script), "down", "--dir", str(folder)], capture_output=True, timeout=120, env=env
+            )
 
 
 @pytest.mark.slow
@@ -791,17 +870,20 @@ def test_local_cluster_up_and_down(local_ray_cluster, tmp_path):
         wrong.list_buckets()
 
     # a job sees the S3 endpoint and credentials, and this venv's dmlray on PATH
-    probe = ("python -c \"import boto3, shutil; "
-             "print('buckets', [b['Name'] for b in boto3.client('s3').list_buckets()['Buckets']], "
-             "'dmlray', shutil.which('dmlray'))\"")
+    probe = (
+        'python -c "import boto3, shutil; '
+        "print('buckets', [b['Name'] for b in boto3.client('s3').list_buckets()['Buckets']], "
+        "'dmlray', shutil.which('dmlray'))\""
+    )
     job = submit_ray_job(state, probe, timeout=300)
     assert job.returncode == 0, job.stdout + job.stderr
     assert f"'{state['s3']['bucket']}'" in job.stdout and str(Path(sys.executable).parent / "dmlray") in job.stdout
 
     # down stops exactly the recorded processes, their groups included, and cleans up
     script = ROOT / "cluster" / "local_cluster.py"
-    down = subprocess.run([sys.executable, str(script), "down", "--dir", str(folder)], capture_output=True,
-                          text=True, timeout=120)
+    down = subprocess.run(
+        [sys.executable, str(script), "down", "--dir", str(folder)], capture_output=True, text=True, timeout=120
+    )
     assert down.returncode == 0, down.stdout + down.stderr
     for proc in procs:
         assert not local_cluster._alive(proc), f"{proc['name']} (pid {proc['pid']}) survived down"

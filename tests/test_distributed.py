@@ -17,11 +17,11 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from dmlray import losses
-from dmlray.distributed import all_gather_variable, all_gather_with_grad
-from dmlray.memory import CrossBatchMemory
 from dmlray.models import EmbeddingModel
 from dmlray.models.glyph_cnn import GlyphCNN
-from dmlray.train import training_loss
+from dmlray.training.distributed import all_gather_variable, all_gather_with_grad
+from dmlray.training.memory import CrossBatchMemory
+from dmlray.training.trainer import training_loss
 
 STEPS = 3
 LOCAL_BATCH = 6
@@ -36,8 +36,10 @@ def make_model() -> EmbeddingModel:
 def make_batches(world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(1)
     n = world_size * LOCAL_BATCH
-    return [(torch.randn(n, 1, 8, 8, generator=gen, dtype=torch.float64), torch.randint(0, 4, (n,), generator=gen))
-            for _ in range(STEPS)]
+    return [
+        (torch.randn(n, 1, 8, 8, generator=gen, dtype=torch.float64), torch.randint(0, 4, (n,), generator=gen))
+        for _ in range(STEPS)
+    ]
 
 
 def run_steps(model, loss_fn, batches, rank, world_size, memory, wrap):
@@ -56,7 +58,11 @@ def run_steps(model, loss_fn, batches, rank, world_size, memory, wrap):
         contents = None
         if memory is not None:
             emb, lab = memory.contents()
-            contents = (emb.clone(), lab.clone(), hashlib.sha256(emb.numpy().tobytes() + lab.numpy().tobytes()).hexdigest())
+            contents = (
+                emb.clone(),
+                lab.clone(),
+                hashlib.sha256(emb.numpy().tobytes() + lab.numpy().tobytes()).hexdigest(),
+            )
         out.append((result.loss.detach().clone(), grads.clone(), contents))
         opt.step()
     return out
@@ -70,8 +76,9 @@ VARIANTS = {"contrastive+distance_weighted": ("contrastive", {"mining": "distanc
 LOSSES = [n for n in losses.names() if losses.loss_class(n).supports_references] + list(VARIANTS)
 # Losses without references (proxies, classification, batch-wide tuples and clusters).
 # Left out: auxiliary terms the trainer refuses (adversarial needs a second embedding branch).
-PROXY_LOSSES = [n for n in losses.names()
-                if not losses.loss_class(n).supports_references and losses.loss_class(n).trainable_alone]
+PROXY_LOSSES = [
+    n for n in losses.names() if not losses.loss_class(n).supports_references and losses.loss_class(n).trainable_alone
+]
 
 
 CASES = [(n, mode) for n in LOSSES for mode in MODES] + [(n, "no-memory") for n in PROXY_LOSSES]
@@ -95,20 +102,40 @@ def _worker(rank, world_size, init_file, results):
         for loss_name, mode in CASES:
             size = MODES[mode]
             memory = CrossBatchMemory(size, 8, dtype=torch.float64) if size else None
-            out[loss_name, mode] = run_steps(make_model(), make_loss(loss_name), make_batches(world_size), rank,
-                                             world_size, memory, lambda m: DistributedDataParallel(m))
+            out[loss_name, mode] = run_steps(
+                make_model(),
+                make_loss(loss_name),
+                make_batches(world_size),
+                rank,
+                world_size,
+                memory,
+                lambda m: DistributedDataParallel(m),
+            )
         torch.save(out, f"{results}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
 def test_the_exactness_test_covers_the_pair_and_proxy_losses():
-    assert {"multi_similarity", "contrastive", "triplet_semihard", "lifted_structure", "binomial_deviance", "nca",
-            "cbml", "histogram", "margin"} <= set(LOSSES)
-    assert {"proxy_nca", "proxy_anchor", "softtriple", "cross_entropy", "center", "npair", "angular",
-            "cluster"} <= set(PROXY_LOSSES)
+    assert {
+        "multi_similarity",
+        "contrastive",
+        "triplet_semihard",
+        "lifted_structure",
+        "binomial_deviance",
+        "nca",
+        "cbml",
+        "histogram",
+        "margin",
+    } <= set(LOSSES)
+    assert {"proxy_nca", "proxy_anchor", "softtriple", "cross_entropy", "center", "npair", "angular", "cluster"} <= set(
+        PROXY_LOSSES
+    )
     # both trainer paths are exercised
-    assert not make_loss("histogram").rank_decomposable and not make_loss("contrastive+distance_weighted").rank_decomposable
+    assert (
+        not make_loss("histogram").rank_decomposable
+        and not make_loss("contrastive+distance_weighted").rank_decomposable
+    )
     assert make_loss("multi_similarity").rank_decomposable
 
 
@@ -145,7 +172,9 @@ def check_case(case, ranks, reference, world_size):
 
 def test_the_reference_steps_are_not_degenerate():
     """Guard against a vacuous equivalence: the MS reference must carry gradient."""
-    for _, grad, _ in run_steps(make_model(), losses.build("multi_similarity"), make_batches(2), 0, 1, None, lambda m: m):
+    for _, grad, _ in run_steps(
+        make_model(), losses.build("multi_similarity"), make_batches(2), 0, 1, None, lambda m: m
+    ):
         assert grad.abs().sum() > 0
 
 
@@ -164,13 +193,15 @@ def _gather_worker(rank, world_size, init_file, results):
 
 def test_gather_orders_by_rank_and_routes_summed_gradients_to_the_owner(tmp_path):
     world_size = 3
-    mp.spawn(_gather_worker, args=(world_size, str(tmp_path / "init"), str(tmp_path / "res")), nprocs=world_size, join=True)
+    mp.spawn(
+        _gather_worker, args=(world_size, str(tmp_path / "init"), str(tmp_path / "res")), nprocs=world_size, join=True
+    )
     outs = [torch.load(f"{tmp_path / 'res'}.{r}", weights_only=False) for r in range(world_size)]
     weights = torch.arange(18, dtype=torch.float64).view(6, 3)
     total_scale = sum(r + 1 for r in range(world_size))  # every rank's loss reaches every row
     for rank, out in enumerate(outs):
         assert out["gathered"][:, 0].tolist() == [1, 1, 2, 2, 3, 3]
-        torch.testing.assert_close(out["grad"], weights[2 * rank: 2 * rank + 2] * total_scale)
+        torch.testing.assert_close(out["grad"], weights[2 * rank : 2 * rank + 2] * total_scale)
         assert out["variable"][:, 0].tolist() == [0, 1, 1, 2, 2, 2]
 
 

@@ -1,4 +1,4 @@
-"""dmlray.evaluate against brute-force loop references over the full similarity matrix."""
+"""dmlray.evaluation against brute-force loop references over the full similarity matrix."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dmlray.evaluate import (
+from dmlray.evaluation import (
     format_table,
     kmeans,
     knn,
@@ -19,7 +19,6 @@ from dmlray.evaluate import (
     recall_at_k,
     retrieval_metrics,
 )
-
 
 # ------------------------------------------------------------------- reference
 
@@ -122,8 +121,7 @@ def test_query_vs_gallery(make):
     ks = (1, 5, 70, 200)
     ref = brute_force(x, y, gx, gy, ks=ks)
     for chunk in (11, None):
-        check(recall_at_k(x, y, gx, gy, ks=ks, chunk_size=chunk),
-              map_at_r(x, y, gx, gy, chunk_size=chunk), ref)
+        check(recall_at_k(x, y, gx, gy, ks=ks, chunk_size=chunk), map_at_r(x, y, gx, gy, chunk_size=chunk), ref)
     m = retrieval_metrics(x, y, gx, gy, ks=ks, nmi=False)
     assert m["r_precision"] == pytest.approx(ref["r_precision"], abs=1e-12)
     assert m["precision@1"] == pytest.approx(ref["precision@1"], abs=1e-12)
@@ -176,8 +174,9 @@ def test_knn_k_capped_to_candidates():
 def test_singletons_convention():
     # Classes 7 and 8 have one item: R = 0. Recall counts them as misses; MAP@R,
     # R-precision and P@1 leave them out.
-    x = torch.nn.functional.normalize(torch.tensor(
-        [[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [0.1, 0.99], [0.7, 0.7], [-1.0, 0.0]]), dim=1)
+    x = torch.nn.functional.normalize(
+        torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [0.1, 0.99], [0.7, 0.7], [-1.0, 0.0]]), dim=1
+    )
     y = torch.tensor([0, 0, 1, 1, 7, 8])
     m = retrieval_metrics(x, y, ks=(1, 5), nmi=False)
     assert m["recall@1"] == pytest.approx(4 / 6)
@@ -221,8 +220,11 @@ def test_faiss_backend_agrees(make):
     ks = (1, 2, 4, 8, 100)
     for args in ((x, y), (x[:60], y[:60], x[60:], y[60:])):
         ref = brute_force(*args, ks=ks)
-        check(recall_at_k(*args, ks=ks, backend="faiss", chunk_size=50),
-              map_at_r(*args, backend="faiss", chunk_size=50), ref)
+        check(
+            recall_at_k(*args, ks=ks, backend="faiss", chunk_size=50),
+            map_at_r(*args, backend="faiss", chunk_size=50),
+            ref,
+        )
     _, i_faiss = knn(x, 12, backend="faiss", chunk_size=50)
     _, i_torch = knn(x, 12)
     assert torch.equal(i_faiss, i_torch)
@@ -241,7 +243,8 @@ def test_nmi_score_matches_sklearn():
     a = np.array([0, 0, 1, 1, 2, 2])
     assert nmi_score(a, np.array([5, 5, 9, 9, 1, 1])) == pytest.approx(1.0)  # relabelled
     assert nmi_score(a, np.array([0, 1, 0, 1, 0, 1])) == pytest.approx(
-        sk.normalized_mutual_info_score(a, [0, 1, 0, 1, 0, 1]), abs=1e-12)
+        sk.normalized_mutual_info_score(a, [0, 1, 0, 1, 0, 1]), abs=1e-12
+    )
     assert nmi_score([1, 1, 1], [0, 0, 0]) == 1.0
 
 
@@ -270,8 +273,8 @@ def test_agrees_with_pytorch_metric_learning(gallery):
     acc = pytest.importorskip("pytorch_metric_learning.utils.accuracy_calculator")
     x, y = random_data(400, 16, 50, seed=10, noise=1.2)
     calc = acc.AccuracyCalculator(
-        include=("mean_average_precision_at_r", "r_precision", "precision_at_1"),
-        k="max_bin_count")
+        include=("mean_average_precision_at_r", "r_precision", "precision_at_1"), k="max_bin_count"
+    )
     if gallery:
         q, ql, g, gl = x[:150], y[:150], x[150:], y[150:]
         theirs = calc.get_accuracy(q, ql, g, gl, ref_includes_query=False)
@@ -301,7 +304,9 @@ def test_retrieval_metrics_keys_and_table():
 
 
 def test_imports_without_optional_dependencies():
-    code = ("import sys, dmlray.evaluate; "
-            "bad = {'ray', 'boto3', 'prometheus_client', 'faiss', 'sklearn', 'matplotlib'}"
-            " & set(sys.modules); assert not bad, bad")
+    code = (
+        "import sys, dmlray.evaluation; "
+        "bad = {'ray', 'boto3', 'prometheus_client', 'faiss', 'sklearn', 'matplotlib'}"
+        " & set(sys.modules); assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -49,8 +49,11 @@ class WorkerKiller(threading.Thread):
                 first_checkpoint_seen = time.monotonic()
             settled = first_checkpoint_seen is not None and time.monotonic() - first_checkpoint_seen > 5
             if settled and history and history[-1]["step"] >= self.after_step:
-                alive = list_actors(address=self.address, detail=True,
-                                    filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+                alive = list_actors(
+                    address=self.address,
+                    detail=True,
+                    filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                )
                 if alive:
                     self.killed = int(alive[0]["pid"])
                     self.killed_at_step = history[-1]["step"]
@@ -60,10 +63,24 @@ class WorkerKiller(threading.Thread):
 
 
 def overrides(data_url: str, storage: Path, steps: int, *extra: str) -> list[str]:
-    return [f"data.url={data_url}", f"run.storage_path={storage}", "run.name=ft", "run.num_workers=2",
-            "run.max_failures=2", f"train.steps={steps}", "train.log_every=5", "train.checkpoint_every=10",
-            "train.eval_every=40", "data.classes_per_batch=8", "data.class_buffer=16", "memory.size=256",
-            "memory.start=5", "optim.milestones=[]", "eval.baseline=false", *extra]
+    return [
+        f"data.url={data_url}",
+        f"run.storage_path={storage}",
+        "run.name=ft",
+        "run.num_workers=2",
+        "run.max_failures=2",
+        f"train.steps={steps}",
+        "train.log_every=5",
+        "train.checkpoint_every=10",
+        "train.eval_every=40",
+        "data.classes_per_batch=8",
+        "data.class_buffer=16",
+        "memory.size=256",
+        "memory.start=5",
+        "optim.milestones=[]",
+        "eval.baseline=false",
+        *extra,
+    ]
 
 
 @pytest.mark.timeout(900)
@@ -71,7 +88,7 @@ def test_killed_worker_resume_by_name_and_fresh(glyphs_small, tmp_path):
     import ray
 
     from dmlray.config import load_config
-    from dmlray.launch import ensure_ray, launch
+    from dmlray.jobs.launch import ensure_ray, launch
 
     run = tmp_path / "ft"
     ensure_ray(num_cpus=4)

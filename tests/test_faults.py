@@ -17,12 +17,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import yaml
-
 from test_deploy import local_cluster, submit_ray_job
 
 # ~2.5 steps/s on 2 shared cores: long enough to inject a fault after a checkpoint
@@ -38,7 +37,7 @@ def test_unreachable_endpoint_fails_after_the_deadline_naming_it(monkeypatch):
     """A closed port (nothing listens): retried with backoff for the deadline, then one
     clear error naming the endpoint; the retries are counted."""
     from dmlray.data import storage
-    from dmlray.ports import free_ports
+    from dmlray.devtools.ports import free_ports
 
     port = free_ports(1)[0]
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
@@ -94,6 +93,7 @@ def cluster(tmp_path_factory):
     group (60 s by default) so that a node restart on a loaded machine fits.
     """
     from conftest import RECIPE_40
+
     from dmlray.data import storage
     from dmlray.data.pack import pack
 
@@ -115,11 +115,25 @@ def cluster(tmp_path_factory):
 
 def overrides(state: dict, name: str, *extra: str) -> list[str]:
     bucket = state["s3"]["bucket"]
-    return [f"data.url=s3://{bucket}/glyphs40", f"run.storage_path=s3://{bucket}/runs", f"run.name={name}",
-            "run.num_workers=2", "run.max_failures=3", f"train.steps={STEPS}", f"train.log_every={LOG_EVERY}",
-            f"train.checkpoint_every={CHECKPOINT_EVERY}", "train.eval_every=1000", "data.classes_per_batch=8",
-            "data.class_buffer=16", "memory.size=256", "memory.start=5", "optim.milestones=[]",
-            "eval.baseline=false", "eval.nmi=false", *extra]
+    return [
+        f"data.url=s3://{bucket}/glyphs40",
+        f"run.storage_path=s3://{bucket}/runs",
+        f"run.name={name}",
+        "run.num_workers=2",
+        "run.max_failures=3",
+        f"train.steps={STEPS}",
+        f"train.log_every={LOG_EVERY}",
+        f"train.checkpoint_every={CHECKPOINT_EVERY}",
+        "train.eval_every=1000",
+        "data.classes_per_batch=8",
+        "data.class_buffer=16",
+        "memory.size=256",
+        "memory.start=5",
+        "optim.milestones=[]",
+        "eval.baseline=false",
+        "eval.nmi=false",
+        *extra,
+    ]
 
 
 def driver_env(state: dict) -> dict[str, str]:
@@ -136,8 +150,9 @@ def driver(state: dict, name: str, log: Path, *extra: str):
     running when the block ends."""
     cmd = [sys.executable, "-m", "dmlray", "train", "demo", *overrides(state, name, *extra)]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=driver_env(state),
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=driver_env(state), start_new_session=True
+        )
     try:
         yield proc
     finally:
@@ -149,8 +164,11 @@ def driver(state: dict, name: str, log: Path, *extra: str):
 def history(state: dict, name: str) -> list[dict] | None:
     """metrics.jsonl of a run, None while it cannot be read (not there yet, S3 down)."""
     try:
-        body = local_cluster.s3_client(state["s3"]).get_object(
-            Bucket=state["s3"]["bucket"], Key=f"runs/{name}/metrics.jsonl")["Body"].read()
+        body = (
+            local_cluster.s3_client(state["s3"])
+            .get_object(Bucket=state["s3"]["bucket"], Key=f"runs/{name}/metrics.jsonl")["Body"]
+            .read()
+        )
         return [json.loads(line) for line in body.decode().splitlines() if line]
     except Exception:
         return None
@@ -159,14 +177,16 @@ def history(state: dict, name: str) -> list[dict] | None:
 def checkpoints(state: dict, name: str) -> list[str]:
     try:
         listing = local_cluster.s3_client(state["s3"]).list_objects_v2(
-            Bucket=state["s3"]["bucket"], Prefix=f"runs/{name}/checkpoint_", Delimiter="/")
+            Bucket=state["s3"]["bucket"], Prefix=f"runs/{name}/checkpoint_", Delimiter="/"
+        )
     except Exception:
         return []
     return [p["Prefix"] for p in listing.get("CommonPrefixes", [])]
 
 
-def wait_for(what: str, check: Callable[[], object], timeout: float, alive: Callable[[], bool] = lambda: True,
-             every: float = 1.0):
+def wait_for(
+    what: str, check: Callable[[], object], timeout: float, alive: Callable[[], bool] = lambda: True, every: float = 1.0
+):
     """Poll `check()` until it returns something truthy (returned), within `timeout`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -184,12 +204,18 @@ def ready_for_fault(state: dict, name: str, proc: subprocess.Popen | None = None
     alive = (lambda: proc.poll() is None) if proc is not None else (lambda: True)
     wait_for("a checkpoint", lambda: checkpoints(state, name), 600, alive)
     time.sleep(3)
-    return wait_for(f"step {min_step}", lambda: (h := history(state, name)) and h[-1]["step"] >= min_step
-                    and h[-1]["step"], 300, alive, every=0.3)
+    return wait_for(
+        f"step {min_step}",
+        lambda: (h := history(state, name)) and h[-1]["step"] >= min_step and h[-1]["step"],
+        300,
+        alive,
+        every=0.3,
+    )
 
 
-def watch_recovery(state: dict, name: str, restarts_before: int, alive: Callable[[], bool],
-                   timeout: float = 600) -> tuple[float, int]:
+def watch_recovery(
+    state: dict, name: str, restarts_before: int, alive: Callable[[], bool], timeout: float = 600
+) -> tuple[float, int]:
     """(seconds until the first record of the restarted attempt, highest step logged before it)."""
     t0, high = time.monotonic(), 0
 
@@ -234,7 +260,7 @@ def _stat(pid: int) -> tuple[str, int]:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return "", 0
-    return raw[raw.index("(") + 1:raw.rindex(")")], int(raw[raw.rindex(")") + 2:].split()[1])
+    return raw[raw.index("(") + 1 : raw.rindex(")")], int(raw[raw.rindex(")") + 2 :].split()[1])
 
 
 def train_worker_pids(state: dict, node: str) -> list[int]:
@@ -276,11 +302,19 @@ def test_sigterm_checkpoints_the_step_and_resumes_losing_nothing(cluster, tmp_pa
     resumed = resumed_steps(text)
     assert resumed == [preempted[0]], f"resumed at {resumed}, preempted at {preempted}"
     assert records[-1]["step"] == STEPS and records[-1]["restarts"] == 1
-    result = json.loads(local_cluster.s3_client(cluster["s3"]).get_object(
-        Bucket=cluster["s3"]["bucket"], Key=f"runs/{name}/result.json")["Body"].read())
+    result = json.loads(
+        local_cluster.s3_client(cluster["s3"])
+        .get_object(Bucket=cluster["s3"]["bucket"], Key=f"runs/{name}/result.json")["Body"]
+        .read()
+    )
     assert result["steps"] == STEPS
-    report("SIGTERM to a worker", checkpointed_at=preempted[0], resumed_at=resumed[0],
-           steps_lost=preempted[0] - resumed[0], recover_s=f"{took:.0f}")
+    report(
+        "SIGTERM to a worker",
+        checkpointed_at=preempted[0],
+        resumed_at=resumed[0],
+        steps_lost=preempted[0] - resumed[0],
+        recover_s=f"{took:.0f}",
+    )
 
 
 @pytest.mark.slow
@@ -293,8 +327,12 @@ def test_s3_outage_of_20s_is_waited_out(cluster, tmp_path):
         local_cluster.restart_seaweedfs(cluster["dir"], pause_s=20.0)
         down_s = time.monotonic() - t0
         # progress after the outage: the run went on
-        resumed = wait_for("progress after the outage", lambda: (h := history(cluster, name)) and h[-1]["step"] > at
-                           and h[-1]["step"], 600, lambda: proc.poll() is None)
+        resumed = wait_for(
+            "progress after the outage",
+            lambda: (h := history(cluster, name)) and h[-1]["step"] > at and h[-1]["step"],
+            600,
+            lambda: proc.poll() is None,
+        )
         took = time.monotonic() - t0
         assert proc.wait(timeout=900) == 0, log.read_text()[-5000:]
     text = log.read_text()
@@ -306,9 +344,15 @@ def test_s3_outage_of_20s_is_waited_out(cluster, tmp_path):
     assert records[-1]["storage_retries"] > 0
     restarts = records[-1]["restarts"]
     lost = (at - max(resumed_steps(text))) if restarts else 0
-    report("S3 down 20 s", outage_s=f"{down_s:.0f}", step_at_outage=at, restarts=restarts,
-           storage_retries=records[-1]["storage_retries"], steps_lost=lost,
-           recover_s=f"{took - down_s:.0f} after S3 was back (progress at step {resumed})")
+    report(
+        "S3 down 20 s",
+        outage_s=f"{down_s:.0f}",
+        step_at_outage=at,
+        restarts=restarts,
+        storage_retries=records[-1]["storage_retries"],
+        steps_lost=lost,
+        recover_s=f"{took - down_s:.0f} after S3 was back (progress at step {resumed})",
+    )
 
 
 @pytest.mark.slow
@@ -327,23 +371,27 @@ def test_stopped_job_resubmitted_resumes(cluster, tmp_path):
     submit = [ray_bin, "job", "submit", "--address", address, "--runtime-env-json", runtime_env]
     entry = ["--", "python", "-m", "dmlray", "train", "job.yaml"]
     first = f"faults-{os.getpid()}-1"
-    out = subprocess.run([*submit, "--no-wait", "--submission-id", first, *entry], capture_output=True, text=True,
-                         timeout=300, env=env)
+    out = subprocess.run(
+        [*submit, "--no-wait", "--submission-id", first, *entry], capture_output=True, text=True, timeout=300, env=env
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     try:
         at = ready_for_fault(cluster, name)
     finally:
-        stop = subprocess.run([ray_bin, "job", "stop", "--address", address, first], capture_output=True, text=True,
-                              timeout=300, env=env)
+        stop = subprocess.run(
+            [ray_bin, "job", "stop", "--address", address, first], capture_output=True, text=True, timeout=300, env=env
+        )
     t0 = time.monotonic()
     assert stop.returncode == 0, stop.stderr[-3000:]
-    status = subprocess.run([ray_bin, "job", "status", "--address", address, first], capture_output=True,
-                            text=True, timeout=120, env=env)
+    status = subprocess.run(
+        [ray_bin, "job", "status", "--address", address, first], capture_output=True, text=True, timeout=120, env=env
+    )
     assert "stopped" in (status.stdout + status.stderr).lower()
     stopped_high = max(r["step"] for r in history(cluster, name))
 
-    job = submit_ray_job(cluster, "python -m dmlray train job.yaml", timeout=900,
-                         runtime_env={"working_dir": str(job_dir)})
+    job = submit_ray_job(
+        cluster, "python -m dmlray train job.yaml", timeout=900, runtime_env={"working_dir": str(job_dir)}
+    )
     took = time.monotonic() - t0
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
     records = history(cluster, name)
@@ -353,9 +401,14 @@ def test_stopped_job_resubmitted_resumes(cluster, tmp_path):
     # Ray may print a worker's line more than once, and a restart of the resubmitted job's worker
     # group resumes from the same checkpoint: every resume must start from one checkpoint step
     assert len(set(resumed)) == 1 and resumed[0] % CHECKPOINT_EVERY == 0 and resumed[0] <= stopped_high
-    report("ray job stop + resubmit", stopped_at_step=stopped_high, resumed_at=resumed[0],
-           steps_lost=stopped_high - resumed[0], first_poll_step=at,
-           recover_s=f"{took:.0f} (resubmit to the end of the run)")
+    report(
+        "ray job stop + resubmit",
+        stopped_at_step=stopped_high,
+        resumed_at=resumed[0],
+        steps_lost=stopped_high - resumed[0],
+        first_poll_step=at,
+        recover_s=f"{took:.0f} (resubmit to the end of the run)",
+    )
 
 
 @pytest.mark.slow
@@ -378,6 +431,12 @@ def test_dead_node_restarted_resumes_from_checkpoint(cluster, tmp_path):
     assert records[-1]["step"] == STEPS and records[-1]["restarts"] >= 1
     resumed = resumed_steps(text)
     assert resumed and all(r % CHECKPOINT_EVERY == 0 for r in resumed) and resumed[-1] <= max(high, at)
-    report("raylet of a worker node SIGKILLed, node restarted", killed_after_step=max(high, at),
-           resumed_at=resumed[-1], steps_lost=max(high, at) - resumed[-1], node_back_s=f"{node_back_s:.0f}",
-           recover_s=f"{took:.0f}", attempts=len(resumed))
+    report(
+        "raylet of a worker node SIGKILLed, node restarted",
+        killed_after_step=max(high, at),
+        resumed_at=resumed[-1],
+        steps_lost=max(high, at) - resumed[-1],
+        node_back_s=f"{node_back_s:.0f}",
+        recover_s=f"{took:.0f}",
+        attempts=len(resumed),
+    )

@@ -18,8 +18,15 @@ import torch
 from dmlray import losses
 
 ROOT = Path(__file__).resolve().parents[1]
-ABSENT_ON_GPU_MACHINE = ("ray", "boto3", "botocore", "prometheus_client", "webdataset", "faiss",
-                         "pytorch_metric_learning")
+ABSENT_ON_GPU_MACHINE = (
+    "ray",
+    "boto3",
+    "botocore",
+    "prometheus_client",
+    "webdataset",
+    "faiss",
+    "pytorch_metric_learning",
+)
 SECTIONS = ("numerics", "loss_speed", "stream", "eval")
 
 sys.path.insert(0, str(ROOT / "bench"))

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from dmlray import losses
+from dmlray.losses.miners import distance_weighted_triplets
 from dmlray.losses.rowwise import RowwiseLoss
-from dmlray.miners import distance_weighted_triplets
 
 D = 8
 
@@ -44,7 +44,9 @@ def make_case(name: str, seed: int = 0) -> dict:
         # memory = [other entries | the batch (detached) | more]; some anchors' slots are -1
         extra = _unit(torch.randn(10, D, generator=g, dtype=torch.float64))
         case["refs"] = torch.cat([extra[:6], _unit(raw).detach(), extra[6:]])
-        case["ref_labels"] = torch.cat([torch.randint(0, 4, (6,), generator=g), labels, torch.randint(0, 4, (4,), generator=g)])
+        case["ref_labels"] = torch.cat(
+            [torch.randint(0, 4, (6,), generator=g), labels, torch.randint(0, 4, (4,), generator=g)]
+        )
         own = torch.arange(12) + 6
         own[[1, 7]] = -1
         case["self_index"] = own
@@ -185,8 +187,21 @@ def ref_ms(lp, alpha=2.0, beta=40.0, base=0.5, margin=0.1):
     return total / lp.B
 
 
-def ref_cbml(lp, type="log", adaptive_neg=True, num_hard_negatives=100, pos_a=0.5, pos_b=0.5, neg_a=1.0,
-             neg_b=0.01, margin=0.1, weight=1.0, hyper_weight=0.1, weight_p=0.25, weight_n=0.25):
+def ref_cbml(
+    lp,
+    type="log",
+    adaptive_neg=True,
+    num_hard_negatives=100,
+    pos_a=0.5,
+    pos_b=0.5,
+    neg_a=1.0,
+    neg_b=0.01,
+    margin=0.1,
+    weight=1.0,
+    hyper_weight=0.1,
+    weight_p=0.25,
+    weight_n=0.25,
+):
     total = 0.0
     for i in range(lp.B):
         pos, neg = lp.pairs(i)
@@ -218,7 +233,9 @@ def ref_ranked_list(lp, margin=0.4, alpha=1.4, temperature=10.0):
     for i in range(lp.B):
         pos, neg = lp.pairs(i)
         d_pos = [_dist(lp.s(i, p)) for p in pos]
-        total = total + sum((torch.relu(d + margin - alpha) for d in d_pos), torch.tensor(0.0, dtype=torch.float64)) / (len(pos) + 1e-5)
+        total = total + sum((torch.relu(d + margin - alpha) for d in d_pos), torch.tensor(0.0, dtype=torch.float64)) / (
+            len(pos) + 1e-5
+        )
         inside = [_dist(lp.s(i, n)) for n in neg if _dist(lp.s(i, n)) < alpha]
         weights = [torch.exp(temperature * (alpha - d)) for d in inside]
         num = sum((w * (alpha - d) for w, d in zip(weights, inside)), torch.tensor(0.0, dtype=torch.float64))
@@ -278,7 +295,10 @@ PAIR_REFS = {
     "cbml": ({}, ref_cbml),
     "cbml_sqrt": ({"type": "sqrt"}, lambda lp: ref_cbml(lp, type="sqrt")),
     "cbml_const": ({"type": "const"}, lambda lp: ref_cbml(lp, type="const")),
-    "cbml_top3": ({"adaptive_neg": False, "num_hard_negatives": 3}, lambda lp: ref_cbml(lp, adaptive_neg=False, num_hard_negatives=3)),
+    "cbml_top3": (
+        {"adaptive_neg": False, "num_hard_negatives": 3},
+        lambda lp: ref_cbml(lp, adaptive_neg=False, num_hard_negatives=3),
+    ),
     "ranked_list": ({}, ref_ranked_list),
     "circle": ({}, ref_circle),
     "supcon": ({}, ref_supcon),
@@ -555,7 +575,9 @@ def ref_cluster(x, labels, margin=10.0):
     centres = {c: x[labels == c].mean(dim=0) for c in classes}
     total = 0.0
     for c in classes:
-        intra = max(torch.sqrt(((centres[c] - x[i]) ** 2).sum().clamp(min=1e-12)) for i in range(len(x)) if labels[i] == c)
+        intra = max(
+            torch.sqrt(((centres[c] - x[i]) ** 2).sum().clamp(min=1e-12)) for i in range(len(x)) if labels[i] == c
+        )
         inter = min(torch.sqrt(((centres[c] - centres[o]) ** 2).sum().clamp(min=1e-12)) for o in classes if o != c)
         total = total + torch.relu(intra - inter + margin)
     return total / len(classes)
@@ -566,7 +588,10 @@ BATCH_REFS = {
     "npair_no_l2": ({"l2_reg": 0.0}, lambda x, y: ref_npair(x, y, 0.0)),
     "angular": ({}, ref_angular),
     "angular_all": ({"tuples": "all", "l2_reg": 0.0}, lambda x, y: ref_angular(x, y, l2_reg=0.0, tuples="all")),
-    "angular_with_npair": ({"with_npair": True, "angle_bound": 0.5}, lambda x, y: ref_angular(x, y, t=0.5, with_npair=True)),
+    "angular_with_npair": (
+        {"with_npair": True, "angle_bound": 0.5},
+        lambda x, y: ref_angular(x, y, t=0.5, with_npair=True),
+    ),
     "cluster": ({}, ref_cluster),
     "cluster_small_margin": ({"margin": 0.1}, lambda x, y: ref_cluster(x, y, 0.1)),
 }
@@ -770,6 +795,8 @@ def test_float32_rowwise_matches_float64():
     for name in ["multi_similarity", "cbml", "lifted_structure", "triplet_semihard"]:
         loss = losses.build(name)
         v64 = loss(_unit(case["raw"]), case["labels"], case["refs"], case["ref_labels"], case["self_index"])
-        v32 = loss(_unit(case["raw"]).float(), case["labels"], case["refs"].float(), case["ref_labels"], case["self_index"])
+        v32 = loss(
+            _unit(case["raw"]).float(), case["labels"], case["refs"].float(), case["ref_labels"], case["self_index"]
+        )
         assert v32.dtype == torch.float32
         assert math.isclose(float(v32), float(v64), rel_tol=1e-4, abs_tol=1e-5), name

@@ -21,8 +21,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # PML's own depr
 from pytorch_metric_learning import distances, miners, reducers  # noqa: E402
 
 from dmlray import losses  # noqa: E402
-from dmlray.miners import distance_weighted_triplets, semihard_negatives  # noqa: E402
 from dmlray.losses.base import build_pairs, euclidean_from_sim  # noqa: E402
+from dmlray.losses.miners import distance_weighted_triplets, semihard_negatives  # noqa: E402
 
 D = 16
 
@@ -36,7 +36,9 @@ def _batch(seed=0, batch=24, classes=6, per_class=None):
 
 def _refs(seed=1, size=30, classes=6):
     g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(size, D, generator=g, dtype=torch.float64), dim=1), torch.randint(0, classes, (size,), generator=g)
+    return F.normalize(torch.randn(size, D, generator=g, dtype=torch.float64), dim=1), torch.randint(
+        0, classes, (size,), generator=g
+    )
 
 
 def _value_and_grad(fn, raw, *params):
@@ -83,7 +85,9 @@ def test_multi_similarity_with_cross_batch_memory():
     torch.manual_seed(0)
     memory_size, batch = 64, 16
     cbm = pml_losses.CrossBatchMemory(
-        pml_losses.MultiSimilarityLoss(alpha=2, beta=40, base=0.5), D, memory_size=memory_size,
+        pml_losses.MultiSimilarityLoss(alpha=2, beta=40, base=0.5),
+        D,
+        memory_size=memory_size,
         miner=miners.MultiSimilarityMiner(epsilon=0.1),
     ).double()
     ours = losses.build("multi_similarity")
@@ -109,7 +113,9 @@ def test_contrastive_differs_by_the_margin_constant(with_refs):
     refs, ref_labels = _refs() if with_refs else (None, None)
     m = 0.5
     ours = losses.build("contrastive", margin=m)
-    theirs = pml_losses.ContrastiveLoss(pos_margin=1, neg_margin=m, distance=distances.CosineSimilarity(), reducer=reducers.SumReducer())
+    theirs = pml_losses.ContrastiveLoss(
+        pos_margin=1, neg_margin=m, distance=distances.CosineSimilarity(), reducer=reducers.SumReducer()
+    )
     b = len(raw)
     got = _value_and_grad(lambda e: ours(e, labels, refs, ref_labels), raw)
     want = _value_and_grad(lambda e: theirs(e, labels, ref_emb=refs, ref_labels=ref_labels) / b, raw)
@@ -137,7 +143,8 @@ def test_triplet_semihard_equals_pml_triplet_loss_on_its_triplets():
     _assert_same(
         _value_and_grad(lambda e: ours(e, labels), raw),
         _value_and_grad(lambda e: theirs(e, labels, (a, p, n)), raw),
-        rtol=1e-6, atol=1e-8,
+        rtol=1e-6,
+        atol=1e-8,
     )
 
 
@@ -148,12 +155,16 @@ def test_lifted_structure_is_twice_generalized_lifted_at_unit_scales():
     active (checked); at α = 40, β = 2 the definitions differ (PML has no scales)."""
     raw, labels = _batch(per_class=4)
     ours = losses.build("lifted_structure", alpha=1.0, beta=1.0)
-    theirs = pml_losses.GeneralizedLiftedStructureLoss(neg_margin=0, pos_margin=0, distance=distances.CosineSimilarity())
+    theirs = pml_losses.GeneralizedLiftedStructureLoss(
+        neg_margin=0, pos_margin=0, distance=distances.CosineSimilarity()
+    )
     per_anchor = pml_losses.GeneralizedLiftedStructureLoss(
         neg_margin=0, pos_margin=0, distance=distances.CosineSimilarity(), reducer=reducers.DoNothingReducer()
     )(F.normalize(raw, dim=1), labels)["loss"]["losses"]
     assert (per_anchor > 0).all()
-    _assert_same(_value_and_grad(lambda e: ours(e, labels), raw), _value_and_grad(lambda e: theirs(e, labels), raw), scale=2.0)
+    _assert_same(
+        _value_and_grad(lambda e: ours(e, labels), raw), _value_and_grad(lambda e: theirs(e, labels), raw), scale=2.0
+    )
 
 
 @pytest.mark.parametrize("config", ["cosine", "squared_euclidean"])
@@ -164,12 +175,17 @@ def test_nca(config):
     sigma = 16.0
     ours = losses.build("nca", scale=sigma)
     if config == "cosine":
-        theirs = pml_losses.NCALoss(softmax_scale=sigma, distance=distances.CosineSimilarity(), reducer=reducers.SumReducer())
+        theirs = pml_losses.NCALoss(
+            softmax_scale=sigma, distance=distances.CosineSimilarity(), reducer=reducers.SumReducer()
+        )
     else:
         theirs = pml_losses.NCALoss(softmax_scale=sigma / 2, reducer=reducers.SumReducer())
     b = len(raw)
     _assert_same(
-        _value_and_grad(lambda e: ours(e, labels), raw), _value_and_grad(lambda e: theirs(e, labels) / b, raw), rtol=1e-6, atol=1e-8
+        _value_and_grad(lambda e: ours(e, labels), raw),
+        _value_and_grad(lambda e: theirs(e, labels) / b, raw),
+        rtol=1e-6,
+        atol=1e-8,
     )
 
 
@@ -194,7 +210,8 @@ def test_margin_loss_on_the_same_triplets():
     _assert_same(
         _value_and_grad(lambda e: ours(e, labels), raw, ours.beta),
         _value_and_grad(lambda e: theirs(e, labels, triplets), raw, theirs.beta),
-        rtol=1e-6, atol=1e-7,
+        rtol=1e-6,
+        atol=1e-7,
     )
 
 
@@ -208,7 +225,8 @@ def test_proxy_nca_without_smoothing():
     _assert_same(
         _value_and_grad(lambda e: ours(e, labels), raw, ours.proxies),
         _value_and_grad(lambda e: theirs(e, labels), raw, theirs.proxies),
-        rtol=1e-6, atol=1e-8,
+        rtol=1e-6,
+        atol=1e-8,
     )
 
 
@@ -228,7 +246,9 @@ def test_softtriple_without_center_regulariser():
     no centre-spread term; it offers a generic weight regulariser instead)."""
     raw, labels = _batch()
     ours = losses.build("softtriple", num_classes=6, embedding_dim=D, centers_per_class=2, tau=0.0).double()
-    theirs = pml_losses.SoftTripleLoss(num_classes=6, embedding_size=D, centers_per_class=2, la=20, gamma=0.1, margin=0.01)
+    theirs = pml_losses.SoftTripleLoss(
+        num_classes=6, embedding_size=D, centers_per_class=2, la=20, gamma=0.1, margin=0.01
+    )
     theirs.fc.data = ours.fc.data.clone()
     _assert_same(
         _value_and_grad(lambda e: ours(e, labels), raw, ours.fc),
@@ -265,7 +285,10 @@ def test_angular_all_pairs():
     ours = losses.build("angular", tuples="all", angle_bound=math.tan(math.radians(40)) ** 2, l2_reg=0.0)
     theirs = pml_losses.AngularLoss(alpha=40)
     _assert_same(
-        _value_and_grad(lambda e: ours(e, labels), raw), _value_and_grad(lambda e: theirs(e, labels), raw), rtol=1e-6, atol=1e-8
+        _value_and_grad(lambda e: ours(e, labels), raw),
+        _value_and_grad(lambda e: theirs(e, labels), raw),
+        rtol=1e-6,
+        atol=1e-8,
     )
 
 
@@ -277,7 +300,10 @@ def test_histogram():
     ours = losses.build("histogram", num_steps=51)
     theirs = pml_losses.HistogramLoss(n_bins=50)
     _assert_same(
-        _value_and_grad(lambda e: ours(e, labels), raw), _value_and_grad(lambda e: theirs(e, labels), raw), rtol=1e-5, atol=1e-6
+        _value_and_grad(lambda e: ours(e, labels), raw),
+        _value_and_grad(lambda e: theirs(e, labels), raw),
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 
@@ -292,7 +318,8 @@ def test_circle(with_refs):
     _assert_same(
         _value_and_grad(lambda e: ours(e, labels, refs, ref_labels), raw),
         _value_and_grad(lambda e: theirs(e, labels, ref_emb=refs, ref_labels=ref_labels) / b, raw),
-        rtol=1e-6, atol=1e-8,
+        rtol=1e-6,
+        atol=1e-8,
     )
 
 

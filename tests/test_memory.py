@@ -1,6 +1,6 @@
 import torch
 
-from dmlray.memory import CrossBatchMemory
+from dmlray.training.memory import CrossBatchMemory
 
 
 def test_enqueue_fills_then_wraps_around_oldest_first():

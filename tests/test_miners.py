@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from dmlray import losses
 from dmlray.losses.base import build_pairs
-from dmlray.miners import (
+from dmlray.losses.miners import (
     MINING_METHODS,
     distance_weighted_triplets,
     hard_triplets,
@@ -76,7 +76,9 @@ def test_semihard_negatives_follow_the_facenet_rule(config):
                 continue
             farther = [n for n in neg if dist[i, n] > dist[i, p]]
             # ties: the lowest index, as min()/max() pick the first
-            want = min(farther, key=lambda n: float(dist[i, n])) if farther else max(neg, key=lambda n: float(dist[i, n]))
+            want = (
+                min(farther, key=lambda n: float(dist[i, n])) if farther else max(neg, key=lambda n: float(dist[i, n]))
+            )
             assert dist[i, int(index[i, p])] == dist[i, want]
             assert int(index[i, p]) == want
 
@@ -146,7 +148,9 @@ def test_distance_weighted_falls_back_to_uniform_beyond_the_cutoff():
     _, negative, valid = distance_weighted_triplets(sim, pos, neg, 16, 0.5, 1.4, torch.Generator().manual_seed(2))
     assert valid.all()
     counts = torch.bincount(negative, minlength=5).double() / 8000
-    torch.testing.assert_close(counts, torch.tensor([0, 0.25, 0.25, 0.25, 0.25], dtype=torch.float64), atol=0.02, rtol=0)
+    torch.testing.assert_close(
+        counts, torch.tensor([0, 0.25, 0.25, 0.25, 0.25], dtype=torch.float64), atol=0.02, rtol=0
+    )
 
 
 def test_distance_weighted_without_candidates_is_invalid():
@@ -160,7 +164,9 @@ def test_distance_weighted_without_candidates_is_invalid():
 @pytest.mark.parametrize("method", [None, *MINING_METHODS])
 def test_mine_pairs_selects_subsets(method):
     pairs = _pairs(refs=True)
-    pos, neg = mine_pairs(method, pairs.sim, pairs.pos, pairs.neg, margin=0.1, dim=D, generator=torch.Generator().manual_seed(0))
+    pos, neg = mine_pairs(
+        method, pairs.sim, pairs.pos, pairs.neg, margin=0.1, dim=D, generator=torch.Generator().manual_seed(0)
+    )
     assert not (pos & ~pairs.pos).any() and not (neg & ~pairs.neg).any()
     if method in ("hard", "distance_weighted"):
         assert (pos.sum(dim=1) <= 1).all() and (neg.sum(dim=1) <= 1).all()

@@ -108,7 +108,11 @@ def test_full_torchvision_checkpoint_loads_without_its_classifier(tmp_path):
     # torchvision's own layouts, classifier and GoogLeNet's auxiliary heads included
     for name, full, key in [
         ("resnet18", torchvision.models.resnet18(weights=None), "layer4.1.conv2.weight"),
-        ("googlenet", torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False), "conv1.conv.weight"),
+        (
+            "googlenet",
+            torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False),
+            "conv1.conv.weight",
+        ),
     ]:
         path = tmp_path / f"{name}.pth"
         torch.save(full.state_dict(), path)
@@ -267,10 +271,17 @@ def test_bn_inception_rgb_input_option_converts_inside():
 
 def test_bn_inception_matches_the_converted_caffe_layout():
     state = BNInception().state_dict()
-    for key in ("conv1_7x7_s2.bias", "conv2_3x3_bn.running_var", "inception_3c_double_3x3_2.weight",
-                "inception_4e_3x3_bn.weight", "inception_5b_pool_proj_bn.running_mean"):
+    for key in (
+        "conv1_7x7_s2.bias",
+        "conv2_3x3_bn.running_var",
+        "inception_3c_double_3x3_2.weight",
+        "inception_4e_3x3_bn.weight",
+        "inception_5b_pool_proj_bn.running_mean",
+    ):
         assert key in state
-    assert not any(k.startswith(("inception_3c_1x1", "inception_3c_pool_proj", "inception_4e_pool_proj")) for k in state)
+    assert not any(
+        k.startswith(("inception_3c_1x1", "inception_3c_pool_proj", "inception_4e_pool_proj")) for k in state
+    )
     assert state["inception_5a_1x1.weight"].shape == (352, 1056, 1, 1)
     n_params = sum(p.numel() for p in BNInception().parameters())
     assert n_params + 1024 * 1000 + 1000 == 11_295_240  # with the 1000-way classifier
@@ -315,7 +326,7 @@ def test_pretrained_from_a_real_s3_server(tmp_path, monkeypatch):
     import io
 
     from dmlray.data import storage
-    from dmlray.seaweed import SeaweedS3
+    from dmlray.devtools.seaweed import SeaweedS3
 
     model = build_backbone("googlenet").eval()
     buffer = io.BytesIO()

@@ -16,7 +16,6 @@ runs two real gloo processes on SeaweedFS.
 from __future__ import annotations
 
 import hashlib
-import io
 import random
 import time
 from collections import Counter
@@ -29,8 +28,8 @@ from PIL import Image
 
 from dmlray.data.pack import Recipe, pack
 from dmlray.data.partition import DatasetTooSmall, ShardLayout, eligible_classes, rank_slot, read_amplification
-from dmlray.data.shards import read_manifest
 from dmlray.data.pk_batches import PKBatches
+from dmlray.data.shards import read_manifest
 from dmlray.data.transforms import ImageTransform
 
 
@@ -46,7 +45,7 @@ def layouts_for(per_class: list[int], shards: int) -> list[ShardLayout]:
     out = []
     for s in range(shards):
         runs: list[list[int]] = []
-        for label in labels[bounds[s]:bounds[s + 1]]:
+        for label in labels[bounds[s] : bounds[s + 1]]:
             if runs and runs[-1][0] == label:
                 runs[-1][1] += 1
             else:
@@ -78,8 +77,10 @@ def rank_sequences(layouts, P, K, R, W, steps, seed=0, start=0):
     """Per step, the (class, keys) draws of every rank, as the trainer would get them."""
     read = memory_reader(layouts)
     slots = max(W, 1)
-    streams = [PKBatches(layouts, P, K, no_decode, seed=seed, rank=r, world_size=R, read_shard=read,
-                         start_batch=start) for r in range(R)]
+    streams = [
+        PKBatches(layouts, P, K, no_decode, seed=seed, rank=r, world_size=R, read_shard=read, start_batch=start)
+        for r in range(R)
+    ]
     workers = [[stream.draws(w, slots) for w in range(slots)] for stream in streams]
     out = []
     for step in range(start, start + steps):
@@ -108,16 +109,28 @@ def random_shape(seed: int) -> dict:
     per_class = rng.randint(1, 60)
     while classes * per_class > 12_000:  # keep each case to about a second
         classes = max(5, classes // 2)
-    return dict(classes=classes, per_class=per_class, balanced=rng.random() < 0.6, shards=rng.randint(1, 60),
-                P=rng.choice([2, 4, 8]), K=rng.choice([2, 4, 8]), R=rng.randint(1, 4), W=rng.randint(0, 3), seed=seed)
+    return dict(
+        classes=classes,
+        per_class=per_class,
+        balanced=rng.random() < 0.6,
+        shards=rng.randint(1, 60),
+        P=rng.choice([2, 4, 8]),
+        K=rng.choice([2, 4, 8]),
+        R=rng.randint(1, 4),
+        W=rng.randint(0, 3),
+        seed=seed,
+    )
 
 
 @pytest.mark.parametrize("case", range(40))
 def test_guarantees_hold_over_random_shapes(case):
     shape = random_shape(case)
     rng = random.Random(case)
-    per_class = ([shape["per_class"]] * shape["classes"] if shape["balanced"]
-                 else [rng.randint(1, shape["per_class"]) for _ in range(shape["classes"])])
+    per_class = (
+        [shape["per_class"]] * shape["classes"]
+        if shape["balanced"]
+        else [rng.randint(1, shape["per_class"]) for _ in range(shape["classes"])]
+    )
     layouts = layouts_for(per_class, shape["shards"])
     P, K, R, W = shape["P"], shape["K"], shape["R"], shape["W"]
     eligible = [n for n in per_class if n >= K]
@@ -127,7 +140,9 @@ def test_guarantees_hold_over_random_shapes(case):
             PKBatches(layouts, P, K, no_decode, rank=0, world_size=R, read_shard=memory_reader(layouts))
         assert time.monotonic() - t0 < 5
         message = str(info.value)
-        assert f"{len(eligible)} eligible classes" in message and f"{P}·{R} = {P * R}" in message and f"K={K}" in message
+        assert (
+            f"{len(eligible)} eligible classes" in message and f"{P}·{R} = {P * R}" in message and f"K={K}" in message
+        )
         return
     steps = -(-3 * sum(eligible) // (P * K * R))  # three epochs of the eligible images
     sequence = rank_sequences(layouts, P, K, R, W, steps, seed=case)
@@ -142,11 +157,14 @@ def test_guarantees_hold_over_random_shapes(case):
     assert rank_sequences(layouts, P, K, R, W, steps - start, seed=case, start=start) == sequence[start:]
 
 
-@pytest.mark.parametrize("classes, per_class, shards, P, K, R, W", [
-    (245, 59, 2, 8, 4, 2, 0),  # large classes, few shards: the classes read last must be used whole
-    (50, 60, 5, 8, 4, 4, 2),  # loader workers sharing a rank's classes take turns along each cycle
-    (1127, 5, 55, 8, 4, 1, 2),  # n = K + 1: what an epoch leaves over carries into the next
-])
+@pytest.mark.parametrize(
+    "classes, per_class, shards, P, K, R, W",
+    [
+        (245, 59, 2, 8, 4, 2, 0),  # large classes, few shards: the classes read last must be used whole
+        (50, 60, 5, 8, 4, 4, 2),  # loader workers sharing a rank's classes take turns along each cycle
+        (1127, 5, 55, 8, 4, 1, 2),  # n = K + 1: what an epoch leaves over carries into the next
+    ],
+)
 def test_coverage_in_shapes_that_once_broke_it(classes, per_class, shards, P, K, R, W):
     layouts = layouts_for([per_class] * classes, shards)
     sequence = rank_sequences(layouts, P, K, R, W, -(-3 * classes * per_class // (P * K * R)), seed=3)
@@ -205,8 +223,12 @@ def cub_shaped(tmp_path_factory) -> str:
     tmp = tmp_path_factory.mktemp("cub-shaped")
     src = unique_folder(tmp / "raw", 100, 24)
     dst = tmp / "shards"
-    pack(Recipe(dataset="folder", shard_bytes=1 << 20, options={"test_fraction": 0, "resize": 0}),
-         str(dst), str(src), progress=False)
+    pack(
+        Recipe(dataset="folder", shard_bytes=1 << 20, options={"test_fraction": 0, "resize": 0}),
+        str(dst),
+        str(src),
+        progress=False,
+    )
     return str(dst)
 
 
@@ -232,8 +254,12 @@ def test_small_datasets_train_and_impossible_requests_fail_at_once(tmp_path):
     batches = [b for _, b in zip(range(10), PKBatches(manifest.layouts("train"), 4, 4, tf))]
     assert len(batches) == 10 and time.monotonic() - t0 < 30  # the 20-class case used to never yield
     five = unique_folder(tmp_path / "five", 5, 6)
-    pack(Recipe(dataset="folder", options={"test_fraction": 0, "resize": 0}), str(tmp_path / "s5"), str(five),
-         progress=False)
+    pack(
+        Recipe(dataset="folder", options={"test_fraction": 0, "resize": 0}),
+        str(tmp_path / "s5"),
+        str(five),
+        progress=False,
+    )
     t0 = time.monotonic()
     with pytest.raises(DatasetTooSmall, match=r"5 eligible classes .* P·R = 8·1 = 8"):
         PKBatches(read_manifest(str(tmp_path / "s5")).layouts("train"), 8, 4, tf)
@@ -256,8 +282,12 @@ def test_a_tar_header_claiming_more_bytes_than_the_shard_is_a_shard_error(tmp_pa
     from dmlray.data.tario import ShardError
 
     src = unique_folder(tmp_path / "raw", 2, 2)
-    pack(Recipe(dataset="folder", options={"test_fraction": 0, "resize": 0}), str(tmp_path / "s"), str(src),
-         progress=False)
+    pack(
+        Recipe(dataset="folder", options={"test_fraction": 0, "resize": 0}),
+        str(tmp_path / "s"),
+        str(src),
+        progress=False,
+    )
     url = read_manifest(str(tmp_path / "s")).shard_urls("train")[0]
     data = bytearray(Path(url).read_bytes())
     data[124:136] = b"77777777777\0"  # the first member now claims 8 GiB
@@ -278,16 +308,31 @@ def _gloo_rank(rank: int, world_size: int, init_file: str, env: dict, data_url: 
     import torch.distributed as dist
 
     from dmlray.config import DataConfig
-    from dmlray.worker import training_batches, training_layouts
+    from dmlray.jobs.worker import training_batches, training_layouts
 
     os.environ.update(env)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     manifest = read_manifest(data_url)
-    data = DataConfig(url=data_url, classes_per_batch=3, samples_per_class=4, class_buffer=8, open_shards=2,
-                      loader_workers=2, image_size=32)
+    data = DataConfig(
+        url=data_url,
+        classes_per_batch=3,
+        samples_per_class=4,
+        class_buffer=8,
+        open_shards=2,
+        loader_workers=2,
+        image_size=32,
+    )
     tf = ImageTransform(32, 1, train=True)
-    batches = training_batches(data, training_layouts(manifest, "train"), manifest.shard_checksums("train"), tf,
-                               seed=5, rank=rank, world_size=world_size, device=torch.device("cpu"))
+    batches = training_batches(
+        data,
+        training_layouts(manifest, "train"),
+        manifest.shard_checksums("train"),
+        tf,
+        seed=5,
+        rank=rank,
+        world_size=world_size,
+        device=torch.device("cpu"),
+    )
     steps = []
     for _, (images, labels, keys) in zip(range(40), batches):
         gathered: list = [None] * world_size
@@ -310,21 +355,26 @@ def test_two_gloo_ranks_on_s3_get_distinct_classes_and_images_every_step(glyphs_
         labels = [label for rank_labels, _, _ in gathered for label in rank_labels]
         keys = [k for _, rank_keys, _ in gathered for k in rank_keys]
         per_rank_classes = [set(rank_labels) for rank_labels, _, _ in gathered]
-        assert all(len(c) == 3 for c in per_rank_classes) and per_rank_classes[0].isdisjoint(per_rank_classes[1]), \
+        assert all(len(c) == 3 for c in per_rank_classes) and per_rank_classes[0].isdisjoint(per_rank_classes[1]), (
             f"step {step}: a class on both ranks"
+        )
         assert Counter(Counter(labels).values()) == {4: 6}, f"step {step}: not 6 classes × 4 images"
         assert len(set(keys)) == 24, f"step {step}: an image twice in the global batch"
 
 
 def test_evaluation_refuses_a_shard_that_differs_from_its_manifest(tmp_path):
     from dmlray.data.tario import ShardError
-    from dmlray.extract import embed_split
+    from dmlray.evaluation.embedding import embed_split
     from dmlray.models import EmbeddingModel
     from dmlray.models.glyph_cnn import GlyphCNN
 
     src = unique_folder(tmp_path / "raw", 4, 3)
-    pack(Recipe(dataset="folder", options={"test_fraction": 0, "resize": 0}), str(tmp_path / "s"), str(src),
-         progress=False)
+    pack(
+        Recipe(dataset="folder", options={"test_fraction": 0, "resize": 0}),
+        str(tmp_path / "s"),
+        str(src),
+        progress=False,
+    )
     manifest = read_manifest(str(tmp_path / "s"))
     url = manifest.shard_urls("train")[0]
     model = EmbeddingModel(GlyphCNN(in_channels=3, width=4), embedding_dim=4)
@@ -341,11 +391,20 @@ def test_evaluation_refuses_a_shard_that_differs_from_its_manifest(tmp_path):
 
 def test_launch_refuses_a_dataset_that_cannot_fill_the_global_batch_before_writing(glyphs_small, tmp_path):
     from dmlray.config import load_config
-    from dmlray.launch import launch
+    from dmlray.jobs.launch import launch
 
     # 30 training classes; 2 ranks × P=16 need 32 (nothing starts: no Ray, no folder)
-    cfg = load_config("demo", [f"data.url={glyphs_small}", f"run.storage_path={tmp_path / 'runs'}", "run.num_workers=2",
-                               "data.classes_per_batch=16", "data.class_buffer=32", "memory.size=0"])
+    cfg = load_config(
+        "demo",
+        [
+            f"data.url={glyphs_small}",
+            f"run.storage_path={tmp_path / 'runs'}",
+            "run.num_workers=2",
+            "data.classes_per_batch=16",
+            "data.class_buffer=32",
+            "memory.size=0",
+        ],
+    )
     t0 = time.monotonic()
     with pytest.raises(DatasetTooSmall, match=r"30 eligible classes .* P·R = 16·2 = 32"):
         launch(cfg)

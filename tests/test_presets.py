@@ -26,7 +26,7 @@ import torch
 
 from dmlray import losses, models
 from dmlray.config import config_from_dict, config_to_dict, load_config, preset_names, preset_path
-from dmlray.worker import WorkerContext, build_loss, run_worker
+from dmlray.jobs.worker import WorkerContext, build_loss, run_worker
 
 # search spaces of `dmlray tune` may live beside the presets; they are not run configs
 PRESETS = [name for name in preset_names() if not name.endswith("_space")]
@@ -38,9 +38,18 @@ DEPLOYED = ["ms_bninception_cub", "ms_bninception_sop", "contrastive_xbm_resnet5
 
 # what makes a GPU recipe feasible on 2 CPU cores: small images and batches, no GPU, no bf16
 CPU = [
-    "run.use_gpu=false", "run.num_workers=0", "train.amp=none", "train.channels_last=false",
-    "train.steps=5", "train.eval_every=5", "train.log_every=1", "data.image_size=64",
-    "data.loader_workers=0", "data.classes_per_batch=2", "data.samples_per_class=2", "data.class_buffer=2",
+    "run.use_gpu=false",
+    "run.num_workers=0",
+    "train.amp=none",
+    "train.channels_last=false",
+    "train.steps=5",
+    "train.eval_every=5",
+    "train.log_every=1",
+    "data.image_size=64",
+    "data.loader_workers=0",
+    "data.classes_per_batch=2",
+    "data.samples_per_class=2",
+    "data.class_buffer=2",
     "eval.baseline=false",
     "model.pretrained=''",
 ]

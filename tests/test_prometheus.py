@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dmlray.ports import free_ports
-from dmlray.prometheus_config import DRIVER_JOB, write_file_sd, write_prometheus_config
-from dmlray.sweep_metrics import STATES, MetricsPortError, SweepMetrics
+from dmlray.devtools.ports import free_ports
+from dmlray.telemetry.prometheus_config import DRIVER_JOB, write_file_sd, write_prometheus_config
+from dmlray.telemetry.sweep_metrics import STATES, MetricsPortError, SweepMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
@@ -112,8 +112,19 @@ def test_the_cli_reports_a_taken_metrics_port_before_starting_ray(tmp_path, caps
     space = tmp_path / "space.yaml"
     space.write_text("optim.lr: {loguniform: [1.0e-4, 1.0e-2]}\n")
     try:
-        rc = main(["tune", "--space", str(space), "--metrics-port", str(port), "demo",
-                   f"data.url={tmp_path}/data", f"run.storage_path={tmp_path}", "run.num_workers=1"])
+        rc = main(
+            [
+                "tune",
+                "--space",
+                str(space),
+                "--metrics-port",
+                str(port),
+                "demo",
+                f"data.url={tmp_path}/data",
+                f"run.storage_path={tmp_path}",
+                "run.num_workers=1",
+            ]
+        )
     finally:
         holder.close()
     assert rc == 2
@@ -141,7 +152,7 @@ def test_the_prometheus_config_scrapes_ray_and_the_driver_through_file_sd(tmp_pa
 
 
 def test_the_grafana_dashboard_uses_the_names_dmlray_exports():
-    from dmlray.metrics import GAUGES, PREFIX
+    from dmlray.telemetry.worker_metrics import GAUGES, PREFIX
 
     dashboard = (ROOT / "k8s" / "grafana" / "dmlray-sweep.json").read_text()
     exprs = " ".join(re.findall(r'"expr":\s*"((?:[^"\\]|\\.)*)"', dashboard))
@@ -166,9 +177,16 @@ class Prometheus:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(data.parent / "prometheus.log", "w")
         self.proc = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={data}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            [
+                PROMETHEUS,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={data}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--log.level=warn",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -206,8 +224,14 @@ class Prometheus:
 class Watcher(threading.Thread):
     """Asks Prometheus every second which dmlray series it holds, keeping their labels."""
 
-    QUERIES = ("ray_dmlray_loss", "ray_dmlray_recall_at_1", "ray_dmlray_step", "dmlray_sweep_trials",
-               "dmlray_sweep_best_metric", "dmlray_sweep_trial_metric")
+    QUERIES = (
+        "ray_dmlray_loss",
+        "ray_dmlray_recall_at_1",
+        "ray_dmlray_step",
+        "dmlray_sweep_trials",
+        "dmlray_sweep_best_metric",
+        "dmlray_sweep_trial_metric",
+    )
 
     def __init__(self, prometheus: Prometheus):
         super().__init__(daemon=True)
@@ -236,9 +260,9 @@ def test_prometheus_scrapes_the_workers_and_the_driver_of_a_sweep_kept_on_s3(gly
     import ray
 
     from dmlray.data import storage
-    from dmlray.launch import ensure_ray
-    from dmlray.prometheus_config import ray_service_discovery_file
-    from dmlray.tune import run_sweep
+    from dmlray.jobs.launch import ensure_ray
+    from dmlray.sweeps.tune import run_sweep
+    from dmlray.telemetry.prometheus_config import ray_service_discovery_file
 
     space = tmp_path / "space.yaml"
     space.write_text("loss.params.beta: {choice: [40]}\n")
@@ -251,18 +275,41 @@ def test_prometheus_scrapes_the_workers_and_the_driver_of_a_sweep_kept_on_s3(gly
         ray_sd = ray_service_discovery_file()
         assert ray_sd != "/tmp/ray/prom_metrics_service_discovery.json", "expected this session's own file"
         # the driver's entry appears once the sweep serves its metrics: Prometheus re-reads it
-        config = write_prometheus_config(tmp_path / "prometheus.yml", ray_sd=ray_sd,
-                                         driver_sd=local / "prometheus_sd.json", scrape_interval="1s",
-                                         refresh_interval="1s")
+        config = write_prometheus_config(
+            tmp_path / "prometheus.yml",
+            ray_sd=ray_sd,
+            driver_sd=local / "prometheus_sd.json",
+            scrape_interval="1s",
+            refresh_interval="1s",
+        )
         prometheus = Prometheus(config, tmp_path / "tsdb")
         prometheus.wait_ready()
         watcher = Watcher(prometheus)
         watcher.start()
-        result = run_sweep("demo", str(space), [
-            f"data.url={glyphs_small}", f"run.storage_path={runs}", "run.name=p", "run.num_workers=2",
-            "data.classes_per_batch=8", "data.samples_per_class=4", "data.class_buffer=16", "train.steps=30",
-            "train.eval_every=10", "train.log_every=2", "memory.size=0", "optim.milestones=[]", "eval.baseline=false",
-            "eval.ks=[1,2]"], num_samples=1, scheduler="none", metrics_port=0, prometheus_dir=str(local))
+        result = run_sweep(
+            "demo",
+            str(space),
+            [
+                f"data.url={glyphs_small}",
+                f"run.storage_path={runs}",
+                "run.name=p",
+                "run.num_workers=2",
+                "data.classes_per_batch=8",
+                "data.samples_per_class=4",
+                "data.class_buffer=16",
+                "train.steps=30",
+                "train.eval_every=10",
+                "train.log_every=2",
+                "memory.size=0",
+                "optim.milestones=[]",
+                "eval.baseline=false",
+                "eval.ks=[1,2]",
+            ],
+            num_samples=1,
+            scheduler="none",
+            metrics_port=0,
+            prometheus_dir=str(local),
+        )
         # the driver's endpoint closed when run_sweep returned, so Prometheus marks its
         # series stale at the next scrape (maybe before the watcher's next query); the
         # samples it stored still hold the final states
@@ -299,8 +346,14 @@ def test_prometheus_scrapes_the_workers_and_the_driver_of_a_sweep_kept_on_s3(gly
     assert {s["trial"] for s in seen["dmlray_sweep_trial_metric"]} == {trial}  # joins with the workers' label
     # the sweep's reports landed on S3 next to Tune's experiment; the Prometheus files locally
     assert result.url == f"{runs}/p-sweep"
-    for name in ("sweep.csv", "sweep_curves.png", "sweep_params.png", "sweep.yaml",
-                 f"runs/trial_{trial}/result.json", f"runs/trial_{trial}/config.yaml"):
+    for name in (
+        "sweep.csv",
+        "sweep_curves.png",
+        "sweep_params.png",
+        "sweep.yaml",
+        f"runs/trial_{trial}/result.json",
+        f"runs/trial_{trial}/config.yaml",
+    ):
         assert storage.exists(f"{result.url}/{name}"), name
     assert (local / "prometheus.yml").is_file()
     print(f"prometheus test: {elapsed:.0f}s")

@@ -36,20 +36,31 @@ def test_two_ray_workers_from_s3_beat_raw_pixels_and_export_metrics(glyphs_s3, s
     import ray
 
     from dmlray.config import load_config
-    from dmlray.launch import ensure_ray, launch
-    from dmlray.ports import free_ports
+    from dmlray.devtools.ports import free_ports
+    from dmlray.jobs.launch import ensure_ray, launch
 
     port = free_ports(1)[0]
     ensure_ray(num_cpus=4, metrics_export_port=port, metrics_interval_ms=1000)
     poller = MetricsPoller(f"http://127.0.0.1:{port}/metrics")
     poller.start()
     try:
-        cfg = load_config("demo", [
-            f"data.url={glyphs_s3}", f"run.storage_path={tmp_path}", "run.name=ray-test",
-            "data.classes_per_batch=8", "data.samples_per_class=4", "data.class_buffer=16",
-            "train.steps=80", "train.eval_every=40", "train.log_every=5",
-            "memory.size=256", "memory.start=20", "optim.milestones=[]",
-        ])
+        cfg = load_config(
+            "demo",
+            [
+                f"data.url={glyphs_s3}",
+                f"run.storage_path={tmp_path}",
+                "run.name=ray-test",
+                "data.classes_per_batch=8",
+                "data.samples_per_class=4",
+                "data.class_buffer=16",
+                "train.steps=80",
+                "train.eval_every=40",
+                "train.log_every=5",
+                "memory.size=256",
+                "memory.start=20",
+                "optim.milestones=[]",
+            ],
+        )
         t0 = time.monotonic()
         result = launch(cfg)
         elapsed = time.monotonic() - t0

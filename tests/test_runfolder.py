@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from dmlray.runfolder import MetricsWriter, RunFolder
+from dmlray.jobs.run_folder import MetricsWriter, RunFolder
 
 
 def records(n: int) -> list[dict]:
@@ -28,7 +28,9 @@ def test_the_file_holds_the_newest_history_after_flush(tmp_path):
     writer.submit(records(3))
     writer.close()
     assert folder.read_metrics() == records(3)
-    assert (tmp_path / "run" / "metrics.jsonl").read_text() == "".join(json.dumps(r, sort_keys=True) + "\n" for r in records(3))
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == "".join(
+        json.dumps(r, sort_keys=True) + "\n" for r in records(3)
+    )
 
 
 def test_a_slow_store_does_not_stall_submit_and_writes_coalesce(tmp_path):

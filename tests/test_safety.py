@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 import torch
 
-from dmlray import checkpoints
-from dmlray.checkpoints import CheckpointError, latest_checkpoint, load_state, state_bytes
 from dmlray.config import ConfigError, config_to_dict, load_config
 from dmlray.data import storage
-from dmlray.runfolder import LOCK_FILE, RunLock, RunLockedError, clear_run_folder, is_strictly_inside
-from dmlray.train import rng_state, set_rng_state
+from dmlray.jobs.run_folder import LOCK_FILE, RunLock, RunLockedError, clear_run_folder, is_strictly_inside
+from dmlray.training import checkpoints
+from dmlray.training.checkpoints import CheckpointError, latest_checkpoint, load_state, state_bytes
+from dmlray.training.trainer import rng_state, set_rng_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,7 +75,7 @@ def test_a_trainer_resumed_from_a_weights_only_checkpoint_matches_the_straight_r
     from dmlray import losses
     from dmlray.models import EmbeddingModel
     from dmlray.models.glyph_cnn import GlyphCNN
-    from dmlray.train import Trainer
+    from dmlray.training.trainer import Trainer
 
     def trainer(saved: list) -> Trainer:
         torch.manual_seed(0)
@@ -91,9 +91,19 @@ def test_a_trainer_resumed_from_a_weights_only_checkpoint_matches_the_straight_r
                 saved.append(state_bytes(state))
 
         optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-        return Trainer(model=model, loss_fn=losses.build("multi_similarity"), optimizer=optimizer,
-                       scheduler=torch.optim.lr_scheduler.MultiStepLR(optimizer, [4]), batches=batches, steps=6,
-                       device=torch.device("cpu"), log_every=1, eval_every=100, checkpoint_every=3, report=report)
+        return Trainer(
+            model=model,
+            loss_fn=losses.build("multi_similarity"),
+            optimizer=optimizer,
+            scheduler=torch.optim.lr_scheduler.MultiStepLR(optimizer, [4]),
+            batches=batches,
+            steps=6,
+            device=torch.device("cpu"),
+            log_every=1,
+            eval_every=100,
+            checkpoint_every=3,
+            report=report,
+        )
 
     random.seed(0), np.random.seed(0)
     straight_saved: list = []
@@ -153,7 +163,7 @@ def test_latest_complete_checkpoint_in_write_order_not_name_order(tmp_path):
     half = real_state(30)
     write_checkpoint(run, "checkpoint_2026-12-02_09-00-00.000000", half[: len(half) // 2], now - 100)  # cut off
     assert latest_checkpoint(str(run)) == str(run / "checkpoint_2026-12-02_08-00-00.000000")
-    from dmlray.app import find_checkpoint
+    from dmlray.jobs.commands import find_checkpoint
 
     assert find_checkpoint(str(run)) == (str(run / "checkpoint_2026-12-02_08-00-00.000000"), str(run))
     # a later local-mode run of the same name wins by time
@@ -169,9 +179,15 @@ def test_rays_snapshot_decides_which_checkpoints_are_registered(tmp_path):
         write_checkpoint(run, name, real_state(i), now - 100 + i)
     # the shape Ray 2.60's checkpoint manager writes (only the fields read here)
     result = lambda name: {"version": 0, "checkpoint_dir_name": name, "metrics": {}}  # noqa: E731
-    snapshot = {"ray_version": "2.60.0", "checkpoint_results": [result(a), result(b)],
-                "checkpoint_report_indices": [1, 2], "latest_checkpoint_result": result(b),
-                "pending_training_results": [], "pending_validation_specs": [], "current_report_index": 3}
+    snapshot = {
+        "ray_version": "2.60.0",
+        "checkpoint_results": [result(a), result(b)],
+        "checkpoint_report_indices": [1, 2],
+        "latest_checkpoint_result": result(b),
+        "pending_training_results": [],
+        "pending_validation_specs": [],
+        "current_report_index": 3,
+    }
     (run / checkpoints.SNAPSHOT_FILE).write_text(json.dumps(snapshot))
     assert latest_checkpoint(str(run)) == str(run / b)  # c is complete but not registered: Ray resumes from b
     (run / b / "state.pt").write_bytes(real_state(1)[:100])  # b cut off: the one before
@@ -182,10 +198,11 @@ def test_rays_snapshot_decides_which_checkpoints_are_registered(tmp_path):
 
 
 def asha(url: str):
-    from dmlray.tune import ResumableASHA
+    from dmlray.sweeps.tune import ResumableASHA
 
-    return ResumableASHA(url, time_attr="step", max_t=40, grace_period=10, reduction_factor=2,
-                         metric="recall@1", mode="max")
+    return ResumableASHA(
+        url, time_attr="step", max_t=40, grace_period=10, reduction_factor=2, metric="recall@1", mode="max"
+    )
 
 
 def test_asha_state_is_json_and_a_resumed_scheduler_decides_the_same(tmp_path):
@@ -208,7 +225,7 @@ def test_asha_state_is_json_and_a_resumed_scheduler_decides_the_same(tmp_path):
 
 
 def test_a_planted_asha_state_is_an_error_naming_it_and_runs_nothing(tmp_path):
-    from dmlray.tune import ASHA_STATE
+    from dmlray.sweeps.tune import ASHA_STATE
 
     marker = tmp_path / "marker"
     url = tmp_path / ASHA_STATE
@@ -222,7 +239,7 @@ def test_a_planted_asha_state_is_an_error_naming_it_and_runs_nothing(tmp_path):
 
 
 def test_a_sweep_refuses_a_planted_asha_state_before_ray_starts(tmp_path, monkeypatch):
-    from dmlray import tune
+    from dmlray.sweeps import tune
 
     monkeypatch.setattr(tune, "ensure_ray", lambda **kw: pytest.fail("Ray started despite the planted state"))
     sweep = tmp_path / "demo-sweep"
@@ -268,7 +285,7 @@ def test_fresh_deletes_only_strictly_inside_storage_path(tmp_path):
 
 
 def test_launch_revalidates_a_name_changed_after_loading(tmp_path):
-    from dmlray.launch import launch
+    from dmlray.jobs.launch import launch
 
     (tmp_path / "precious").write_text("keep")
     cfg = load_config("demo", [f"run.storage_path={tmp_path / 'runs'}", "run.fresh=true", "run.num_workers=0"])
@@ -281,30 +298,33 @@ def test_launch_revalidates_a_name_changed_after_loading(tmp_path):
 # ----------------------------------------------------------------------------- config values
 
 
-@pytest.mark.parametrize("override, named", [
-    ("run.cpus_per_worker=0", "run.cpus_per_worker"),
-    ("run.cpus_per_worker=-1", "run.cpus_per_worker"),
-    ("run.cpus_per_worker=.nan", "run.cpus_per_worker"),
-    ("run.threads_per_worker=0", "run.threads_per_worker"),
-    ("data.eval_batch_size=0", "data.eval_batch_size"),
-    ("run.metrics_port=65536", "run.metrics_port"),
-    ("run.metrics_port=-1", "run.metrics_port"),
-    ("optim.gamma=0", "optim.gamma"),
-    ("optim.gamma=.inf", "optim.gamma"),
-    ("optim.lr=.inf", "optim.lr"),
-    ("optim.lr=.nan", "optim.lr"),
-    ("optim.lr=0", "optim.lr"),
-    ("optim.head_lr=-0.1", "optim.head_lr"),
-    ("optim.head_lr=.inf", "optim.head_lr"),
-    ("optim.loss_lr=.nan", "optim.loss_lr"),
-    ("optim.weight_decay=-1e-4", "optim.weight_decay"),
-    ("memory.weight=-1", "memory.weight"),
-    ("memory.weight=.inf", "memory.weight"),
-    ("optim.milestones=[600, 300]", "optim.milestones"),
-    ("optim.milestones=[0]", "optim.milestones"),
-    ("optim.milestones=[5, 5]", "optim.milestones"),
-    ("model.hidden_dim=-1", "model.hidden_dim"),
-])
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("run.cpus_per_worker=0", "run.cpus_per_worker"),
+        ("run.cpus_per_worker=-1", "run.cpus_per_worker"),
+        ("run.cpus_per_worker=.nan", "run.cpus_per_worker"),
+        ("run.threads_per_worker=0", "run.threads_per_worker"),
+        ("data.eval_batch_size=0", "data.eval_batch_size"),
+        ("run.metrics_port=65536", "run.metrics_port"),
+        ("run.metrics_port=-1", "run.metrics_port"),
+        ("optim.gamma=0", "optim.gamma"),
+        ("optim.gamma=.inf", "optim.gamma"),
+        ("optim.lr=.inf", "optim.lr"),
+        ("optim.lr=.nan", "optim.lr"),
+        ("optim.lr=0", "optim.lr"),
+        ("optim.head_lr=-0.1", "optim.head_lr"),
+        ("optim.head_lr=.inf", "optim.head_lr"),
+        ("optim.loss_lr=.nan", "optim.loss_lr"),
+        ("optim.weight_decay=-1e-4", "optim.weight_decay"),
+        ("memory.weight=-1", "memory.weight"),
+        ("memory.weight=.inf", "memory.weight"),
+        ("optim.milestones=[600, 300]", "optim.milestones"),
+        ("optim.milestones=[0]", "optim.milestones"),
+        ("optim.milestones=[5, 5]", "optim.milestones"),
+        ("model.hidden_dim=-1", "model.hidden_dim"),
+    ],
+)
 def test_out_of_range_values_are_refused_naming_the_key(override, named):
     with pytest.raises(ConfigError) as info:
         load_config("demo", [override])
@@ -312,8 +332,16 @@ def test_out_of_range_values_are_refused_naming_the_key(override, named):
 
 
 def test_edge_values_that_are_fine_pass():
-    cfg = load_config("demo", ["run.metrics_port=65535", "optim.head_lr=0", "memory.weight=0",
-                               "run.cpus_per_worker=0.5", "optim.milestones=[100, 200]"])
+    cfg = load_config(
+        "demo",
+        [
+            "run.metrics_port=65535",
+            "optim.head_lr=0",
+            "memory.weight=0",
+            "run.cpus_per_worker=0.5",
+            "optim.milestones=[100, 200]",
+        ],
+    )
     assert cfg.run.metrics_port == 65535 and cfg.run.cpus_per_worker == 0.5
 
 
@@ -321,8 +349,12 @@ def test_edge_values_that_are_fine_pass():
 def test_tune_metrics_port_is_checked_before_anything_runs(tmp_path, port):
     from dmlray.cli import main
 
-    assert main(["tune", "demo", "--space", "demo_sweep_space", "--metrics-port", str(port),
-                 f"run.storage_path={tmp_path}"]) == 2
+    assert (
+        main(
+            ["tune", "demo", "--space", "demo_sweep_space", "--metrics-port", str(port), f"run.storage_path={tmp_path}"]
+        )
+        == 2
+    )
     assert not any(tmp_path.iterdir())
 
 
@@ -330,7 +362,7 @@ def test_tune_metrics_port_is_checked_before_anything_runs(tmp_path, port):
 
 
 def test_a_space_whose_keys_are_valid_alone_but_not_together_is_refused_naming_the_combination(tmp_path):
-    from dmlray.search_space import parse_space
+    from dmlray.sweeps.search_space import parse_space
 
     base = config_to_dict(load_config("demo"))  # classes_per_batch 16, class_buffer 96
     space = {"data.classes_per_batch": {"choice": [2, 64]}, "data.class_buffer": {"choice": [32, 128]}}
@@ -344,7 +376,7 @@ def test_a_space_whose_keys_are_valid_alone_but_not_together_is_refused_naming_t
 
 
 def test_a_sweep_with_an_impossible_combination_fails_at_start(tmp_path, monkeypatch):
-    from dmlray import tune
+    from dmlray.sweeps import tune
 
     monkeypatch.setattr(tune, "ensure_ray", lambda **kw: pytest.fail("Ray started"))
     space = tmp_path / "space.yaml"
@@ -355,7 +387,7 @@ def test_a_sweep_with_an_impossible_combination_fails_at_start(tmp_path, monkeyp
 
 
 def test_huge_spaces_are_checked_on_corners_and_a_seeded_sample():
-    from dmlray.search_space import MAX_COMBINATIONS, Param, combinations
+    from dmlray.sweeps.search_space import MAX_COMBINATIONS, Param, combinations
 
     params = [Param(f"k{i}", "choice", tuple(range(5))) for i in range(8)]  # 5^8 = 390625 combinations
     combos, exhaustive = combinations(params)
@@ -412,8 +444,10 @@ def test_a_live_lock_is_renewed_and_an_expired_one_is_taken_over(lock_root):
 
 def test_a_killed_process_lock_expires_for_its_successor(tmp_path):
     folder = str(tmp_path / "run")
-    script = ("import sys, time; from dmlray.runfolder import RunLock; RunLock(sys.argv[1], lease_s=2).acquire(); "
-              "print('held', flush=True); time.sleep(60)")
+    script = (
+        "import sys, time; from dmlray.jobs.run_folder import RunLock; RunLock(sys.argv[1], lease_s=2).acquire(); "
+        "print('held', flush=True); time.sleep(60)"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-c", script, folder], stdout=subprocess.PIPE, env=env, text=True)
     try:
@@ -440,25 +474,40 @@ def test_a_killed_process_lock_expires_for_its_successor(tmp_path):
 
 
 def test_a_run_on_a_missing_dataset_leaves_no_run_folder(tmp_path):
-    from dmlray.launch import launch
+    from dmlray.jobs.launch import launch
 
-    cfg = load_config("demo", [f"data.url={tmp_path / 'no-such-dataset'}", f"run.storage_path={tmp_path / 'runs'}",
-                               "run.name=nothing", "run.num_workers=2"])
+    cfg = load_config(
+        "demo",
+        [
+            f"data.url={tmp_path / 'no-such-dataset'}",
+            f"run.storage_path={tmp_path / 'runs'}",
+            "run.name=nothing",
+            "run.num_workers=2",
+        ],
+    )
     with pytest.raises(storage.StorageError, match="no-such-dataset"):
         launch(cfg)
     assert not (tmp_path / "runs").exists()
 
 
 def test_launch_refuses_a_live_run_of_the_same_name_and_fresh_deletes_nothing(glyphs_small, tmp_path):
-    from dmlray.launch import launch
+    from dmlray.jobs.launch import launch
 
     run = tmp_path / "runs" / "busy"
     (run / "checkpoint_local").mkdir(parents=True)
     (run / "checkpoint_local" / "state.pt").write_bytes(real_state(3))
     holder = RunLock(str(run), lease_s=30).acquire()
     try:
-        cfg = load_config("demo", [f"data.url={glyphs_small}", f"run.storage_path={tmp_path / 'runs'}",
-                                   "run.name=busy", "run.num_workers=0", "run.fresh=true"])
+        cfg = load_config(
+            "demo",
+            [
+                f"data.url={glyphs_small}",
+                f"run.storage_path={tmp_path / 'runs'}",
+                "run.name=busy",
+                "run.num_workers=0",
+                "run.fresh=true",
+            ],
+        )
         with pytest.raises(RunLockedError, match=holder.holder):
             launch(cfg)
     finally:
@@ -468,7 +517,7 @@ def test_launch_refuses_a_live_run_of_the_same_name_and_fresh_deletes_nothing(gl
 
 
 def test_a_second_sweep_of_the_same_name_fails_before_ray_starts(tmp_path, monkeypatch):
-    from dmlray import tune
+    from dmlray.sweeps import tune
 
     monkeypatch.setattr(tune, "ensure_ray", lambda **kw: pytest.fail("Ray started"))
     live = RunLock(str(tmp_path / "demo-sweep"), lease_s=30, what="sweep").acquire()

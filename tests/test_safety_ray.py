@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 def ray_2cpus():
     import ray
 
-    from dmlray.launch import ensure_ray
+    from dmlray.jobs.launch import ensure_ray
 
     ensure_ray(num_cpus=2)
     yield ray
@@ -27,15 +27,29 @@ def ray_2cpus():
 
 
 def small_run(data: str, storage: Path, steps: int, *extra: str):
-    return load_config("demo", [f"data.url={data}", f"run.storage_path={storage}", "run.name=small",
-                                "run.num_workers=1", f"train.steps={steps}", f"train.eval_every={steps}",
-                                "train.log_every=2", "data.classes_per_batch=4", "data.class_buffer=8",
-                                "memory.size=0", "optim.milestones=[]", "eval.baseline=false", "eval.nmi=false",
-                                *extra])
+    return load_config(
+        "demo",
+        [
+            f"data.url={data}",
+            f"run.storage_path={storage}",
+            "run.name=small",
+            "run.num_workers=1",
+            f"train.steps={steps}",
+            f"train.eval_every={steps}",
+            "train.log_every=2",
+            "data.classes_per_batch=4",
+            "data.class_buffer=8",
+            "memory.size=0",
+            "optim.milestones=[]",
+            "eval.baseline=false",
+            "eval.nmi=false",
+            *extra,
+        ],
+    )
 
 
 def test_more_workers_than_the_cluster_has_fails_within_a_minute_naming_both(ray_2cpus, glyphs_small, tmp_path):
-    from dmlray.launch import has_autoscaler, launch
+    from dmlray.jobs.launch import has_autoscaler, launch
 
     assert ray_2cpus.cluster_resources()["CPU"] == 2
     assert not has_autoscaler()  # a local cluster cannot grow: an error, not a warning
@@ -53,10 +67,11 @@ def test_more_workers_than_the_cluster_has_fails_within_a_minute_naming_both(ray
 
 
 def test_resume_refuses_a_planted_checkpoint_naming_it(ray_2cpus, glyphs_small, tmp_path):
-    from dmlray.app import find_checkpoint
-    from dmlray.checkpoints import SNAPSHOT_FILE, state_bytes
-    from dmlray.launch import launch
     from test_safety import Planted
+
+    from dmlray.jobs.commands import find_checkpoint
+    from dmlray.jobs.launch import launch
+    from dmlray.training.checkpoints import SNAPSHOT_FILE, state_bytes
 
     run = tmp_path / "small"
     result = launch(small_run(glyphs_small, tmp_path, 4))

@@ -31,9 +31,20 @@ ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "secrets"
 COMMAND_TIMEOUT = 600.0
 # tiny runs: what matters is that Ray Train's controller, a worker and Tune all run
-TINY = ["run.num_workers=1", "run.cpus_per_worker=1", "data.classes_per_batch=8", "data.samples_per_class=4",
-        "data.class_buffer=16", "train.steps=4", "train.eval_every=4", "train.log_every=2", "memory.size=0",
-        "optim.milestones=[]", "eval.baseline=false", "eval.ks=[1,2]"]
+TINY = [
+    "run.num_workers=1",
+    "run.cpus_per_worker=1",
+    "data.classes_per_batch=8",
+    "data.samples_per_class=4",
+    "data.class_buffer=16",
+    "train.steps=4",
+    "train.eval_every=4",
+    "train.log_every=2",
+    "memory.size=0",
+    "optim.milestones=[]",
+    "eval.baseline=false",
+    "eval.ks=[1,2]",
+]
 
 
 def needles(secret: str) -> list[bytes]:
@@ -56,8 +67,9 @@ def occurrences(data: bytes, patterns: list[bytes]) -> int:
 
 def run_command(argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
     """Run a command in its own process group; on timeout that group (what we started) is killed."""
-    proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=COMMAND_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -70,10 +82,11 @@ def run_command(argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.C
 @pytest.fixture
 def private_s3(tmp_path):
     """A SeaweedFS S3 server whose credentials are random, made for this test only."""
-    from dmlray.seaweed import SeaweedS3
+    from dmlray.devtools.seaweed import SeaweedS3
 
-    server = SeaweedS3(tmp_path / "s3", buckets=[BUCKET], access_key="dmlray-" + secrets.token_hex(4),
-                       secret_key=secrets.token_hex(20))
+    server = SeaweedS3(
+        tmp_path / "s3", buckets=[BUCKET], access_key="dmlray-" + secrets.token_hex(4), secret_key=secrets.token_hex(20)
+    )
     server.start()
     yield server
     server.stop()
@@ -132,16 +145,29 @@ def test_the_secret_key_is_nowhere_after_pack_train_and_tune(private_s3, tmp_pat
         commands = {
             "pack": ["pack", str(recipe), "--dst", f"s3://{BUCKET}/glyphs", "--no-progress"],
             "train": ["train", "demo", data, f"run.storage_path=s3://{BUCKET}/runs", "run.name=demo", *TINY],
-            "tune": ["tune", "--space", str(space), "--num-samples", "1", "--scheduler", "none", "demo", data,
-                     f"run.storage_path=s3://{BUCKET}/sweeps", "run.name=demo", *TINY],
+            "tune": [
+                "tune",
+                "--space",
+                str(space),
+                "--num-samples",
+                "1",
+                "--scheduler",
+                "none",
+                "demo",
+                data,
+                f"run.storage_path=s3://{BUCKET}/sweeps",
+                "run.name=demo",
+                *TINY,
+            ],
         }
         outputs: dict[str, bytes] = {}
         for name, args in commands.items():
             t0 = time.monotonic()
             done = run_command([sys.executable, "-m", "dmlray", *args], env, tmp_path)
             outputs[f"{name} stdout"], outputs[f"{name} stderr"] = done.stdout, done.stderr
-            assert done.returncode == 0, f"dmlray {name} failed:\n{done.stdout.decode()[-2000:]}\n" \
-                                         f"{done.stderr.decode()[-4000:]}"
+            assert done.returncode == 0, (
+                f"dmlray {name} failed:\n{done.stdout.decode()[-2000:]}\n{done.stderr.decode()[-4000:]}"
+            )
             print(f"dmlray {name}: {time.monotonic() - t0:.0f}s")
 
         objects = bucket_objects(server)
@@ -168,15 +194,19 @@ def test_the_secret_key_is_nowhere_after_pack_train_and_tune(private_s3, tmp_pat
 
 # ------------------------------------------------------------------------ the pieces
 
-FAKE = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "dmlray-test-access",
-        "AWS_SECRET_ACCESS_KEY": "fake-secret-" + secrets.token_hex(8), "AWS_SESSION_TOKEN": "fake-session-token",
-        "AWS_REGION": "eu-west-3"}
+FAKE = {
+    "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+    "AWS_ACCESS_KEY_ID": "dmlray-test-access",
+    "AWS_SECRET_ACCESS_KEY": "fake-secret-" + secrets.token_hex(8),
+    "AWS_SESSION_TOKEN": "fake-session-token",
+    "AWS_REGION": "eu-west-3",
+}
 
 
 def test_the_run_filesystem_names_the_endpoint_but_carries_no_key(monkeypatch):
     import pickle
 
-    from dmlray.launch import storage_arguments
+    from dmlray.jobs.launch import storage_arguments
 
     for key, value in FAKE.items():
         monkeypatch.setenv(key, value)
@@ -192,7 +222,7 @@ def test_the_run_filesystem_names_the_endpoint_but_carries_no_key(monkeypatch):
 def test_ray_is_started_or_joined_without_credentials_in_a_runtime_env(address, monkeypatch):
     import ray
 
-    from dmlray import launch
+    from dmlray.jobs import launch
 
     for key, value in FAKE.items():
         monkeypatch.setenv(key, value)
@@ -204,7 +234,7 @@ def test_ray_is_started_or_joined_without_credentials_in_a_runtime_env(address, 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda *a, **kw: calls.append((a, kw)))
     launch.ensure_ray(num_cpus=1)
-    (args, kwargs), = calls
+    ((args, kwargs),) = calls
     assert "runtime_env" not in kwargs, kwargs
     for key in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
         assert FAKE[key] not in repr((args, kwargs))
@@ -214,14 +244,15 @@ def test_tune_trials_get_no_credentials_in_their_runtime_env(monkeypatch):
     import ray
     from ray.tune.execution import class_cache
 
-    from dmlray import launch
+    from dmlray.jobs import launch
 
     for key, value in FAKE.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(ray, "is_initialized", lambda: True)  # the patch applies on a running cluster too
     # as Ray 2.60 ships it (an earlier ensure_ray in this process may have changed it already)
-    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE",
-                        set(class_cache.ENV_VARS_TO_PROPAGATE) | launch.CREDENTIAL_ENV)
+    monkeypatch.setattr(
+        class_cache, "ENV_VARS_TO_PROPAGATE", set(class_cache.ENV_VARS_TO_PROPAGATE) | launch.CREDENTIAL_ENV
+    )
 
     class Trainable:
         pass
@@ -267,15 +298,25 @@ def test_credential_files_are_owner_only_before_their_content_is_written(tmp_pat
 
 
 def test_seaweed_and_local_cluster_write_their_secrets_owner_only(tmp_path, umask_zero, capsys):
-    from dmlray.seaweed import write_identities
     from test_deploy import local_cluster
+
+    from dmlray.devtools.seaweed import write_identities
 
     secret = secrets.token_hex(20)
     write_identities(tmp_path / "s3-identities.json", "dmlray-access", secret)
-    state = {"dir": str(tmp_path), "processes": [],
-             "s3": {"endpoint": "http://127.0.0.1:9", "access_key": "dmlray-access", "secret_key": secret,
-                    "region": "us-east-1", "bucket": "b", "master_port": 1},
-             "ray": {"dashboard_url": "http://127.0.0.1:8", "auth_token_path": str(tmp_path / "auth_token")}}
+    state = {
+        "dir": str(tmp_path),
+        "processes": [],
+        "s3": {
+            "endpoint": "http://127.0.0.1:9",
+            "access_key": "dmlray-access",
+            "secret_key": secret,
+            "region": "us-east-1",
+            "bucket": "b",
+            "master_port": 1,
+        },
+        "ray": {"dashboard_url": "http://127.0.0.1:8", "auth_token_path": str(tmp_path / "auth_token")},
+    }
     local_cluster._write_state(tmp_path, state)
     for name in ("s3-identities.json", local_cluster.STATE_FILE):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o600, name
@@ -287,6 +328,10 @@ def test_seaweed_and_local_cluster_write_their_secrets_owner_only(tmp_path, umas
     assert secret not in printed
     env_file = tmp_path / local_cluster.ENV_FILE
     assert env_file.stat().st_mode & 0o777 == 0o600
-    shell = subprocess.run(["bash", "-c", 'eval "$1"; printf %s "$AWS_SECRET_ACCESS_KEY"', "-", printed],
-                           capture_output=True, text=True, timeout=30)
+    shell = subprocess.run(
+        ["bash", "-c", 'eval "$1"; printf %s "$AWS_SECRET_ACCESS_KEY"', "-", printed],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert shell.returncode == 0 and shell.stdout == secret, shell.stderr

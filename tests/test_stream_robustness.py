@@ -16,15 +16,17 @@ from PIL import Image
 
 from dmlray.data import storage
 from dmlray.data.health import StreamStats
+from dmlray.data.pk_batches import DatasetTooSmall, PKBatches
 from dmlray.data.records import Sample
 from dmlray.data.shards import write_tar
-from dmlray.data.pk_batches import DatasetTooSmall, PKBatches
 from dmlray.data.stream import EvalStream, iter_eval_batches, iter_shard
 from dmlray.data.tario import ShardError
 from dmlray.data.transforms import ImageTransform, NaturalImageTransform, make_transform, transform_style
 
 # torchvision 0.29 deprecates its JPEG decoder; the natural transform falls back to Pillow when it goes
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning"
+)
 
 
 def encoded(seed: int, size=(48, 36), fmt="JPEG", smooth: bool = False) -> bytes:
@@ -236,9 +238,15 @@ def test_loader_workers_draw_distinct_streams_and_share_the_skip_counter(tmp_pat
 
 def test_eval_stream_splits_shards_over_workers_exactly_once(tmp_path):
     urls = [str(tmp_path / f"{i}.tar") for i in range(5)]
-    keys = [k for i, url in enumerate(urls) for k in make_shard(Path(url), classes=range(3 * i, 3 * i + 3), per_class=2)]
-    loader = torch.utils.data.DataLoader(EvalStream(urls, ImageTransform(16, 1, train=False), 4), batch_size=None,
-                                         num_workers=2, multiprocessing_context="fork")
+    keys = [
+        k for i, url in enumerate(urls) for k in make_shard(Path(url), classes=range(3 * i, 3 * i + 3), per_class=2)
+    ]
+    loader = torch.utils.data.DataLoader(
+        EvalStream(urls, ImageTransform(16, 1, train=False), 4),
+        batch_size=None,
+        num_workers=2,
+        multiprocessing_context="fork",
+    )
     got = [k for _, _, ks in loader for k in ks]
     assert sorted(got) == sorted(keys) and len(got) == len(set(got))
 
@@ -339,4 +347,8 @@ def test_s3_wrong_credentials_and_missing_objects_raise_instead_of_being_skipped
     storage.reset_clients()
     with pytest.raises(storage.StorageError) as info:
         take(PKBatches([url], 2, 2, GREY), 1)
-    assert "secret key is wrong" in str(info.value) and s3_env.endpoint in str(info.value) and "dmlray-test" in str(info.value)
+    assert (
+        "secret key is wrong" in str(info.value)
+        and s3_env.endpoint in str(info.value)
+        and "dmlray-test" in str(info.value)
+    )

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 from dmlray import losses
-from dmlray.memory import CrossBatchMemory
+from dmlray.jobs.worker import split_validation
 from dmlray.models import EmbeddingModel
 from dmlray.models.glyph_cnn import GlyphCNN
-from dmlray.train import Trainer
-from dmlray.worker import split_validation
+from dmlray.training.memory import CrossBatchMemory
+from dmlray.training.trainer import Trainer
 
 
 def make_trainer(**kwargs) -> Trainer:
@@ -23,8 +22,17 @@ def make_trainer(**kwargs) -> Trainer:
         while True:
             yield torch.randn(16, 1, 8, 8, generator=gen), torch.arange(4).repeat_interleave(4)
 
-    options = dict(model=model, loss_fn=losses.build("multi_similarity"), optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                   scheduler=None, batches=batches, steps=6, device=torch.device("cpu"), log_every=1, eval_every=100)
+    options = dict(
+        model=model,
+        loss_fn=losses.build("multi_similarity"),
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        scheduler=None,
+        batches=batches,
+        steps=6,
+        device=torch.device("cpu"),
+        log_every=1,
+        eval_every=100,
+    )
     options.update(kwargs)
     return Trainer(**options)
 
@@ -68,8 +76,13 @@ def test_bf16_autocast_trains_with_finite_float32_losses():
 
 def test_checkpoint_cadence_reports_state_without_evaluating():
     reports = []
-    trainer = make_trainer(checkpoint_every=2, eval_every=100, steps=6, log_every=3,
-                           report=lambda record, history, state: reports.append((record["step"], state is not None)))
+    trainer = make_trainer(
+        checkpoint_every=2,
+        eval_every=100,
+        steps=6,
+        log_every=3,
+        report=lambda record, history, state: reports.append((record["step"], state is not None)),
+    )
     trainer.train()
     assert reports == [(2, True), (3, False), (4, True), (6, True)]
 
@@ -97,7 +110,7 @@ def test_validation_classes_are_a_disjoint_seeded_subset():
 
 def test_sampling_losses_get_the_run_seed_and_draw_the_same_on_every_rank():
     from dmlray.config import LossConfig
-    from dmlray.worker import build_loss
+    from dmlray.jobs.worker import build_loss
 
     a, b = build_loss(LossConfig(name="margin"), 4, 8, seed=7), build_loss(LossConfig(name="margin"), 4, 8, seed=7)
     assert a.seed == b.seed == 7

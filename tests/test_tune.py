@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 
 from dmlray.config import ConfigError, config_to_dict, load_config
-from dmlray.search_space import apply_sample, load_space, parse_space
+from dmlray.sweeps.search_space import apply_sample, load_space, parse_space
 
 BASE = config_to_dict(load_config("demo"))
 
@@ -28,10 +28,12 @@ BASE = config_to_dict(load_config("demo"))
 
 def test_a_space_file_parses_to_typed_distributions(tmp_path):
     path = tmp_path / "space.yaml"
-    path.write_text("optim.lr: {loguniform: [1.0e-4, 1.0e-2]}\n"
-                    "loss:\n  params:\n    beta: {choice: [20, 40, 50]}\n"  # nested keys work too
-                    "memory.size: {randint: [0, 4096]}\n"
-                    "memory.weight: {uniform: [0.5, 1]}\n")
+    path.write_text(
+        "optim.lr: {loguniform: [1.0e-4, 1.0e-2]}\n"
+        "loss:\n  params:\n    beta: {choice: [20, 40, 50]}\n"  # nested keys work too
+        "memory.size: {randint: [0, 4096]}\n"
+        "memory.weight: {uniform: [0.5, 1]}\n"
+    )
     params = {p.key: p for p in load_space(path, BASE)}
     assert set(params) == {"optim.lr", "loss.params.beta", "memory.size", "memory.weight"}
     assert params["optim.lr"].kind == "loguniform" and params["optim.lr"].args == (1e-4, 1e-2)
@@ -44,26 +46,29 @@ def test_the_shipped_demo_space_fits_the_demo_preset():
     assert keys == ["optim.lr", "loss.params.beta", "memory.size"]
 
 
-@pytest.mark.parametrize("space, named", [
-    ({"optim.lrr": {"loguniform": [1e-4, 1e-2]}}, "optim.lrr"),
-    ({"optimizer.lr": {"uniform": [0.1, 0.2]}}, "optimizer.lr"),
-    ({"loss.params.betta": {"choice": [20, 40]}}, "loss.params.betta"),
-    ({"optim": {"choice": [1, 2]}}, "optim"),
-    ({"optim.lr": {"loguniform": [1e-2, 1e-4]}}, "optim.lr"),
-    ({"optim.lr": {"uniform": [0.01, 0.01]}}, "optim.lr"),
-    ({"optim.lr": {"loguniform": [0, 1e-2]}}, "optim.lr"),
-    ({"optim.lr": {"loguniform": [-1e-3, 1e-2]}}, "optim.lr"),
-    ({"optim.lr": {"uniform": [0.0, 1e-2]}}, "optim.lr"),  # lr must be > 0
-    ({"loss.params.beta": {"choice": []}}, "loss.params.beta"),
-    ({"memory.size": {"uniform": [0, 4096]}}, "memory.size"),  # an int field, floats sampled
-    ({"memory.size": {"randint": [0.5, 4096]}}, "memory.size"),
-    ({"memory.size": {"randint": [-8, 16]}}, "memory.size"),
-    ({"optim.name": {"choice": ["adam", "rmsprop"]}}, "optim.name"),
-    ({"data.augment": {"choice": [1, 0]}}, "data.augment"),
-    ({"optim.lr": {"normal": [0, 1]}}, "optim.lr"),
-    ({"optim.lr": {"uniform": [1e-3]}}, "optim.lr"),
-    ({"optim.lr": 0.001}, "optim.lr"),
-])
+@pytest.mark.parametrize(
+    "space, named",
+    [
+        ({"optim.lrr": {"loguniform": [1e-4, 1e-2]}}, "optim.lrr"),
+        ({"optimizer.lr": {"uniform": [0.1, 0.2]}}, "optimizer.lr"),
+        ({"loss.params.betta": {"choice": [20, 40]}}, "loss.params.betta"),
+        ({"optim": {"choice": [1, 2]}}, "optim"),
+        ({"optim.lr": {"loguniform": [1e-2, 1e-4]}}, "optim.lr"),
+        ({"optim.lr": {"uniform": [0.01, 0.01]}}, "optim.lr"),
+        ({"optim.lr": {"loguniform": [0, 1e-2]}}, "optim.lr"),
+        ({"optim.lr": {"loguniform": [-1e-3, 1e-2]}}, "optim.lr"),
+        ({"optim.lr": {"uniform": [0.0, 1e-2]}}, "optim.lr"),  # lr must be > 0
+        ({"loss.params.beta": {"choice": []}}, "loss.params.beta"),
+        ({"memory.size": {"uniform": [0, 4096]}}, "memory.size"),  # an int field, floats sampled
+        ({"memory.size": {"randint": [0.5, 4096]}}, "memory.size"),
+        ({"memory.size": {"randint": [-8, 16]}}, "memory.size"),
+        ({"optim.name": {"choice": ["adam", "rmsprop"]}}, "optim.name"),
+        ({"data.augment": {"choice": [1, 0]}}, "data.augment"),
+        ({"optim.lr": {"normal": [0, 1]}}, "optim.lr"),
+        ({"optim.lr": {"uniform": [1e-3]}}, "optim.lr"),
+        ({"optim.lr": 0.001}, "optim.lr"),
+    ],
+)
 def test_unknown_keys_and_impossible_ranges_are_refused_naming_the_key(space, named):
     with pytest.raises(ConfigError) as info:
         parse_space(space, BASE)
@@ -95,7 +100,7 @@ def test_a_sample_is_applied_typed_even_where_yaml_would_read_a_string():
 
 
 def test_concurrency_is_derived_from_the_limiting_resource():
-    from dmlray.tune import derive_max_concurrent, trial_resources
+    from dmlray.sweeps.tune import derive_max_concurrent, trial_resources
 
     cfg = load_config("demo", ["run.num_workers=2", "run.cpus_per_worker=1"])
     assert trial_resources(cfg) == {"CPU": 3.0}  # the trial driver + 2 workers
@@ -109,8 +114,8 @@ def test_concurrency_is_derived_from_the_limiting_resource():
 
 def test_optuna_samples_the_space_into_valid_configs():
     from dmlray.config import config_from_dict
-    from dmlray.search_space import to_tune
-    from dmlray.tune import make_search_alg
+    from dmlray.sweeps.search_space import to_tune
+    from dmlray.sweeps.tune import make_search_alg
 
     params = load_space("demo_sweep_space", BASE)
     searcher = make_search_alg("optuna", seed=0, concurrent=2)
@@ -124,7 +129,7 @@ def test_optuna_samples_the_space_into_valid_configs():
 
 
 def test_trial_states_separate_early_stops_from_finished_runs():
-    from dmlray.tune import trial_state
+    from dmlray.sweeps.tune import trial_state
 
     def trial(status, step, **config):
         return SimpleNamespace(status=status, last_result={"step": step}, config=config)
@@ -143,9 +148,26 @@ def test_the_tune_subcommand_parses_the_sweep_flags():
     from dmlray.cli import build_parser
 
     # argparse takes the positionals in one run: options first, then CONFIG and its overrides
-    args = build_parser().parse_args(["tune", "--space", "demo_sweep_space", "--metric", "map@r",
-                                      "--name", "s1", "--metrics-port", "9500", "--metrics-port-auto",
-                                      "--grace-period", "50", "--reduction-factor", "3", "demo", "train.steps=100"])
+    args = build_parser().parse_args(
+        [
+            "tune",
+            "--space",
+            "demo_sweep_space",
+            "--metric",
+            "map@r",
+            "--name",
+            "s1",
+            "--metrics-port",
+            "9500",
+            "--metrics-port-auto",
+            "--grace-period",
+            "50",
+            "--reduction-factor",
+            "3",
+            "demo",
+            "train.steps=100",
+        ]
+    )
     assert (args.metric, args.name, args.metrics_port, args.metrics_port_auto) == ("map@r", "s1", 9500, True)
     assert (args.grace_period, args.reduction_factor, args.overrides) == (50, 3, ["train.steps=100"])
 
@@ -172,9 +194,9 @@ def tensorboard_tags(path: Path) -> set[str]:
 
     data, tags, i = path.read_bytes(), set(), 0
     while i < len(data):
-        (n,) = struct.unpack("<Q", data[i:i + 8])
+        (n,) = struct.unpack("<Q", data[i : i + 8])
         event = event_pb2.Event()
-        event.ParseFromString(data[i + 12:i + 12 + n])
+        event.ParseFromString(data[i + 12 : i + 12 + n])
         tags |= {v.tag for v in event.summary.value}
         i += 12 + n + 4
     return tags
@@ -199,7 +221,9 @@ class Interrupter(threading.Thread):
                 text = urllib.request.urlopen(f"http://{target}/metrics", timeout=2).read().decode()
             except (OSError, ValueError, IndexError, KeyError):
                 continue
-            states = {m[0]: float(m[1]) for m in re.findall(r'dmlray_sweep_trials\{[^}]*state="(\w+)"[^}]*\} (\S+)', text)}
+            states = {
+                m[0]: float(m[1]) for m in re.findall(r'dmlray_sweep_trials\{[^}]*state="(\w+)"[^}]*\} (\S+)', text)
+            }
             self.states_seen |= {s for s, v in states.items() if v > 0}
             if states.get("finished", 0) + states.get("stopped_early", 0) >= 1:
                 self.fired_at = states
@@ -212,16 +236,28 @@ def test_a_sweep_prunes_bad_trials_survives_an_interruption_and_reports(glyphs_s
     import ray
 
     from dmlray.cli import main
-    from dmlray.launch import ensure_ray
-    from dmlray.tune import run_sweep
+    from dmlray.jobs.launch import ensure_ray
+    from dmlray.sweeps.tune import run_sweep
 
     space = tmp_path / "space.yaml"
     # lr 1e-6 barely moves the random init: those trials are clearly worse at the first rung
     space.write_text("optim.lr: {choice: [1.0e-6, 1.0e-3]}\nloss.params.beta: {choice: [20, 40]}\n")
-    overrides = [f"data.url={glyphs_small}", f"run.storage_path={tmp_path / 'runs'}", "run.name=t",
-                 "run.num_workers=1", "data.classes_per_batch=8", "data.samples_per_class=4", "data.class_buffer=16",
-                 "train.steps=20", "train.eval_every=10", "train.log_every=5", "memory.size=0",
-                 "optim.milestones=[]", "eval.baseline=false", "eval.ks=[1,2]"]
+    overrides = [
+        f"data.url={glyphs_small}",
+        f"run.storage_path={tmp_path / 'runs'}",
+        "run.name=t",
+        "run.num_workers=1",
+        "data.classes_per_batch=8",
+        "data.samples_per_class=4",
+        "data.class_buffer=16",
+        "train.steps=20",
+        "train.eval_every=10",
+        "train.log_every=5",
+        "memory.size=0",
+        "optim.milestones=[]",
+        "eval.baseline=false",
+        "eval.ks=[1,2]",
+    ]
     sweep = tmp_path / "runs" / "t-sweep"
     t0 = time.monotonic()
     ensure_ray(num_cpus=4)  # 2 trials at once: each holds 1 CPU for its driver + 1 for its worker
@@ -229,21 +265,49 @@ def test_a_sweep_prunes_bad_trials_survives_an_interruption_and_reports(glyphs_s
     interrupter.start()
     try:
         # seed 3 samples lr = 1e-3, 1e-6, 1e-6, 1e-3: a good trial reaches the rung first
-        first = run_sweep("demo", str(space), overrides, num_samples=4, scheduler="asha", seed=3,
-                          grace_period=10, reduction_factor=2, metrics_port=0)
+        first = run_sweep(
+            "demo",
+            str(space),
+            overrides,
+            num_samples=4,
+            scheduler="asha",
+            seed=3,
+            grace_period=10,
+            reduction_factor=2,
+            metrics_port=0,
+        )
         interrupter.stop.set()
         assert interrupter.fired_at is not None, "the sweep ended before any trial was done"
         assert not first.complete and not first.restored
-        done_first = {r.run: (sweep / "runs" / r.run / "metrics.jsonl").stat().st_mtime
-                      for r in first.rows if r.state in ("finished", "stopped_early")}
+        done_first = {
+            r.run: (sweep / "runs" / r.run / "metrics.jsonl").stat().st_mtime
+            for r in first.rows
+            if r.state in ("finished", "stopped_early")
+        }
         assert done_first, [(r.run, r.state) for r in first.rows]
         assert len(first.rows) < 4 or any(r.state in ("interrupted", "pending") for r in first.rows)
         assert "interrupted" in capsys.readouterr().out
         t1 = time.monotonic()
 
         # the same command again: restored, the finished trials are not run again
-        assert main(["tune", "--space", str(space), "--num-samples", "4", "--seed", "3",
-                     "--grace-period", "10", "demo", *overrides]) == 0
+        assert (
+            main(
+                [
+                    "tune",
+                    "--space",
+                    str(space),
+                    "--num-samples",
+                    "4",
+                    "--seed",
+                    "3",
+                    "--grace-period",
+                    "10",
+                    "demo",
+                    *overrides,
+                ]
+            )
+            == 0
+        )
         t2 = time.monotonic()
     finally:
         interrupter.stop.set()

@@ -20,9 +20,10 @@ import csv
 import hashlib
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from dmlray.data.pack import register_reader
 from dmlray.data.records import Sample
@@ -76,7 +77,9 @@ def read_rows(path: Path, columns: int, skip: int = 0) -> list[tuple[int, list[s
                 continue
             fields = line.split()
             if len(fields) != columns:
-                raise BadInputError(f"{path}, line {number}: expected {columns} fields, got {len(fields)}: {line.strip()!r}", str(path))
+                raise BadInputError(
+                    f"{path}, line {number}: expected {columns} fields, got {len(fields)}: {line.strip()!r}", str(path)
+                )
             rows.append((number, fields))
     return rows
 
@@ -88,8 +91,9 @@ def to_int(value: str, path: Path, number: int, what: str) -> int:
         raise BadInputError(f"{path}, line {number}: {what} {value!r} is not an integer", str(path)) from None
 
 
-def build_splits(root: Path, entries: dict[str, list[Entry]], listed_in: str | dict[str, str], encoding: Encoding,
-                 rule: str) -> Splits:
+def build_splits(
+    root: Path, entries: dict[str, list[Entry]], listed_in: str | dict[str, str], encoding: Encoding, rule: str
+) -> Splits:
     """Splits of samples grouped by class (classes ascending, listed order within a class).
 
     ``listed_in`` names the list file (per split, or one for all) for error messages;
@@ -118,10 +122,20 @@ def _samples(root: Path, entries: list[Entry], keys: list[str], listed_in: str, 
     for entry, key in zip(entries, keys):
         suffix = Path(entry.relpath).suffix.lower()
         ext = "png" if suffix == ".png" or (suffix not in (".jpg", ".jpeg") and not encoding.resize) else "jpg"
-        source = ImageFile(str(root / entry.relpath), listed_in=listed_in, resize=encoding.resize,
-                           quality=encoding.quality, verify=encoding.verify)
-        yield Sample(key=key, label=entry.label, ext=ext, source=source,
-                     meta={"path": entry.relpath, "label": entry.label, **entry.meta})
+        source = ImageFile(
+            str(root / entry.relpath),
+            listed_in=listed_in,
+            resize=encoding.resize,
+            quality=encoding.quality,
+            verify=encoding.verify,
+        )
+        yield Sample(
+            key=key,
+            label=entry.label,
+            ext=ext,
+            source=source,
+            meta={"path": entry.relpath, "label": entry.label, **entry.meta},
+        )
 
 
 def class_split(names: list, test_fraction: float, seed: int) -> set:
@@ -151,9 +165,16 @@ def cub(src: str | None, split_at: int = 100, resize: int = 0, quality: int = 95
     entries: dict[str, list[Entry]] = {"train": [], "test": []}
     for image_id, (_, path) in images.items():
         label = labels[image_id]
-        entries["train" if label <= split_at else "test"].append(Entry(f"images/{path}", label, {"id": int(image_id) if image_id.isdigit() else image_id}))
-    return build_splits(root, entries, str(labels_txt), Encoding(resize=resize, quality=quality, verify=verify),
-                        f"classes 1-{split_at} train, the others test")
+        entries["train" if label <= split_at else "test"].append(
+            Entry(f"images/{path}", label, {"id": int(image_id) if image_id.isdigit() else image_id})
+        )
+    return build_splits(
+        root,
+        entries,
+        str(labels_txt),
+        Encoding(resize=resize, quality=quality, verify=verify),
+        f"classes 1-{split_at} train, the others test",
+    )
 
 
 def _same_ids(images: dict, labels: dict, images_txt: Path, labels_txt: Path) -> None:
@@ -162,7 +183,9 @@ def _same_ids(images: dict, labels: dict, images_txt: Path, labels_txt: Path) ->
     if unlabelled or unknown:
         parts = []
         if unlabelled:
-            parts.append(f"{len(unlabelled)} image id(s) of {images_txt.name} have no label (e.g. {unlabelled[0]}: {images[unlabelled[0]][1]})")
+            parts.append(
+                f"{len(unlabelled)} image id(s) of {images_txt.name} have no label (e.g. {unlabelled[0]}: {images[unlabelled[0]][1]})"
+            )
         if unknown:
             parts.append(f"{len(unknown)} id(s) are labelled but not listed in {images_txt.name} (e.g. {unknown[0]})")
         raise BadInputError(f"{labels_txt} does not match {images_txt}: " + "; ".join(parts), str(labels_txt))
@@ -183,12 +206,17 @@ def cars196(src: str | None, split_at: int = 98, resize: int = 0, quality: int =
     except Exception as exc:
         raise BadInputError(f"cannot read {mat_path} as a MATLAB file: {exc}", str(mat_path)) from None
     if "annotations" not in mat:
-        raise BadInputError(f"{mat_path} has no 'annotations' struct array (variables: {sorted(k for k in mat if not k.startswith('__'))})", str(mat_path))
+        raise BadInputError(
+            f"{mat_path} has no 'annotations' struct array (variables: {sorted(k for k in mat if not k.startswith('__'))})",
+            str(mat_path),
+        )
     annotations = np.atleast_1d(mat["annotations"])
     needed = {"relative_im_path", "class", "test"}
     fields = set(annotations.dtype.names or ())
     if not needed <= fields:
-        raise BadInputError(f"{mat_path}: annotations lack field(s) {sorted(needed - fields)} (has {sorted(fields)})", str(mat_path))
+        raise BadInputError(
+            f"{mat_path}: annotations lack field(s) {sorted(needed - fields)} (has {sorted(fields)})", str(mat_path)
+        )
     names = [str(n) for n in np.atleast_1d(mat["class_names"])] if "class_names" in mat else []
     entries: dict[str, list[Entry]] = {"train": [], "test": []}
     for record in annotations:
@@ -197,8 +225,13 @@ def cars196(src: str | None, split_at: int = 98, resize: int = 0, quality: int =
         if 0 < label <= len(names):
             meta["class_name"] = names[label - 1]
         entries["train" if label <= split_at else "test"].append(Entry(str(record["relative_im_path"]), label, meta))
-    return build_splits(root, entries, str(mat_path), Encoding(resize=resize, quality=quality, verify=verify),
-                        f"classes 1-{split_at} train, the others test")
+    return build_splits(
+        root,
+        entries,
+        str(mat_path),
+        Encoding(resize=resize, quality=quality, verify=verify),
+        f"classes 1-{split_at} train, the others test",
+    )
 
 
 @register_reader("sop")
@@ -213,17 +246,34 @@ def sop(src: str | None, resize: int = 0, quality: int = 95, verify: bool = True
         with open(path, encoding="utf-8") as f:
             header = f.readline().split()
         if header[:4] != ["image_id", "class_id", "super_class_id", "path"]:
-            raise BadInputError(f"{path}: expected the header 'image_id class_id super_class_id path', got {' '.join(header)!r}", str(path))
+            raise BadInputError(
+                f"{path}: expected the header 'image_id class_id super_class_id path', got {' '.join(header)!r}",
+                str(path),
+            )
         entries[split] = [
-            Entry(f[3], to_int(f[1], path, n, "class_id"), {"image_id": to_int(f[0], path, n, "image_id"),
-                                                             "super_class_id": to_int(f[2], path, n, "super_class_id")})
+            Entry(
+                f[3],
+                to_int(f[1], path, n, "class_id"),
+                {
+                    "image_id": to_int(f[0], path, n, "image_id"),
+                    "super_class_id": to_int(f[2], path, n, "super_class_id"),
+                },
+            )
             for n, f in read_rows(path, 4, skip=1)
         ]
     overlap = {e.label for e in entries["train"]} & {e.label for e in entries["test"]}
     if overlap:
-        raise BadInputError(f"{root / 'Ebay_test.txt'} shares {len(overlap)} class id(s) with Ebay_train.txt (e.g. {min(overlap)}): not a zero-shot split", str(root / "Ebay_test.txt"))
-    return build_splits(root, entries, lists, Encoding(resize=resize, quality=quality, verify=verify),
-                        "classes as listed in Ebay_train.txt / Ebay_test.txt")
+        raise BadInputError(
+            f"{root / 'Ebay_test.txt'} shares {len(overlap)} class id(s) with Ebay_train.txt (e.g. {min(overlap)}): not a zero-shot split",
+            str(root / "Ebay_test.txt"),
+        )
+    return build_splits(
+        root,
+        entries,
+        lists,
+        Encoding(resize=resize, quality=quality, verify=verify),
+        "classes as listed in Ebay_train.txt / Ebay_test.txt",
+    )
 
 
 @register_reader("inshop")
@@ -245,18 +295,31 @@ def inshop(src: str | None, resize: int = 0, quality: int = 95, verify: bool = T
     entries: dict[str, list[Entry]] = {"train": [], "query": [], "gallery": []}
     for number, (image, item, status) in rows:
         if status not in entries:
-            raise BadInputError(f"{path}, line {number}: evaluation_status {status!r} is not train, query or gallery", str(path))
+            raise BadInputError(
+                f"{path}, line {number}: evaluation_status {status!r} is not train, query or gallery", str(path)
+            )
         entries[status].append(Entry(image, ids[item], {"item_id": item}))
-    return build_splits(root, entries, str(path), Encoding(resize=resize, quality=quality, verify=verify),
-                        "train/query/gallery as listed")
+    return build_splits(
+        root,
+        entries,
+        str(path),
+        Encoding(resize=resize, quality=quality, verify=verify),
+        "train/query/gallery as listed",
+    )
 
 
 # ---------------------------------------------------------------- any other dataset
 
 
 @register_reader("folder")
-def folder(src: str | None, test_fraction: float = 0.5, split_seed: int = 0, resize: int = 0, quality: int = 95,
-           verify: bool = True) -> Splits:
+def folder(
+    src: str | None,
+    test_fraction: float = 0.5,
+    split_seed: int = 0,
+    resize: int = 0,
+    quality: int = 95,
+    verify: bool = True,
+) -> Splits:
     """One sub-folder per class (images anywhere below it). Class ids 1..C in folder-name
     order; a seeded ``test_fraction`` of the classes is the test split (0 = all train)."""
     root = source_root(src, "folder")
@@ -267,16 +330,30 @@ def folder(src: str | None, test_fraction: float = 0.5, split_seed: int = 0, res
         files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         split = "test" if name in test else "train"
         entries[split] += [Entry(p.relative_to(root).as_posix(), label, {"class_name": name}) for p in files]
-    return build_splits(root, entries, str(root), Encoding(resize=resize, quality=quality, verify=verify),
-                        f"{len(names)} class folders, test_fraction={test_fraction}")
+    return build_splits(
+        root,
+        entries,
+        str(root),
+        Encoding(resize=resize, quality=quality, verify=verify),
+        f"{len(names)} class folders, test_fraction={test_fraction}",
+    )
 
 
 _HEADER_WORDS = {"path", "file", "filename", "image", "image_path", "label", "class", "class_id", "target", "split"}
 
 
 @register_reader("csv")
-def csv_list(src: str | None, file: str = "labels.csv", root: str = "", delimiter: str = "", test_fraction: float = 0.0,
-             split_seed: int = 0, resize: int = 0, quality: int = 95, verify: bool = True) -> Splits:
+def csv_list(
+    src: str | None,
+    file: str = "labels.csv",
+    root: str = "",
+    delimiter: str = "",
+    test_fraction: float = 0.0,
+    split_seed: int = 0,
+    resize: int = 0,
+    quality: int = 95,
+    verify: bool = True,
+) -> Splits:
     """A CSV/TSV list of ``path,label[,split]`` (an optional header row is recognised).
 
     ``--src`` is the list itself or the folder holding ``file``; image paths are relative
@@ -294,7 +371,11 @@ def csv_list(src: str | None, file: str = "labels.csv", root: str = "", delimite
             sep = csv.Sniffer().sniff(text[:4096], delimiters=",\t;").delimiter
         except csv.Error:
             sep = ","
-    rows = [(n, [c.strip() for c in r]) for n, r in enumerate(csv.reader(text.splitlines(), delimiter=sep), start=1) if any(c.strip() for c in r)]
+    rows = [
+        (n, [c.strip() for c in r])
+        for n, r in enumerate(csv.reader(text.splitlines(), delimiter=sep), start=1)
+        if any(c.strip() for c in r)
+    ]
     if rows and {c.lower() for c in rows[0][1]} & _HEADER_WORDS and not rows[0][1][1].lstrip("-").isdigit():
         rows = rows[1:]
     widths = {len(r) for _, r in rows}
@@ -302,7 +383,9 @@ def csv_list(src: str | None, file: str = "labels.csv", root: str = "", delimite
         raise BadInputError(f"{path} lists no images", str(path))
     if not widths <= {2, 3} or len(widths) > 1:
         bad = next(n for n, r in rows if len(r) != len(rows[0][1]) or len(r) not in (2, 3))
-        raise BadInputError(f"{path}, line {bad}: expected path,label[,split] on every line (all with or all without split)", str(path))
+        raise BadInputError(
+            f"{path}, line {bad}: expected path,label[,split] on every line (all with or all without split)", str(path)
+        )
     raw_labels = [r[1] for _, r in rows]
     numeric = all(re.fullmatch(r"-?\d+", v) for v in raw_labels)
     names = sorted(set(raw_labels))
@@ -313,5 +396,10 @@ def csv_list(src: str | None, file: str = "labels.csv", root: str = "", delimite
         split = r[2] if len(r) == 3 else ("test" if r[1] in test else "train")
         meta = {} if numeric else {"class_name": r[1]}
         entries.setdefault(split, []).append(Entry(r[0], ids[r[1]], meta))
-    return build_splits(base, entries, str(path), Encoding(resize=resize, quality=quality, verify=verify),
-                        "split column" if widths == {3} else f"test_fraction={test_fraction}")
+    return build_splits(
+        base,
+        entries,
+        str(path),
+        Encoding(resize=resize, quality=quality, verify=verify),
+        "split column" if widths == {3} else f"test_fraction={test_fraction}",
+    )

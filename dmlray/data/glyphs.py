@@ -12,9 +12,9 @@ from __future__ import annotations
 import io
 import random
 import unicodedata
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
 
 from dmlray.data.records import Sample
 
@@ -107,7 +107,9 @@ def glyph_samples(classes: list[int], image_size: int = 32, per_face: int = 1, s
                 )
 
 
-def glyph_splits(image_size: int = 32, per_face: int = 1, split_seed: int = 0, max_classes: int = 0) -> dict[str, tuple[list[int], Iterator[Sample]]]:
+def glyph_splits(
+    image_size: int = 32, per_face: int = 1, split_seed: int = 0, max_classes: int = 0
+) -> dict[str, tuple[list[int], Iterator[Sample]]]:
     """{split: (class ids, samples)} for train and test; max_classes > 0 keeps a subset (tests)."""
     classes = glyph_classes()
     if max_classes:

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-from typing import Callable
+from collections.abc import Callable
 
 log = logging.getLogger("dmlray.data.stream")
 
 FIELDS = (
-    "samples_read",      # samples parsed from shards
-    "samples_used",      # samples decoded into batches
-    "samples_skipped",   # samples that failed to decode or were malformed
-    "shards_skipped",    # shards cut short: truncated, corrupt, unreadable after retries
-    "checksum_failures", # shards whose sha256 differs from the manifest
-    "retries",           # reads resumed after a transient storage error
+    "samples_read",  # samples parsed from shards
+    "samples_used",  # samples decoded into batches
+    "samples_skipped",  # samples that failed to decode or were malformed
+    "shards_skipped",  # shards cut short: truncated, corrupt, unreadable after retries
+    "checksum_failures",  # shards whose sha256 differs from the manifest
+    "retries",  # reads resumed after a transient storage error
 )
 
 

@@ -6,9 +6,10 @@ import json
 import logging
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import yaml
 
@@ -87,7 +88,9 @@ def load_recipe(name_or_path: str) -> Recipe:
     if path is None:
         if name_or_path in reader_names():
             return Recipe(dataset=name_or_path)
-        raise FileNotFoundError(f"no recipe {name_or_path!r}: not a file, not shards/{name_or_path}.yaml, not a dataset name ({', '.join(reader_names())})")
+        raise FileNotFoundError(
+            f"no recipe {name_or_path!r}: not a file, not shards/{name_or_path}.yaml, not a dataset name ({', '.join(reader_names())})"
+        )
     data = yaml.safe_load(path.read_text()) or {}
     unknown = set(data) - set(RECIPE_KEYS)
     if unknown:
@@ -109,14 +112,24 @@ def reader_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     if unknown and not accepts_any:
         known = [p for p in params if p != "src" and params[p].kind is not inspect.Parameter.VAR_KEYWORD]
         raise ValueError(f"dataset reader {name!r} has no option(s) {sorted(unknown)}; its options: {', '.join(known)}")
-    out = {k: p.default for k, p in list(params.items())[1:]
-           if p.default is not inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_KEYWORD}
+    out = {
+        k: p.default
+        for k, p in list(params.items())[1:]
+        if p.default is not inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_KEYWORD
+    }
     out.update(options)
     return out
 
 
-def pack(recipe: Recipe, dst: str, src: str | None = None, progress: bool = True, skip_bad: bool = False,
-         workers: int | None = None, overwrite: bool = False) -> str:
+def pack(
+    recipe: Recipe,
+    dst: str,
+    src: str | None = None,
+    progress: bool = True,
+    skip_bad: bool = False,
+    workers: int | None = None,
+    overwrite: bool = False,
+) -> str:
     """Pack every split of the recipe's dataset under ``dst``; returns the manifest URL.
 
     Shards are written in parallel (``workers`` threads, default the recipe's); a run
@@ -140,26 +153,41 @@ def pack(recipe: Recipe, dst: str, src: str | None = None, progress: bool = True
     splits = _READERS[recipe.dataset](src, **recipe.options)
     if not splits:
         raise ValueError(f"dataset reader {recipe.dataset!r} returned no splits")
-    made_by = {"dataset": recipe.dataset, "options": options, "shard_bytes": recipe.shard_bytes, "src": src,
-               "skip_bad": skip_bad, "versions": _versions()}
+    made_by = {
+        "dataset": recipe.dataset,
+        "options": options,
+        "shard_bytes": recipe.shard_bytes,
+        "src": src,
+        "skip_bad": skip_bad,
+        "versions": _versions(),
+    }
     salt = json.dumps({k: made_by[k] for k in ("dataset", "options", "shard_bytes")}, sort_keys=True, default=str)
     bar = _progress("pack", progress)
     try:
         results = writer.write_splits(
-            dst, {split: samples for split, (_, samples) in splits.items()}, recipe.shard_bytes, salt=salt,
-            workers=workers or recipe.workers, skip_bad=skip_bad, on_shard=bar.advance, known=known,
+            dst,
+            {split: samples for split, (_, samples) in splits.items()},
+            recipe.shard_bytes,
+            salt=salt,
+            workers=workers or recipe.workers,
+            skip_bad=skip_bad,
+            on_shard=bar.advance,
+            known=known,
         )
     finally:
         bar.close()
     for split, result in results.items():
         if not result.shards:
             where = f" (read from {src})" if src else ""
-            raise ValueError(f"split {split!r} has zero classes{where}: nothing to write"
-                             + (f"; {len(result.skipped)} bad images were skipped" if result.skipped else ""))
+            raise ValueError(
+                f"split {split!r} has zero classes{where}: nothing to write"
+                + (f"; {len(result.skipped)} bad images were skipped" if result.skipped else "")
+            )
         if result.reused:
             log.info("split %s: %d complete shard(s) from an earlier run reused", split, result.reused)
     manifest = shards.build_manifest(
-        {split: (classes, results[split].shards) for split, (classes, _) in splits.items()}, made_by,
+        {split: (classes, results[split].shards) for split, (classes, _) in splits.items()},
+        made_by,
         skipped={split: r.skipped for split, r in results.items()},
     )
     url = shards.write_manifest(dst, manifest)

@@ -24,8 +24,8 @@ the world size: every rank computes the same partition without talking to the ot
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 
 class DatasetTooSmall(ValueError):
@@ -62,8 +62,10 @@ class Eligibility:
         n = len(self.excluded)
         if not n:
             return "every class has enough images"
-        return (f"{n} class(es) with fewer than K={self.samples_per_class} images left out "
-                f"({sum(self.excluded.values())} images)")
+        return (
+            f"{n} class(es) with fewer than K={self.samples_per_class} images left out "
+            f"({sum(self.excluded.values())} images)"
+        )
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,9 @@ class Slot:
     """True when another worker of the same rank draws the same classes (small datasets)."""
 
 
-def eligible_classes(layouts: Iterable[ShardLayout], samples_per_class: int,
-                     class_filter: Callable[[int], bool] | None = None) -> Eligibility:
+def eligible_classes(
+    layouts: Iterable[ShardLayout], samples_per_class: int, class_filter: Callable[[int], bool] | None = None
+) -> Eligibility:
     """Per-class image counts over all shards; classes below K are excluded."""
     counts: dict[int, int] = {}
     for layout in layouts:
@@ -115,7 +118,7 @@ def contiguous_ranges(ordered: list[int], parts: int, offset: int) -> list[list[
     out, start = [], 0
     for i in range(parts):
         size = base + (i < extra)
-        out.append(rotated[start:start + size])
+        out.append(rotated[start : start + size])
         start += size
     return out
 
@@ -129,8 +132,9 @@ def _offset(seed: int, what: str, n: int) -> int:
     return random.Random(f"pk-partition/{seed}/{what}").randrange(n) if n else 0
 
 
-def rank_slot(layouts: list[ShardLayout], eligibility: Eligibility, classes_per_batch: int,
-              rank: int, world_size: int, seed: int) -> Slot:
+def rank_slot(
+    layouts: list[ShardLayout], eligibility: Eligibility, classes_per_batch: int, rank: int, world_size: int, seed: int
+) -> Slot:
     """The classes and shards of one rank (disjoint across ranks, fixed for the run)."""
     check_fillable(eligibility, classes_per_batch, world_size)
     ordered = list(eligibility.counts)
@@ -139,8 +143,15 @@ def rank_slot(layouts: list[ShardLayout], eligibility: Eligibility, classes_per_
     return Slot(tuple(c for c in ordered if c in mine), _shards_of(layouts, mine))
 
 
-def worker_slot(layouts: list[ShardLayout], rank: Slot, classes_per_batch: int, worker: int,
-                num_workers: int, seed: int, rank_index: int) -> Slot:
+def worker_slot(
+    layouts: list[ShardLayout],
+    rank: Slot,
+    classes_per_batch: int,
+    worker: int,
+    num_workers: int,
+    seed: int,
+    rank_index: int,
+) -> Slot:
     """One DataLoader worker's part of its rank's slot (the whole slot when too small to split)."""
     if num_workers <= 1:
         return rank
@@ -155,6 +166,7 @@ def worker_slot(layouts: list[ShardLayout], rank: Slot, classes_per_batch: int, 
 def read_amplification(layouts: list[ShardLayout], slots: list[Slot]) -> float:
     """Bytes (or samples, where sizes are unknown) read per epoch by all slots together,
     over the dataset's size: 1.0 means every byte is read by exactly one slot."""
+
     def size(i: int) -> int:
         return layouts[i].bytes or layouts[i].samples
 

@@ -38,8 +38,8 @@ import heapq
 import itertools
 import random
 from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -141,7 +141,7 @@ class _SlotState:
     pool: dict[int, deque] = field(default_factory=dict)
     """Class → its tickets not yet drawn (insertion-ordered: deterministic)."""
 
-    def copy(self) -> "_SlotState":
+    def copy(self) -> _SlotState:
         pool = {label: deque(tickets) for label, tickets in self.pool.items()}
         return _SlotState(self.key, self.window, Counter(self.used), Counter(self.carried), pool)
 
@@ -226,8 +226,9 @@ class PKBatches(IterableDataset):
     def draws(self, worker: int = 0, num_workers: int = 1) -> Iterator[tuple[int, Draw]]:
         """(index among this worker's batches, draw) from ``start_batch`` on, not decoded."""
         slot = worker_slot(self.layouts, self.slot, self.P, worker, num_workers, self.seed, self.rank)
-        state = _SlotState((self.rank, self.world_size, worker, num_workers),
-                           (worker, num_workers) if slot.shared else (0, 1))
+        state = _SlotState(
+            (self.rank, self.world_size, worker, num_workers), (worker, num_workers) if slot.shared else (0, 1)
+        )
         skip = max(0, -(-(self.start_batch - worker) // num_workers))  # this worker's batches before start_batch
         index, epoch = skip, 0
         while skip:  # whole epochs, simulated from the layouts: nothing is read
@@ -250,8 +251,10 @@ class PKBatches(IterableDataset):
                 index += 1
             empty = 0 if n else empty + 1
             if empty >= 3:
-                raise RuntimeError(f"rank {self.rank} worker {worker}: three epochs in a row gave no batch (all of "
-                                   f"its {len(slot.shards)} shard(s) unreadable?); stream stats: {self.stats.as_dict()}")
+                raise RuntimeError(
+                    f"rank {self.rank} worker {worker}: three epochs in a row gave no batch (all of "
+                    f"its {len(slot.shards)} shard(s) unreadable?); stream stats: {self.stats.as_dict()}"
+                )
 
     # ------------------------------------------------------------------ one epoch of one slot
 
@@ -343,6 +346,7 @@ class PKBatches(IterableDataset):
 
     def _scan(self, url: str) -> ShardLayout:
         """A shard's layout by reading it (a bad shard gives what could be read)."""
+
         def labels() -> Iterator[int]:
             try:
                 for _, label, _ in self.read_shard(url):
@@ -357,8 +361,9 @@ class PKBatches(IterableDataset):
         if url in self._bad_shards:
             return iter(())
         if self.read_shard is iter_shard:
-            return iter_shard(url, sha256=self.checksums.get(url), verify=self.verify, stats=self.stats,
-                              on_bad=self._bad_shards.add)
+            return iter_shard(
+                url, sha256=self.checksums.get(url), verify=self.verify, stats=self.stats, on_bad=self._bad_shards.add
+            )
         return self._guarded(url, self.read_shard(url))
 
     def _guarded(self, url: str, samples: Iterator[RawSample]) -> Iterator[RawSample]:

@@ -18,8 +18,9 @@ import io
 import json
 import tarfile
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any
 
 from dmlray.data import storage
 from dmlray.data.partition import ShardLayout
@@ -115,7 +116,9 @@ def plan_shards(samples: Iterable[Sample], shard_bytes: int, split: str = "") ->
         check_key(sample.key)
         if sample.label != current:
             if sample.label in seen:
-                raise ValueError(f"split {split!r}: class {sample.label} appears in two separate runs; samples must be grouped by class")
+                raise ValueError(
+                    f"split {split!r}: class {sample.label} appears in two separate runs; samples must be grouped by class"
+                )
             yield from end_class()
             group, current = [], sample.label
             seen.add(sample.label)
@@ -161,11 +164,19 @@ def write_tar(out: IO[bytes], samples: Iterable[Sample]) -> tuple[int, str]:
     return hashing.size, hashing.sha.hexdigest()
 
 
-def build_manifest(splits: dict[str, tuple[list[int], list[ShardInfo]]], made_by: dict[str, Any],
-                   skipped: dict[str, list[dict]] | None = None) -> dict:
+def build_manifest(
+    splits: dict[str, tuple[list[int], list[ShardInfo]]],
+    made_by: dict[str, Any],
+    skipped: dict[str, list[dict]] | None = None,
+) -> dict:
     """The manifest: per split its shards, sample count, class list, and the bad inputs
     that were left out (``--skip-bad``); ``made_by`` says how the dataset was packed."""
-    out: dict[str, Any] = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "made_by": made_by, "splits": {}}
+    out: dict[str, Any] = {
+        "format": FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "made_by": made_by,
+        "splits": {},
+    }
     for split, (classes, shards) in splits.items():
         present = sorted({c for s in shards for c in s.classes})
         if not present:
@@ -226,8 +237,10 @@ class Manifest:
         entries = self.split(split)["shards"]
         if any("class_counts" not in e or (e["samples"] and not e["class_counts"]) for e in entries):
             return None
-        return [ShardLayout(url, tuple((int(c), int(n)) for c, n in e["class_counts"]), int(e.get("bytes", 0)))
-                for url, e in zip(self.shard_urls(split), entries)]
+        return [
+            ShardLayout(url, tuple((int(c), int(n)) for c, n in e["class_counts"]), int(e.get("bytes", 0)))
+            for url, e in zip(self.shard_urls(split), entries)
+        ]
 
 
 def read_manifest(root: str) -> Manifest:
@@ -238,14 +251,19 @@ def read_manifest(root: str) -> Manifest:
     except storage.StorageError as exc:
         if exc.permanent and exc.code not in ("404", "NoSuchKey"):
             raise  # wrong credentials, no bucket: that message is the clear one
-        raise storage.StorageError(f"no dataset at {root}: {url} cannot be read (pack it with 'dmlray pack'): {exc}", exc.code) from exc
+        raise storage.StorageError(
+            f"no dataset at {root}: {url} cannot be read (pack it with 'dmlray pack'): {exc}", exc.code
+        ) from exc
     try:
         data = json.loads(raw)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-        raise ValueError(f"{url} is not valid JSON ({exc}); re-pack the dataset with 'dmlray pack --overwrite'") from None
+        raise ValueError(
+            f"{url} is not valid JSON ({exc}); re-pack the dataset with 'dmlray pack --overwrite'"
+        ) from None
     if not isinstance(data, dict) or not isinstance(data.get("splits"), dict):
-        raise ValueError(f"{url} is not a dmlray manifest: expected a JSON object with 'splits', got "
-                         f"{type(data).__name__}")
+        raise ValueError(
+            f"{url} is not a dmlray manifest: expected a JSON object with 'splits', got {type(data).__name__}"
+        )
     if data.get("format") != FORMAT:
         raise ValueError(f"{url}: unknown manifest format {data.get('format')!r} (expected {FORMAT})")
     return Manifest(root=root.rstrip("/"), data=data)

@@ -163,4 +163,3 @@ def sanitise_key(relpath: str, limit: int = 80) -> str:
     if len(key) > limit:
         key = key[: limit - 9] + "_" + hashlib.sha1(relpath.encode()).hexdigest()[:8]
     return key
-

@@ -18,8 +18,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Callable, TypeVar
+from typing import IO, TypeVar
 from urllib.parse import urlparse
 
 log = logging.getLogger(__name__)
@@ -47,10 +48,20 @@ class StorageUnavailable(StorageError):
 
 
 # client errors: the same request fails the same way every time
-PERMANENT_CODES = frozenset({
-    "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "NoSuchBucket", "NoSuchKey",
-    "404", "403", "400", "InvalidRange", "416",
-})
+PERMANENT_CODES = frozenset(
+    {
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "AccessDenied",
+        "NoSuchBucket",
+        "NoSuchKey",
+        "404",
+        "403",
+        "400",
+        "InvalidRange",
+        "416",
+    }
+)
 
 
 def is_s3(url: str) -> bool:
@@ -135,21 +146,35 @@ def with_retries(action: str, url: str, fn: Callable[[], T]) -> T:
             now = time.monotonic()
             if first_failure is None:
                 first_failure = now
-                log.warning("storage: cannot %s %s (endpoint %s): %s; retrying for up to %.0fs",
-                            action, url, endpoint(), exc, _retry_deadline_s)
+                log.warning(
+                    "storage: cannot %s %s (endpoint %s): %s; retrying for up to %.0fs",
+                    action,
+                    url,
+                    endpoint(),
+                    exc,
+                    _retry_deadline_s,
+                )
             waited = now - first_failure
             if waited >= _retry_deadline_s:
                 log.error("storage: endpoint %s still failing after %.0fs; giving up on %s", endpoint(), waited, url)
                 raise StorageUnavailable(
                     f"S3 endpoint {endpoint()} unreachable or failing for {waited:.0f}s "
-                    f"(retry deadline run.storage_retry_s={_retry_deadline_s:g}s): {exc}", exc.code) from exc
+                    f"(retry deadline run.storage_retry_s={_retry_deadline_s:g}s): {exc}",
+                    exc.code,
+                ) from exc
             _count_retry()
             attempt += 1
             time.sleep(min(BACKOFF_START_S * 2 ** (attempt - 1), BACKOFF_MAX_S, _retry_deadline_s - waited))
             continue
         if first_failure is not None:
-            log.warning("storage: endpoint %s is back: %s %s succeeded after %.1fs and %d retries",
-                        endpoint(), action, url, time.monotonic() - first_failure, attempt)
+            log.warning(
+                "storage: endpoint %s is back: %s %s succeeded after %.1fs and %d retries",
+                endpoint(),
+                action,
+                url,
+                time.monotonic() - first_failure,
+                attempt,
+            )
         return result
 
 
@@ -159,7 +184,7 @@ def arrow_retry_attempts(deadline_s: float) -> int:
     attempts (the count for 120 s) measured 190 s, connection attempts included."""
     waited, attempts = 0.0, 1
     while waited < deadline_s and attempts < 1000:
-        waited += min(0.025 * 2 ** attempts, 20.0)
+        waited += min(0.025 * 2**attempts, 20.0)
         attempts += 1
     return attempts
 
@@ -184,8 +209,9 @@ def _arrow_s3_class() -> type:
 
         class RetryingS3FileSystem(pyarrow.fs.S3FileSystem):
             def __init__(self, retry_attempts: int, **kwargs):
-                super().__init__(retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=retry_attempts),
-                                 **kwargs)
+                super().__init__(
+                    retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=retry_attempts), **kwargs
+                )
                 self._init_args = (retry_attempts, kwargs)
 
             def __reduce__(self):
@@ -213,8 +239,15 @@ def _client_key() -> tuple:
     env = os.environ
     # a changed endpoint or credential gets its own client; the secret only as a digest
     secret = env.get("AWS_SECRET_ACCESS_KEY", "")
-    return (os.getpid(), endpoint(), env.get("AWS_ACCESS_KEY_ID", ""), hash(secret), env.get("AWS_SESSION_TOKEN", ""),
-            env.get("AWS_PROFILE", ""), env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "")
+    return (
+        os.getpid(),
+        endpoint(),
+        env.get("AWS_ACCESS_KEY_ID", ""),
+        hash(secret),
+        env.get("AWS_SESSION_TOKEN", ""),
+        env.get("AWS_PROFILE", ""),
+        env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "",
+    )
 
 
 def s3_client():
@@ -429,7 +462,9 @@ def check_bucket(url: str) -> None:
     except Exception as exc:
         code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
         if code in ("404", "NoSuchBucket"):
-            raise StorageError(f"bucket {bucket!r} does not exist at endpoint {endpoint()} ({url})", "NoSuchBucket") from exc
+            raise StorageError(
+                f"bucket {bucket!r} does not exist at endpoint {endpoint()} ({url})", "NoSuchBucket"
+            ) from exc
         raise _s3_error(url, exc, "access") from exc
 
 
@@ -443,8 +478,8 @@ def list_dir(url: str) -> list[str]:
             try:
                 pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key, Delimiter="/")
                 for page in pages:
-                    names += [p["Prefix"][len(key):].rstrip("/") for p in page.get("CommonPrefixes", [])]
-                    names += [o["Key"][len(key):] for o in page.get("Contents", [])]
+                    names += [p["Prefix"][len(key) :].rstrip("/") for p in page.get("CommonPrefixes", [])]
+                    names += [o["Key"][len(key) :] for o in page.get("Contents", [])]
             except Exception as exc:
                 raise _s3_error(url, exc, "list") from exc
             return sorted(names)
@@ -473,7 +508,7 @@ def remove_tree(url: str) -> None:
 
 
 # ---------------------------------------------------------------- atomic create and compare-and-swap
-# Used by lock objects (dmlray.runfolder.RunLock). On S3 these are conditional PutObject requests
+# Used by lock objects (dmlray.jobs.run_folder.RunLock). On S3 these are conditional PutObject requests
 # (If-None-Match: * and If-Match: <ETag>, both honoured by AWS S3 and by SeaweedFS 4.48 — verified
 # against a real server in tests/test_safety.py); locally the file is read and written under an
 # flock, so a version check and the write that follows are one step.

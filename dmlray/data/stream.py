@@ -21,7 +21,7 @@ import hashlib
 import logging
 import random
 import tempfile
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -86,13 +86,21 @@ def iter_shard(
     and training goes on.
     """
     hasher = hashlib.sha256() if sha256 else None
-    reader = ResumableReader(url, open_at=open_at, retries=retries, backoff=backoff, hasher=hasher,
-                             on_retry=(lambda: stats.add("retries")) if stats is not None else None)
+    reader = ResumableReader(
+        url,
+        open_at=open_at,
+        retries=retries,
+        backoff=backoff,
+        hasher=hasher,
+        on_retry=(lambda: stats.add("retries")) if stats is not None else None,
+    )
     try:
         if verify and sha256:
             replay = _spooled(url, reader)
             if hasher.hexdigest() != sha256:
-                raise ShardError(url, f"sha256 {hasher.hexdigest()[:12]}… differs from the manifest's {sha256[:12]}…", checksum=True)
+                raise ShardError(
+                    url, f"sha256 {hasher.hexdigest()[:12]}… differs from the manifest's {sha256[:12]}…", checksum=True
+                )
             reader.close()
             reader = ResumableReader(url, open_at=replay, retries=0)
             hasher = None
@@ -116,8 +124,12 @@ def iter_shard(
         if hasher is not None:
             reader.drain()
             if hasher.hexdigest() != sha256:
-                raise ShardError(url, f"sha256 {hasher.hexdigest()[:12]}… differs from the manifest's {sha256[:12]}… "
-                                 "(its samples were already used)", checksum=True)
+                raise ShardError(
+                    url,
+                    f"sha256 {hasher.hexdigest()[:12]}… differs from the manifest's {sha256[:12]}… "
+                    "(its samples were already used)",
+                    checksum=True,
+                )
     except ShardError as exc:
         if stats is None:
             raise
@@ -131,8 +143,9 @@ def iter_shard(
 def scan_layouts(urls: list[str], read_shard: Callable[[str], Iterator[RawSample]] = iter_shard) -> list[ShardLayout]:
     """Shard layouts by reading the shards (no decoding): for manifests written before
     they listed per-class counts, and for shards without a manifest. Bad shards raise."""
-    return [ShardLayout(url, tuple((c, n) for c, n in class_runs(label for _, label, _ in read_shard(url))))
-            for url in urls]
+    return [
+        ShardLayout(url, tuple((c, n) for c, n in class_runs(label for _, label, _ in read_shard(url)))) for url in urls
+    ]
 
 
 def rank_shards(shard_urls: list[str], rank: int, world_size: int) -> list[str]:
@@ -182,8 +195,14 @@ class EvalStream(IterableDataset):
     shards w, w+n, ...): disjoint and complete, so the pass still sees every sample once;
     batches arrive in worker order, not shard order. Use ``batch_size=None`` in the loader."""
 
-    def __init__(self, shard_urls: list[str], transform: Callable, batch_size: int,
-                 stats: StreamStats | None = None, checksums: dict[str, str] | None = None):
+    def __init__(
+        self,
+        shard_urls: list[str],
+        transform: Callable,
+        batch_size: int,
+        stats: StreamStats | None = None,
+        checksums: dict[str, str] | None = None,
+    ):
         self.shard_urls = list(shard_urls)
         self.transform = transform
         self.batch_size = batch_size

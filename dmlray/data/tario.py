@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from typing import IO, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import IO
 
 from dmlray.data import storage
 
@@ -47,7 +48,7 @@ class ResumableReader:
         retries: int = 3,
         backoff: float = 0.5,
         on_retry: Callable[[], None] | None = None,
-        hasher: "hashlib._Hash | None" = None,
+        hasher: hashlib._Hash | None = None,
     ):
         self.url = url
         self.open_at = open_at
@@ -85,8 +86,14 @@ class ResumableReader:
                 raise ShardError(self.url, f"read failed at byte {self.offset} after {self.retries} retries: {error}")
             if self.on_retry is not None:
                 self.on_retry()
-            log.info("%s: read failed at byte %d (%s); resuming there (retry %d of %d)",
-                     self.url, self.offset, error, failures, self.retries)
+            log.info(
+                "%s: read failed at byte %d (%s); resuming there (retry %d of %d)",
+                self.url,
+                self.offset,
+                error,
+                failures,
+                self.retries,
+            )
             time.sleep(self.backoff * 2 ** (failures - 1))
         self.offset += len(data)
         if self.hasher is not None:
@@ -101,7 +108,7 @@ class ResumableReader:
             out = self.buf[self.pos : self.pos + n]
             self.pos += n
             return out
-        parts = [self.buf[self.pos:]]
+        parts = [self.buf[self.pos :]]
         have = len(parts[0])
         while have < n:
             chunk = self.read_chunk(CHUNK)
@@ -166,7 +173,9 @@ def iter_members(reader: ResumableReader) -> Iterator[tuple[str, bytes]]:
         try:
             header = reader.read_exact(BLOCK)
         except EOFError:
-            raise ShardError(url, f"truncated tar: ends at byte {reader.tell()} without an end-of-archive block") from None
+            raise ShardError(
+                url, f"truncated tar: ends at byte {reader.tell()} without an end-of-archive block"
+            ) from None
         if header.count(0) == BLOCK:
             return
         if not _checksum_ok(header):
@@ -185,8 +194,11 @@ def iter_members(reader: ResumableReader) -> Iterator[tuple[str, bytes]]:
             data = reader.read_exact(size)
             reader.read_exact(-size % BLOCK)
         except EOFError:
-            raise ShardError(url, f"truncated or corrupt tar: the header of member {name!r} at byte {start} claims "
-                                  f"{size} bytes, but the shard ends at byte {reader.offset}") from None
+            raise ShardError(
+                url,
+                f"truncated or corrupt tar: the header of member {name!r} at byte {start} claims "
+                f"{size} bytes, but the shard ends at byte {reader.offset}",
+            ) from None
         if kind in (b"0", b"\0", b"7"):
             yield (long_name or name), data
             long_name = None

@@ -19,7 +19,8 @@ from __future__ import annotations
 import io
 import math
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -158,9 +159,15 @@ class NaturalImageTransform:
             # the smallest 1/2^k decoding scale that keeps the crop >= the output size, or
             # the shorter side >= the recipe's resize (its pixels are all the recipe ever
             # sees: a crop smaller than the output is upsampled from that resolution)
-            need = (math.ceil(width * self.image_size / (right - left)), math.ceil(height * self.image_size / (bottom - top)))
+            need = (
+                math.ceil(width * self.image_size / (right - left)),
+                math.ceil(height * self.image_size / (bottom - top)),
+            )
             shorter = min(width, height)
-            need = (min(need[0], math.ceil(width * self.resize / shorter)), min(need[1], math.ceil(height * self.resize / shorter)))
+            need = (
+                min(need[0], math.ceil(width * self.resize / shorter)),
+                min(need[1], math.ceil(height * self.resize / shorter)),
+            )
             if self.draft and min(width // need[0], height // need[1]) >= 2:
                 image.draft("RGB", need)
                 fx, fy = image.size[0] / width, image.size[1] / height
@@ -175,8 +182,13 @@ class NaturalImageTransform:
         # a contiguous channels-last crop takes torch's vectorised uint8 path (~5× faster)
         region = hwc[top:bottom, left:right].permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
         size = (self.image_size, self.image_size)
-        out = region if region.shape[-2:] == size else torch.nn.functional.interpolate(
-            region, size=size, mode="bilinear", antialias=True, align_corners=False)
+        out = (
+            region
+            if region.shape[-2:] == size
+            else torch.nn.functional.interpolate(
+                region, size=size, mode="bilinear", antialias=True, align_corners=False
+            )
+        )
         if self.train and self.flip and (rng or random).random() < 0.5:
             out = out.flip(-1)
         return out[0]
@@ -245,8 +257,9 @@ def transform_style(image_size: int, channels: int) -> str:
     return "natural" if channels == 3 and image_size >= 64 else "glyph"
 
 
-def make_transform(style: str, image_size: int, channels: int, train: bool,
-                   convention: str = "rgb_imagenet", **options: Any) -> Callable[..., torch.Tensor]:
+def make_transform(
+    style: str, image_size: int, channels: int, train: bool, convention: str = "rgb_imagenet", **options: Any
+) -> Callable[..., torch.Tensor]:
     """The transform of a named style (``auto``: derived by :func:`transform_style`).
 
     ``convention`` is the backbone's ``input_convention`` (natural style only).

@@ -21,10 +21,10 @@ import logging
 import os
 import tempfile
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from dmlray.data import storage
 from dmlray.data.records import Sample
@@ -121,8 +121,9 @@ def _checked(samples: Iterable[Sample], skip_bad: bool, skipped: list[dict]) -> 
         yield sample
 
 
-def _write_shard(dst: str, name: str, samples: list[Sample], fp: str, partial: PartialLog, skip_bad: bool,
-                 tmp_dir: str) -> tuple[ShardInfo | None, list[dict], bool]:
+def _write_shard(
+    dst: str, name: str, samples: list[Sample], fp: str, partial: PartialLog, skip_bad: bool, tmp_dir: str
+) -> tuple[ShardInfo | None, list[dict], bool]:
     """Write (or reuse) one shard; returns (info or None when every sample was bad,
     skipped inputs, reused?)."""
     url = storage.join(dst, name)
@@ -141,8 +142,20 @@ def _write_shard(dst: str, name: str, samples: list[Sample], fp: str, partial: P
             log.warning("skipped: %s", exc)
             skipped.append({"path": exc.path, "error": str(exc), "shard": name})
     if not ready:
-        partial.record(name, {"name": name, "url": url, "samples": 0, "bytes": -1, "classes": [], "class_counts": [], "sha256": "",
-                              "fingerprint": fp, "skipped": skipped})
+        partial.record(
+            name,
+            {
+                "name": name,
+                "url": url,
+                "samples": 0,
+                "bytes": -1,
+                "classes": [],
+                "class_counts": [],
+                "sha256": "",
+                "fingerprint": fp,
+                "skipped": skipped,
+            },
+        )
         return None, skipped, False
     # beside the destination when local (published by a rename), else a temporary folder
     folder = storage.local_path(url).parent if not storage.is_s3(url) else Path(tmp_dir)
@@ -155,8 +168,16 @@ def _write_shard(dst: str, name: str, samples: list[Sample], fp: str, partial: P
         storage.put_file(tmp, url)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    info = ShardInfo(name=name, url=url, samples=len(ready), bytes=size, classes=sorted({s.label for s in ready}),
-                     sha256=sha, fingerprint=fp, class_counts=class_runs(s.label for s in ready))
+    info = ShardInfo(
+        name=name,
+        url=url,
+        samples=len(ready),
+        bytes=size,
+        classes=sorted({s.label for s in ready}),
+        sha256=sha,
+        fingerprint=fp,
+        class_counts=class_runs(s.label for s in ready),
+    )
     partial.record(name, dict(vars(info), skipped=skipped))
     return info, skipped, False
 
@@ -208,7 +229,9 @@ def write_splits(
     tmp = tempfile.TemporaryDirectory(prefix="dmlray-pack-")
     try:
         for split, samples in splits.items():
-            partial = partials[split] = PartialLog(dst, split, {k: v for k, v in known.items() if k.startswith(f"{split}/")})
+            partial = partials[split] = PartialLog(
+                dst, split, {k: v for k, v in known.items() if k.startswith(f"{split}/")}
+            )
             planned = plan_shards(_checked(samples, skip_bad, results[split].skipped), shard_bytes, split)
             for index, group in enumerate(planned):
                 slots.acquire()
@@ -216,7 +239,9 @@ def write_splits(
                     slots.release()
                     break
                 name = shard_name(split, index)
-                future = pool.submit(_write_shard, dst, name, group, fingerprint(salt, name, group), partial, skip_bad, tmp.name)
+                future = pool.submit(
+                    _write_shard, dst, name, group, fingerprint(salt, name, group), partial, skip_bad, tmp.name
+                )
                 future.add_done_callback(lambda f, split=split: done(split, f))
                 futures.append((split, future))
             if failed.is_set():

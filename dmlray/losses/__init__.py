@@ -5,10 +5,6 @@ contract documented in ``dmlray.losses.base``; row-wise pair losses run on the c
 engine of ``dmlray.losses.rowwise``.
 """
 
-from dmlray.losses.base import PairLoss
-from dmlray.losses.registry import build, loss_class, names, register
-from dmlray.losses.rowwise import RowwiseLoss
-
 # importing a family registers its losses
 from dmlray.losses import (  # noqa: F401  (registers)
     adversarial,
@@ -30,5 +26,8 @@ from dmlray.losses import (  # noqa: F401  (registers)
     supcon,
     triplet,
 )
+from dmlray.losses.base import PairLoss
+from dmlray.losses.registry import build, loss_class, names, register
+from dmlray.losses.rowwise import RowwiseLoss
 
 __all__ = ["PairLoss", "RowwiseLoss", "build", "loss_class", "names", "register"]

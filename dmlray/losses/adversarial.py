@@ -48,7 +48,9 @@ class AdversarialLoss(PairLoss):
     supports_references = False
     trainable_alone = False
 
-    def __init__(self, num_classes: int | None = None, embedding_dim: int = 512, aux_dim: int | None = None, proj_dim: int = 256):
+    def __init__(
+        self, num_classes: int | None = None, embedding_dim: int = 512, aux_dim: int | None = None, proj_dim: int = 256
+    ):
         super().__init__()
         aux_dim = embedding_dim if aux_dim is None else aux_dim
         self.regressor = nn.Sequential(nn.Linear(aux_dim, proj_dim), nn.Linear(proj_dim, embedding_dim))

@@ -50,9 +50,7 @@ def resolve_references(
     if embeddings.dim() != 2:
         raise ValueError(f"embeddings must be (B, D), got shape {tuple(embeddings.shape)}")
     if labels.shape != (embeddings.shape[0],):
-        raise ValueError(
-            f"labels must be ({embeddings.shape[0]},) to match embeddings, got {tuple(labels.shape)}"
-        )
+        raise ValueError(f"labels must be ({embeddings.shape[0]},) to match embeddings, got {tuple(labels.shape)}")
     if ref_embeddings is None:
         if ref_labels is not None:
             raise ValueError("ref_labels given without ref_embeddings")
@@ -63,17 +61,11 @@ def resolve_references(
     if ref_labels is None:
         raise ValueError("ref_embeddings given without ref_labels")
     if ref_embeddings.dim() != 2 or ref_embeddings.shape[1] != embeddings.shape[1]:
-        raise ValueError(
-            f"ref_embeddings must be (M, {embeddings.shape[1]}), got {tuple(ref_embeddings.shape)}"
-        )
+        raise ValueError(f"ref_embeddings must be (M, {embeddings.shape[1]}), got {tuple(ref_embeddings.shape)}")
     if ref_labels.shape != (ref_embeddings.shape[0],):
-        raise ValueError(
-            f"ref_labels must be ({ref_embeddings.shape[0]},), got {tuple(ref_labels.shape)}"
-        )
+        raise ValueError(f"ref_labels must be ({ref_embeddings.shape[0]},), got {tuple(ref_labels.shape)}")
     if self_index is not None and self_index.shape != (embeddings.shape[0],):
-        raise ValueError(
-            f"self_index must be ({embeddings.shape[0]},), got {tuple(self_index.shape)}"
-        )
+        raise ValueError(f"self_index must be ({embeddings.shape[0]},), got {tuple(self_index.shape)}")
     return ref_embeddings, ref_labels, self_index
 
 
@@ -128,9 +120,7 @@ def build_pairs(
     self_index: torch.Tensor | None = None,
 ) -> Pairs:
     """Similarity matrix and positive/negative masks under the loss contract."""
-    refs, ref_labels, self_index = resolve_references(
-        embeddings, labels, ref_embeddings, ref_labels, self_index
-    )
+    refs, ref_labels, self_index = resolve_references(embeddings, labels, ref_embeddings, ref_labels, self_index)
     sim = similarity(embeddings, refs)
     return pairs_from_sim(sim, labels, ref_labels, self_index, dim=embeddings.shape[1])
 

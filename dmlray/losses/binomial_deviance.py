@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from dmlray.losses.base import Pairs, masked_mean
+from dmlray.losses.miners import check_mining, mine_pairs
 from dmlray.losses.registry import register
 from dmlray.losses.rowwise import RowwiseLoss
-from dmlray.miners import check_mining, mine_pairs
 
 
 @register("binomial_deviance")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from dmlray.losses.base import Pairs, masked_logsumexp_plus_one, masked_mean
+from dmlray.losses.miners import ms_mine
 from dmlray.losses.registry import register
 from dmlray.losses.rowwise import RowwiseLoss
-from dmlray.miners import ms_mine
 
 CBML_TYPES = ("log", "sqrt", "const")
 

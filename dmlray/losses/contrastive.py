@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from dmlray.losses.base import Pairs
+from dmlray.losses.miners import check_mining, mine_pairs
 from dmlray.losses.registry import register
 from dmlray.losses.rowwise import RowwiseLoss
-from dmlray.miners import check_mining, mine_pairs
 
 
 @register("contrastive")
@@ -17,7 +17,7 @@ class ContrastiveLoss(RowwiseLoss):
     Paper: "Dimensionality Reduction by Learning an Invariant Mapping", Hadsell et al.,
     CVPR 2006; this cosine form (sums per anchor, divided by the batch size) is the one
     of XBM ("Cross-Batch Memory for Embedding Learning", Wang et al., CVPR 2020).
-    Defaults: m = 0.5, no mining. ``mining`` (see ``dmlray.miners.mine_pairs``) restricts
+    Defaults: m = 0.5, no mining. ``mining`` (see ``dmlray.losses.miners.mine_pairs``) restricts
     both sums to the mined pairs; ``mining_margin`` is MS mining's ε.
     """
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from dmlray.losses.base import Pairs, masked_logsumexp
+from dmlray.losses.miners import check_mining, mine_pairs
 from dmlray.losses.registry import register
 from dmlray.losses.rowwise import RowwiseLoss
-from dmlray.miners import check_mining, mine_pairs
 
 
 @register("lifted_structure")
@@ -18,7 +18,7 @@ class LiftedStructureLoss(RowwiseLoss):
     Metric Learning via Lifted Structured Feature Embedding", Oh Song et al., CVPR 2016;
     this modified form is the one benchmarked with MS loss (Wang et al., CVPR 2019).
     Defaults: α = 40, β = 2, no mining; ``mining="ms"`` with ε = ``mining_margin`` = 0.1 is
-    the optional MS mining (any ``dmlray.miners.mine_pairs`` method works).
+    the optional MS mining (any ``dmlray.losses.miners.mine_pairs`` method works).
     """
 
     def __init__(self, alpha: float = 40.0, beta: float = 2.0, mining: str | None = None, mining_margin: float = 0.1):

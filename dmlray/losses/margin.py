@@ -8,15 +8,15 @@ import torch
 from torch import nn
 
 from dmlray.losses.base import PairLoss, build_pairs
+from dmlray.losses.miners import distance_weighted_triplets
 from dmlray.losses.registry import register
-from dmlray.miners import distance_weighted_triplets
 
 
 @register("margin")
 class MarginLoss(PairLoss):
     """L = Σ_i ([d_ap − β_{y_i} + m]_+ + [β_{y_i} − d_an + m]_+) / #(non-zero terms), one triplet per anchor.
 
-    The triplet comes from distance-weighted sampling (``dmlray.miners.
+    The triplet comes from distance-weighted sampling (``dmlray.losses.miners.
     distance_weighted_triplets``); d = sqrt(‖a − b‖² + 1e-8); β is learnable per class
     (labels must be class indices in [0, num_classes)) unless ``learn_beta=False``; an
     optional ν·Σβ/#terms regulariser as in the paper. Paper: "Sampling Matters in Deep
@@ -88,7 +88,12 @@ class MarginLoss(PairLoss):
         if pairs.sim.shape[1] == 0:
             return pairs.sim.sum() * 0.0 + self.beta.sum() * 0.0
         positive, negative, valid = distance_weighted_triplets(
-            pairs.sim, pairs.pos, pairs.neg, embeddings.shape[1], self.cutoff, self.upper_cutoff,
+            pairs.sim,
+            pairs.pos,
+            pairs.neg,
+            embeddings.shape[1],
+            self.cutoff,
+            self.upper_cutoff,
             self.generator(embeddings.device),
         )
         d_ap = _distance(pairs.sim.gather(1, positive.unsqueeze(1)).squeeze(1))

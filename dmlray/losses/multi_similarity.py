@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from dmlray.losses.base import Pairs, masked_logsumexp_plus_one
+from dmlray.losses.miners import ms_mine
 from dmlray.losses.registry import register
 from dmlray.losses.rowwise import Block, RowwiseLoss
-from dmlray.miners import ms_mine
 
 
 @register("multi_similarity")

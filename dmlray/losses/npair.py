@@ -38,12 +38,16 @@ def _npair_term(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample log(1 + Σ_{j≠own} e^{s_a p_j − s_a p_own}) (0 off anchors) and #tuples."""
     own = sim.gather(1, positive.unsqueeze(1))
-    others = is_second.unsqueeze(0) & (torch.arange(sim.shape[1], device=sim.device).unsqueeze(0) != positive.unsqueeze(1))
+    others = is_second.unsqueeze(0) & (
+        torch.arange(sim.shape[1], device=sim.device).unsqueeze(0) != positive.unsqueeze(1)
+    )
     value = masked_logsumexp_plus_one(sim - own, others & is_anchor.unsqueeze(1))
     return value, is_anchor.sum().clamp(min=1).to(sim.dtype)
 
 
-def _l2_term(embeddings: torch.Tensor, is_anchor: torch.Tensor, positive: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+def _l2_term(
+    embeddings: torch.Tensor, is_anchor: torch.Tensor, positive: torch.Tensor, count: torch.Tensor
+) -> torch.Tensor:
     """Σ_tuples (‖a‖² + ‖p‖²) / #tuples: a constant 2 for unit vectors (kept for the seed's value)."""
     sq = (embeddings * embeddings).sum(dim=1)
     return ((sq + sq[positive]) * is_anchor.to(sq.dtype)).sum() / count

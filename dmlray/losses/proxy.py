@@ -104,7 +104,7 @@ class ProxyAnchorLoss(PairLoss):
         self.reject_references(embeddings, ref_embeddings)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             x, proxies = class_logits_inputs(embeddings, self.proxies)
-            cos = (F.normalize(proxies, dim=-1) @ x.T)  # (C, B): one row per proxy
+            cos = F.normalize(proxies, dim=-1) @ x.T  # (C, B): one row per proxy
             member = labels.long().unsqueeze(0) == torch.arange(self.num_classes, device=labels.device).unsqueeze(1)
             pos_term = masked_logsumexp_plus_one(-self.alpha * (cos - self.margin), member)
             neg_term = masked_logsumexp_plus_one(self.alpha * (cos + self.margin), ~member)

@@ -135,9 +135,7 @@ def rowwise_values(
     self_index: torch.Tensor | None = None,
 ) -> Values:
     """Per-anchor (values, weights) of a row-wise loss under the pair contract."""
-    refs, ref_labels, self_index = resolve_references(
-        embeddings, labels, ref_embeddings, ref_labels, self_index
-    )
+    refs, ref_labels, self_index = resolve_references(embeddings, labels, ref_embeddings, ref_labels, self_index)
     ref_labels = ref_labels.to(labels.device)
     num_anchors, num_refs = embeddings.shape[0], refs.shape[0]
     if num_anchors == 0 or num_refs == 0:

@@ -66,7 +66,9 @@ class SoftTripleLoss(PairLoss):
             weight = F.softmax(per_center / self.gamma, dim=2)
             per_class = (weight * per_center).sum(dim=2)
             margin = F.one_hot(labels.long(), self.num_classes).to(per_class.dtype) * self.margin
-            loss = F.cross_entropy(self.la * (per_class - margin), labels.long()) if x.shape[0] else per_class.sum() * 0.0
+            loss = (
+                F.cross_entropy(self.la * (per_class - margin), labels.long()) if x.shape[0] else per_class.sum() * 0.0
+            )
             if self.tau > 0 and self.centers_per_class > 1:
                 loss = loss + self.tau * self._center_spread(centers)
             return loss

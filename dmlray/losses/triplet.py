@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from dmlray.losses.base import Pairs, euclidean_from_sim
+from dmlray.losses.miners import semihard_negatives
 from dmlray.losses.registry import register
 from dmlray.losses.rowwise import RowwiseLoss
-from dmlray.miners import semihard_negatives
 
 
 @register("triplet_semihard")
@@ -16,7 +16,7 @@ class TripletSemihardLoss(RowwiseLoss):
 
     d is the Euclidean distance of the normalised embeddings; n is the semi-hard negative
     argmin{d_in : d_in > d_ip}, or argmax d_in when none is farther
-    (``dmlray.miners.semihard_negatives``). The mean runs over the positive pairs whose
+    (``dmlray.losses.miners.semihard_negatives``). The mean runs over the positive pairs whose
     anchor has a negative (not over anchors). Paper: "FaceNet", Schroff et al., CVPR 2015.
     Default: m = 0.2.
     """

@@ -4,19 +4,31 @@
 ``EmbeddingModel(backbone, embedding_dim)`` adds the head and L2 normalisation.
 """
 
-from dmlray.models.head import EmbeddingHead, EmbeddingModel
-from dmlray.models.registry import backbone_names, build_backbone, register_backbone
+# importing a module registers its backbones
+from dmlray.models import (  # noqa: F401
+    bn_inception,
+    glyph_cnn,  # noqa: F401
+    torchvision_backbones,
+    vit,
+)
 from dmlray.models.frozen_bn import freeze_batchnorm
+from dmlray.models.head import EmbeddingHead, EmbeddingModel
 from dmlray.models.inputs import INPUT_CONVENTIONS, input_convention
 from dmlray.models.pooling import GlobalPool
 from dmlray.models.pretrained import StateDictMismatchError, load_pretrained, load_state_dict_from_url
-
-# importing a module registers its backbones
-from dmlray.models import glyph_cnn  # noqa: F401
-from dmlray.models import bn_inception, torchvision_backbones, vit  # noqa: F401
+from dmlray.models.registry import backbone_names, build_backbone, register_backbone
 
 __all__ = [
-    "EmbeddingHead", "EmbeddingModel", "GlobalPool", "INPUT_CONVENTIONS", "StateDictMismatchError",
-    "backbone_names", "build_backbone", "freeze_batchnorm", "input_convention", "load_pretrained",
-    "load_state_dict_from_url", "register_backbone",
+    "EmbeddingHead",
+    "EmbeddingModel",
+    "GlobalPool",
+    "INPUT_CONVENTIONS",
+    "StateDictMismatchError",
+    "backbone_names",
+    "build_backbone",
+    "freeze_batchnorm",
+    "input_convention",
+    "load_pretrained",
+    "load_state_dict_from_url",
+    "register_backbone",
 ]

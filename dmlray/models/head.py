@@ -13,7 +13,9 @@ class EmbeddingHead(nn.Module):
     def __init__(self, in_dim: int, embedding_dim: int, hidden_dim: int = 0):
         super().__init__()
         if hidden_dim > 0:
-            self.proj = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, embedding_dim))
+            self.proj = nn.Sequential(
+                nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, embedding_dim)
+            )
         else:
             self.proj = nn.Linear(in_dim, embedding_dim)
 

@@ -8,8 +8,8 @@ in [0, 255] minus a per-channel mean.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

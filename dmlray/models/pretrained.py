@@ -93,7 +93,7 @@ def unwrap_state_dict(obj: object) -> dict[str, torch.Tensor]:
         raise ValueError(f"checkpoint holds no tensors; top-level keys: {sorted(map(str, obj))[:_LISTED]}")
     for prefix in _WRAPPER_PREFIXES:
         if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
 
 
@@ -138,7 +138,9 @@ def check_state_dict(
         parts += [_listing(title, keys) for title, keys in problems if keys]
         if ignore:
             dropped = ", ".join(ignore)
-            parts.append(f"  (keys starting with {dropped} belong to the dropped classifier and are ignored on purpose)")
+            parts.append(
+                f"  (keys starting with {dropped} belong to the dropped classifier and are ignored on purpose)"
+            )
         raise StateDictMismatchError("\n".join(parts), missing, unexpected, mismatched)
     return {k: v for k, v in state.items() if k in expected}
 

@@ -3,7 +3,7 @@ features and carrying an ``out_dim: int`` attribute; the embedding head sits on 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

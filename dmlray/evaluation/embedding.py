@@ -8,14 +8,14 @@ checked against the manifest).
 from __future__ import annotations
 
 import sys
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmlray.distributed import all_gather_list, all_gather_variable, broadcast_object, world
 from dmlray.data.stream import iter_eval_batches, iter_shard, rank_shards
+from dmlray.training.distributed import all_gather_list, all_gather_variable, broadcast_object, world
 
 
 @torch.no_grad()
@@ -47,8 +47,13 @@ def embed_split(
         from tqdm import tqdm
 
         # rank 0 sees its own share; the others embed theirs at the same pace
-        bar = tqdm(total=None if expected is None else -(-expected // world_size), desc="embed", unit=" img",
-                   file=sys.stderr, mininterval=0.5)
+        bar = tqdm(
+            total=None if expected is None else -(-expected // world_size),
+            desc="embed",
+            unit=" img",
+            file=sys.stderr,
+            mininterval=0.5,
+        )
     try:
         shards = rank_shards(shard_urls, rank, world_size)
         for images, y, batch_keys in iter_eval_batches(shards, transform, batch_size, read_shard, checksums=checksums):
@@ -78,18 +83,25 @@ def embed_split(
     return out
 
 
-def score(embedded: dict[str, torch.Tensor], ks: Sequence[int], gallery: dict[str, torch.Tensor] | None = None,
-          key: str = "embeddings", nmi: bool = True) -> dict[str, float]:
+def score(
+    embedded: dict[str, torch.Tensor],
+    ks: Sequence[int],
+    gallery: dict[str, torch.Tensor] | None = None,
+    key: str = "embeddings",
+    nmi: bool = True,
+) -> dict[str, float]:
     """Retrieval metrics of embedded data, computed on rank 0 and shared with every rank."""
-    from dmlray.evaluate import retrieval_metrics
+    from dmlray.evaluation.metrics import retrieval_metrics
 
     rank, _ = world()
     metrics = None
     if rank == 0:
         metrics = retrieval_metrics(
-            embedded[key].cpu(), embedded["labels"].cpu(),
+            embedded[key].cpu(),
+            embedded["labels"].cpu(),
             None if gallery is None else gallery[key].cpu(),
             None if gallery is None else gallery["labels"].cpu(),
-            ks=tuple(ks), nmi=nmi,
+            ks=tuple(ks),
+            nmi=nmi,
         )
     return broadcast_object(metrics)

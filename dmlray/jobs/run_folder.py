@@ -33,7 +33,7 @@ class RunFolder:
         self.url = storage.join(storage_path, name)
 
     @classmethod
-    def at(cls, url: str) -> "RunFolder":
+    def at(cls, url: str) -> RunFolder:
         """The run folder at a URL."""
         parent, _, name = url.rstrip("/").rpartition("/")
         return cls(parent, name)
@@ -53,7 +53,9 @@ class RunFolder:
     def read_metrics(self) -> list[dict]:
         if not storage.exists(self.file("metrics.jsonl")):
             return []
-        return [json.loads(line) for line in storage.read_bytes(self.file("metrics.jsonl")).decode().splitlines() if line]
+        return [
+            json.loads(line) for line in storage.read_bytes(self.file("metrics.jsonl")).decode().splitlines() if line
+        ]
 
     def write_result(self, result: dict) -> None:
         storage.write_bytes(self.file("result.json"), json.dumps(result, indent=1).encode())
@@ -98,7 +100,7 @@ class MetricsWriter:
     def submit(self, history: list[dict]) -> None:
         if len(history) < len(self._lines):  # a different history: start over
             self._lines = []
-        self._lines.extend(metrics_line(r) for r in history[len(self._lines):])
+        self._lines.extend(metrics_line(r) for r in history[len(self._lines) :])
         text = "".join(self._lines)
         with self._cond:
             self._pending = text
@@ -149,14 +151,24 @@ class RunLockedError(ConfigError):
 
 
 def lock_record(holder: str, lease_s: float, what: str) -> bytes:
-    return json.dumps({"holder": holder, "what": what, "host": socket.gethostname(), "pid": os.getpid(),
-                       "expires_at": time.time() + lease_s, "lease_s": lease_s}).encode()
+    return json.dumps(
+        {
+            "holder": holder,
+            "what": what,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "expires_at": time.time() + lease_s,
+            "lease_s": lease_s,
+        }
+    ).encode()
 
 
 def describe_holder(record: dict) -> str:
     expires = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(record.get("expires_at", 0))))
-    return (f"{record.get('what', 'run')} holder {record.get('holder')} (host {record.get('host')}, "
-            f"pid {record.get('pid')}, lease until {expires})")
+    return (
+        f"{record.get('what', 'run')} holder {record.get('holder')} (host {record.get('host')}, "
+        f"pid {record.get('pid')}, lease until {expires})"
+    )
 
 
 class RunLock:
@@ -179,7 +191,7 @@ class RunLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def acquire(self, attempts: int = 5) -> "RunLock":
+    def acquire(self, attempts: int = 5) -> RunLock:
         for _ in range(attempts):  # each retry follows a change by another process: bounded
             record = lock_record(self.holder, self.lease_s, self.what)
             self._version = storage.create_exclusive(self.url, record)
@@ -194,15 +206,19 @@ class RunLock:
                 time.sleep(0.2)
                 continue
             if float(other.get("expires_at", 0)) > time.time():
-                raise RunLockedError(f"{self.url}: the {self.what} is live: {describe_holder(other)}; wait for "
-                                     "it to end (or, if it died, for its lease to expire) or use another name")
+                raise RunLockedError(
+                    f"{self.url}: the {self.what} is live: {describe_holder(other)}; wait for "
+                    "it to end (or, if it died, for its lease to expire) or use another name"
+                )
             self._version = storage.replace_if(self.url, record, version)
             if self._version is not None:
                 log.warning("%s: took over the expired lock of %s", self.url, describe_holder(other))
                 break
         else:
-            raise RunLockedError(f"{self.url}: could not take the lock after {attempts} attempts (other processes "
-                                 f"keep changing it); is another {self.what} of this name starting?")
+            raise RunLockedError(
+                f"{self.url}: could not take the lock after {attempts} attempts (other processes "
+                f"keep changing it); is another {self.what} of this name starting?"
+            )
         self._thread = threading.Thread(target=self._renew, name="dmlray-run-lock", daemon=True)
         self._thread.start()
         return self
@@ -221,14 +237,15 @@ class RunLock:
     def _renew(self) -> None:
         while not self._stop.wait(self.lease_s / 3):
             try:
-                version = storage.replace_if(self.url, lock_record(self.holder, self.lease_s, self.what),
-                                             self._version)
+                version = storage.replace_if(self.url, lock_record(self.holder, self.lease_s, self.what), self._version)
             except OSError as exc:  # a store hiccup: the lease still runs; try again next period
                 log.warning("%s: renewing the lock failed: %s", self.url, exc)
                 continue
             if version is None:
-                log.error("%s: the lock was taken over (this run's lease expired): another run may now write "
-                          "the same folder", self.url)
+                log.error(
+                    "%s: the lock was taken over (this run's lease expired): another run may now write the same folder",
+                    self.url,
+                )
                 self.lost.set()
                 return
             self._version = version
@@ -246,7 +263,7 @@ class RunLock:
             storage.delete(self.url)
         self._version = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
@@ -267,7 +284,7 @@ def is_strictly_inside(child: str, parent: str) -> bool:
         if cb != pb or any(p in (".", "..") for p in parts):
             return False
         base = PurePosixPath(pk).parts
-        return len(parts) > len(base) and parts[:len(base)] == base
+        return len(parts) > len(base) and parts[: len(base)] == base
     c, p = storage.local_path(child).resolve(), storage.local_path(parent).resolve()
     return c != p and c.is_relative_to(p)
 

@@ -7,7 +7,7 @@
 
 The names are those of k8s/grafana/dmlray-sweep.json. Each SweepMetrics has its own
 registry, so several sweeps (or tests) in one process do not collide. Ray-free: the Tune
-callback that feeds it lives in dmlray/tune.py.
+callback that feeds it lives in dmlray/sweeps/tune.py.
 """
 
 from __future__ import annotations
@@ -37,12 +37,21 @@ class SweepMetrics:
             raise ValueError(f"mode must be max or min, got {mode!r}")
         self.sweep, self.metric, self.mode = sweep, metric, mode
         self.registry = CollectorRegistry()
-        self.trials = Gauge("dmlray_sweep_trials", "Trials of the sweep in each state",
-                            ["sweep", "state"], registry=self.registry)
-        self.best = Gauge("dmlray_sweep_best_metric", "Best value of the sweep's metric so far",
-                          ["sweep", "metric"], registry=self.registry)
-        self.trial_metric = Gauge("dmlray_sweep_trial_metric", "Latest value of the sweep's metric per trial",
-                                  ["sweep", "trial", "metric"], registry=self.registry)
+        self.trials = Gauge(
+            "dmlray_sweep_trials", "Trials of the sweep in each state", ["sweep", "state"], registry=self.registry
+        )
+        self.best = Gauge(
+            "dmlray_sweep_best_metric",
+            "Best value of the sweep's metric so far",
+            ["sweep", "metric"],
+            registry=self.registry,
+        )
+        self.trial_metric = Gauge(
+            "dmlray_sweep_trial_metric",
+            "Latest value of the sweep's metric per trial",
+            ["sweep", "trial", "metric"],
+            registry=self.registry,
+        )
         self.best_value: float | None = None
         self.last_scrape: float | None = None
         self.registry.register(_ScrapeClock(self))
@@ -135,7 +144,7 @@ class SweepMetrics:
             self.server = self.thread = None
             self.address = None
 
-    def __enter__(self) -> "SweepMetrics":
+    def __enter__(self) -> SweepMetrics:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from dmlray.config import load_config
 from dmlray.data.pack import load_recipe, pack
 from dmlray.data.storage import split_s3
-from dmlray.seaweed import SeaweedS3
+from dmlray.devtools.seaweed import SeaweedS3
 
 
 def run_demo(out: str = "demo-out", overrides: list[str] = ()) -> dict:
@@ -33,9 +33,12 @@ def run_demo(out: str = "demo-out", overrides: list[str] = ()) -> dict:
             print(f"[2/3] packing the glyphs dataset into {cfg.data.url}", flush=True)
             manifest = pack(load_recipe("glyphs"), cfg.data.url)
             print(f"      wrote {manifest}", flush=True)
-            print(f"[3/3] training: {cfg.run.num_workers} Ray Train workers, {cfg.loss.name} loss, "
-                  f"memory {cfg.memory.size} from step {cfg.memory.start}, {cfg.train.steps} steps", flush=True)
-            from dmlray.app import train_and_report
+            print(
+                f"[3/3] training: {cfg.run.num_workers} Ray Train workers, {cfg.loss.name} loss, "
+                f"memory {cfg.memory.size} from step {cfg.memory.start}, {cfg.train.steps} steps",
+                flush=True,
+            )
+            from dmlray.jobs.commands import train_and_report
 
             result = train_and_report(cfg)
         finally:

@@ -1,7 +1,7 @@
 """Pictures of a sweep: the metric against step for every trial, and against each swept value.
 
 matplotlib's object API on an Agg canvas made per figure: nothing at import, no pyplot
-state, safe on headless machines. Rows are ``dmlray.tune.TrialRow``s.
+state, safe on headless machines. Rows are ``dmlray.sweeps.tune.TrialRow``s.
 """
 
 from __future__ import annotations
@@ -10,10 +10,17 @@ import math
 from pathlib import Path
 from typing import Any
 
-from dmlray.plots import _new_figure as new_figure, _save as save_png
+from dmlray.evaluation.plots import _new_figure as new_figure
+from dmlray.evaluation.plots import _save as save_png
 
-STYLE = {"finished": ("-", "o"), "stopped_early": ("--", "x"), "error": (":", "s"),
-         "interrupted": ("-.", "^"), "pending": (":", "."), "running": ("-.", "^")}
+STYLE = {
+    "finished": ("-", "o"),
+    "stopped_early": ("--", "x"),
+    "error": (":", "s"),
+    "interrupted": ("-.", "^"),
+    "pending": (":", "."),
+    "running": ("-.", "^"),
+}
 
 
 def _save(fig: Any, path: str | Path) -> Path:
@@ -51,8 +58,11 @@ def params(path: str | Path, rows: list, settings: Any) -> Path:
     for i, key in enumerate(keys):
         ax = fig.add_subplot(1, max(1, len(keys)), i + 1)
         kind = next(iter(settings.space[key]))
-        points = [(r.params.get(key), r.last, r.state) for r in rows
-                  if r.last is not None and not (isinstance(r.last, float) and math.isnan(r.last))]
+        points = [
+            (r.params.get(key), r.last, r.state)
+            for r in rows
+            if r.last is not None and not (isinstance(r.last, float) and math.isnan(r.last))
+        ]
         values = [p[0] for p in points]
         if _numeric(values):
             xs = values
@@ -61,7 +71,9 @@ def params(path: str | Path, rows: list, settings: Any) -> Path:
             if kind == "loguniform" or spread:
                 ax.set_xscale("log")
         else:  # categories in the order the space lists them
-            order = [str(c) for c in settings.space[key][kind]] if kind == "choice" else sorted({str(v) for v in values})
+            order = (
+                [str(c) for c in settings.space[key][kind]] if kind == "choice" else sorted({str(v) for v in values})
+            )
             xs = [order.index(str(v)) if str(v) in order else len(order) for v in values]
             ax.set_xticks(range(len(order)))
             ax.set_xticklabels(order, rotation=30)

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import csv
 import io
-import logging
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,9 +32,9 @@ from ray.tune.schedulers import ASHAScheduler
 
 from dmlray.config import Config, ConfigError, check_name, check_port, config_from_dict, config_to_dict, load_config
 from dmlray.data import storage
-from dmlray.launch import build_trainer, ensure_ray, resolve_storage_path, storage_arguments
-from dmlray.runfolder import RunFolder, RunLock
-from dmlray.search_space import Param, apply_sample, load_space, set_key, to_tune
+from dmlray.jobs.launch import build_trainer, ensure_ray, resolve_storage_path, storage_arguments
+from dmlray.jobs.run_folder import RunFolder, RunLock
+from dmlray.sweeps.search_space import Param, apply_sample, load_space, set_key, to_tune
 
 log = logging.getLogger(__name__)
 
@@ -214,8 +214,10 @@ def read_asha_state(url: str) -> dict | None:
     except (ValueError, UnicodeDecodeError):
         state = None
     if not isinstance(state, dict) or state.get("version") != ASHA_STATE_VERSION:
-        raise ValueError(f"{url}: not a dmlray ASHA state (JSON, version {ASHA_STATE_VERSION}); it is not loaded. "
-                         "Delete it to resume the sweep without the scheduler's history")
+        raise ValueError(
+            f"{url}: not a dmlray ASHA state (JSON, version {ASHA_STATE_VERSION}); it is not loaded. "
+            "Delete it to resume the sweep without the scheduler's history"
+        )
     return state
 
 
@@ -252,8 +254,10 @@ class ResumableASHA(ASHAScheduler):
         if [[float(m) for m, _ in b] for b in state["brackets"]] != rungs:
             raise ValueError(f"rungs {state['brackets']} do not match this scheduler's {rungs}")
         for bracket, saved in zip(self._brackets, state["brackets"]):
-            bracket._rungs = [(milestone, {str(k): float(v) for k, v in recorded.items()})
-                              for (milestone, _), (_, recorded) in zip(bracket._rungs, saved)]
+            bracket._rungs = [
+                (milestone, {str(k): float(v) for k, v in recorded.items()})
+                for (milestone, _), (_, recorded) in zip(bracket._rungs, saved)
+            ]
         self._trial_info = {str(t): self._brackets[int(i)] for t, i in state["trial_bracket"].items()}
         self._counter, self._num_stopped = int(state["counter"]), int(state["num_stopped"])
 
@@ -266,8 +270,10 @@ class ResumableASHA(ASHAScheduler):
             try:
                 self.set_state(state)
             except (ValueError, KeyError, TypeError, IndexError) as exc:
-                raise ValueError(f"{self._state_url}: not this sweep's ASHA state ({exc}); delete it to resume "
-                                 "without the scheduler's history") from None
+                raise ValueError(
+                    f"{self._state_url}: not this sweep's ASHA state ({exc}); delete it to resume "
+                    "without the scheduler's history"
+                ) from None
             log.info("ASHA resumed: %s", " | ".join(b.debug_str() for b in self._brackets))
 
     def _save(self) -> None:
@@ -305,8 +311,11 @@ def derive_max_concurrent(cfg: Config, resources: dict[str, float], num_samples:
     need = trial_resources(cfg)
     fits = min(int(resources.get(k, 0.0) // v + 1e-9) for k, v in need.items() if v > 0)
     if fits < 1:
-        log.warning("one trial needs %s but the cluster has %s: running one at a time "
-                    "(it waits for an autoscaler, or forever)", need, resources)
+        log.warning(
+            "one trial needs %s but the cluster has %s: running one at a time (it waits for an autoscaler, or forever)",
+            need,
+            resources,
+        )
         fits = 1
     return max(1, min(fits, num_samples))
 
@@ -331,11 +340,28 @@ def _load_settings(url: str) -> SweepSettings | None:
     return SweepSettings(**yaml.safe_load(storage.read_bytes(_settings_url(url))))
 
 
-def run_sweep(config: str, space: str, overrides: list[str] = (), num_samples: int = 4, scheduler: str = "asha",
-              search: str = "random", max_concurrent: int = 0, *, metric: str = "recall@1", mode: str = "max",
-              name: str | None = None, grace_period: int = 0, reduction_factor: int = 2, seed: int | None = None,
-              metrics_port: int | None = None, metrics_addr: str = "127.0.0.1", metrics_port_auto: bool = False,
-              prometheus_dir: str | None = None, top: int = 10, num_cpus: int | None = None) -> SweepResult:
+def run_sweep(
+    config: str,
+    space: str,
+    overrides: list[str] = (),
+    num_samples: int = 4,
+    scheduler: str = "asha",
+    search: str = "random",
+    max_concurrent: int = 0,
+    *,
+    metric: str = "recall@1",
+    mode: str = "max",
+    name: str | None = None,
+    grace_period: int = 0,
+    reduction_factor: int = 2,
+    seed: int | None = None,
+    metrics_port: int | None = None,
+    metrics_addr: str = "127.0.0.1",
+    metrics_port_auto: bool = False,
+    prometheus_dir: str | None = None,
+    top: int = 10,
+    num_cpus: int | None = None,
+) -> SweepResult:
     """Sweep the base config (preset or YAML plus overrides) over a search-space file.
 
     The sweep lives in ``run.storage_path/name`` (name defaults to ``<run.name>-sweep``);
@@ -367,27 +393,53 @@ def run_sweep(config: str, space: str, overrides: list[str] = (), num_samples: i
     root = resolve_storage_path(cfg.run.storage_path)
     url = storage.join(root, name)
 
-    settings = SweepSettings(name=name, metric=metric, mode=mode, num_samples=num_samples, scheduler=scheduler,
-                             search=search, grace_period=grace_period or cfg.train.eval_every,
-                             reduction_factor=reduction_factor, max_concurrent=max_concurrent,
-                             seed=cfg.train.seed if seed is None else seed,
-                             space={p.key: {p.kind: list(p.args)} for p in params}, base=base)
+    settings = SweepSettings(
+        name=name,
+        metric=metric,
+        mode=mode,
+        num_samples=num_samples,
+        scheduler=scheduler,
+        search=search,
+        grace_period=grace_period or cfg.train.eval_every,
+        reduction_factor=reduction_factor,
+        max_concurrent=max_concurrent,
+        seed=cfg.train.seed if seed is None else seed,
+        space={p.key: {p.kind: list(p.args)} for p in params},
+        base=base,
+    )
     stored = _load_settings(url)
     if stored is not None:
-        changed = [k for k in ("metric", "mode", "num_samples", "scheduler", "search", "grace_period",
-                               "reduction_factor", "space", "base") if getattr(stored, k) != getattr(settings, k)]
+        changed = [
+            k
+            for k in (
+                "metric",
+                "mode",
+                "num_samples",
+                "scheduler",
+                "search",
+                "grace_period",
+                "reduction_factor",
+                "space",
+                "base",
+            )
+            if getattr(stored, k) != getattr(settings, k)
+        ]
         if changed:
-            log.warning("sweep %s exists: resuming it with its original settings (ignoring new %s)", url, ", ".join(changed))
+            log.warning(
+                "sweep %s exists: resuming it with its original settings (ignoring new %s)", url, ", ".join(changed)
+            )
         settings = stored
     base_cfg = config_from_dict(settings.base)
     read_asha_state(storage.join(url, ASHA_STATE))  # a planted or broken state fails here, before Ray starts
     if storage.exists(storage.join(url, LEGACY_ASHA_STATE)):
-        log.warning("%s is a pickle from an older dmlray: not loaded (it could run code); ASHA resumes without "
-                    "its history", storage.join(url, LEGACY_ASHA_STATE))
+        log.warning(
+            "%s is a pickle from an older dmlray: not loaded (it could run code); ASHA resumes without its history",
+            storage.join(url, LEGACY_ASHA_STATE),
+        )
 
     metrics, bound = None, None
     if metrics_port is not None:  # a taken port fails here, before Ray starts
-        from dmlray.sweep_metrics import SweepMetrics
+        from dmlray.telemetry.sweep_metrics import SweepMetrics
 
         metrics = SweepMetrics(name, settings.metric, settings.mode)
         metrics.set_states({"pending": settings.num_samples})
@@ -406,10 +458,18 @@ def run_sweep(config: str, space: str, overrides: list[str] = (), num_samples: i
         concurrent = settings.max_concurrent or fits
         if concurrent > fits:
             # each trial driver holds its CPU while its Train workers wait: too many deadlock
-            log.warning("--max-concurrent %d: only %d trials fit on the cluster now; the others' workers will wait",
-                        concurrent, fits)
-        log.info("sweep %s: %d samples, up to %d at once, each holding %s", url, settings.num_samples, concurrent,
-                 trial_resources(base_cfg))
+            log.warning(
+                "--max-concurrent %d: only %d trials fit on the cluster now; the others' workers will wait",
+                concurrent,
+                fits,
+            )
+        log.info(
+            "sweep %s: %d samples, up to %d at once, each holding %s",
+            url,
+            settings.num_samples,
+            concurrent,
+            trial_resources(base_cfg),
+        )
         if metrics is not None:
             files.update(write_prometheus_files(prometheus_dir or _default_prometheus_dir(url, name), metrics.target))
         tuner, restored = _tuner(settings, base_cfg, url, root, concurrent)
@@ -456,29 +516,43 @@ def _tuner(settings: SweepSettings, base_cfg: Config, url: str, root: str, concu
     from ray import tune
 
     runs_url = storage.join(url, RUNS_DIR)
-    trainable = tune.with_resources(tune.with_parameters(sweep_trial, base=settings.base, runs_url=runs_url), {"cpu": 1})
+    trainable = tune.with_resources(
+        tune.with_parameters(sweep_trial, base=settings.base, runs_url=runs_url), {"cpu": 1}
+    )
     storage_path, experiment, fs = _tune_storage(url, root, settings.name)
     if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
         log.info("resuming sweep %s (finished trials are kept, unfinished ones continue)", url)
-        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                   storage_filesystem=fs)
+        tuner = tune.Tuner.restore(
+            experiment, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs
+        )
         return tuner, True
 
     params = [Param(key, kind, tuple(args)) for key, spec in settings.space.items() for kind, args in spec.items()]
     scheduler = None
     if settings.scheduler == "asha":
         # time is the training step: rungs sit at grace_period × rf^k steps, below train.steps
-        scheduler = ResumableASHA(storage.join(url, ASHA_STATE), time_attr="step", max_t=base_cfg.train.steps,
-                                  grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)
+        scheduler = ResumableASHA(
+            storage.join(url, ASHA_STATE),
+            time_attr="step",
+            max_t=base_cfg.train.steps,
+            grace_period=settings.grace_period,
+            reduction_factor=settings.reduction_factor,
+        )
     tune_config = tune.TuneConfig(
-        metric=settings.metric, mode=settings.mode, num_samples=settings.num_samples, scheduler=scheduler,
+        metric=settings.metric,
+        mode=settings.mode,
+        num_samples=settings.num_samples,
+        scheduler=scheduler,
         search_alg=make_search_alg(settings.search, settings.seed, concurrent),
         max_concurrent_trials=None if settings.search == "random" else concurrent,
         reuse_actors=False,
-        trial_name_creator=trial_name, trial_dirname_creator=trial_name,
+        trial_name_creator=trial_name,
+        trial_dirname_creator=trial_name,
     )
     run_config = tune.RunConfig(
-        name=settings.name, storage_path=storage_path, storage_filesystem=fs,
+        name=settings.name,
+        storage_path=storage_path,
+        storage_filesystem=fs,
         callbacks=[SweepMetricsCallback(url, settings.num_samples, base_cfg.train.steps)],
     )
     return tune.Tuner(trainable, param_space=to_tune(params), tune_config=tune_config, run_config=run_config), False
@@ -492,16 +566,20 @@ def collect(url: str, root: str, settings: SweepSettings, restored: bool) -> Swe
     from ray.tune import ExperimentAnalysis
 
     _, experiment, fs = _tune_storage(url, root, settings.name)
-    analysis = ExperimentAnalysis(experiment, storage_filesystem=fs, default_metric=settings.metric,
-                                  default_mode=settings.mode)
+    analysis = ExperimentAnalysis(
+        experiment, storage_filesystem=fs, default_metric=settings.metric, default_mode=settings.mode
+    )
     runs_url = storage.join(url, RUNS_DIR)
     max_steps = settings.base["train"]["steps"]
     rows = []
     for trial in analysis.trials:
         run = trial_name(trial)
         records = RunFolder(runs_url, run).read_metrics()  # the run's own record: complete after restarts
-        history = [(int(r["step"]), float(r[settings.metric])) for r in records
-                   if r.get(settings.metric) is not None and "step" in r]
+        history = [
+            (int(r["step"]), float(r[settings.metric]))
+            for r in records
+            if r.get(settings.metric) is not None and "step" in r
+        ]
         last = trial.last_result or {}
         last_step = max((int(r["step"]) for r in records if "step" in r), default=None)
         state = trial_state(trial, max_steps, last_step=last_step)
@@ -511,16 +589,37 @@ def collect(url: str, root: str, settings: SweepSettings, restored: bool) -> Swe
         best = (max if settings.mode == "max" else min)(values) if values else None
         final = history[-1][1] if history else last.get(settings.metric)
         final_eval = next((r for r in reversed(records) if settings.metric in r), last)
-        numbers = {k: float(v) for k, v in final_eval.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and ("@" in k or k in ("loss", "nmi", "r_precision"))}
-        rows.append(TrialRow(trial=trial.trial_id, run=run, state=state,
-                             step=history[-1][0] if history else last.get("step"),
-                             last=final, best=best, params={k: trial.config.get(k) for k in settings.space},
-                             metrics=numbers, history=history))
+        numbers = {
+            k: float(v)
+            for k, v in final_eval.items()
+            if isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and ("@" in k or k in ("loss", "nmi", "r_precision"))
+        }
+        rows.append(
+            TrialRow(
+                trial=trial.trial_id,
+                run=run,
+                state=state,
+                step=history[-1][0] if history else last.get("step"),
+                last=final,
+                best=best,
+                params={k: trial.config.get(k) for k in settings.space},
+                metrics=numbers,
+                history=history,
+            )
+        )
     sign = -1.0 if settings.mode == "max" else 1.0
-    rows.sort(key=lambda r: (r.last is None or (isinstance(r.last, float) and math.isnan(r.last)),
-                             sign * (r.last or 0.0), r.trial))
-    complete = len(rows) >= settings.num_samples and all(r.state in ("finished", "stopped_early", "error") for r in rows)
+    rows.sort(
+        key=lambda r: (
+            r.last is None or (isinstance(r.last, float) and math.isnan(r.last)),
+            sign * (r.last or 0.0),
+            r.trial,
+        )
+    )
+    complete = len(rows) >= settings.num_samples and all(
+        r.state in ("finished", "stopped_early", "error") for r in rows
+    )
     return SweepResult(url=url, complete=complete, restored=restored, rows=rows, files={})
 
 
@@ -535,8 +634,18 @@ def _fmt(value: Any) -> str:
 def format_rows(rows: list[TrialRow], settings: SweepSettings) -> str:
     """A fixed-width table: trial, state, step, metric (last, best), swept values."""
     header = ["#", "trial", "state", "step", settings.metric, "best", *settings.space]
-    lines = [[str(i + 1), r.trial, r.state, _fmt(r.step), _fmt(r.last), _fmt(r.best),
-              *(_fmt(r.params.get(k)) for k in settings.space)] for i, r in enumerate(rows)]
+    lines = [
+        [
+            str(i + 1),
+            r.trial,
+            r.state,
+            _fmt(r.step),
+            _fmt(r.last),
+            _fmt(r.best),
+            *(_fmt(r.params.get(k)) for k in settings.space),
+        ]
+        for i, r in enumerate(rows)
+    ]
     widths = [max(len(h), *(len(line[j]) for line in lines)) if lines else len(h) for j, h in enumerate(header)]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
     out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
@@ -546,25 +655,48 @@ def format_rows(rows: list[TrialRow], settings: SweepSettings) -> str:
 def sweep_csv(rows: list[TrialRow], settings: SweepSettings) -> str:
     """sweep.csv: one row per trial, best first; swept values and final metrics as columns."""
     extra = sorted({k for r in rows for k in r.metrics} - {settings.metric})
-    header = ["rank", "trial", "run", "state", "step", settings.metric, f"best_{settings.metric}", *settings.space, *extra]
+    header = [
+        "rank",
+        "trial",
+        "run",
+        "state",
+        "step",
+        settings.metric,
+        f"best_{settings.metric}",
+        *settings.space,
+        *extra,
+    ]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(header)
     for i, r in enumerate(rows):
-        writer.writerow([i + 1, r.trial, r.run, r.state, r.step, r.last, r.best,
-                         *(r.params.get(k) for k in settings.space), *(r.metrics.get(k) for k in extra)])
+        writer.writerow(
+            [
+                i + 1,
+                r.trial,
+                r.run,
+                r.state,
+                r.step,
+                r.last,
+                r.best,
+                *(r.params.get(k) for k in settings.space),
+                *(r.metrics.get(k) for k in extra),
+            ]
+        )
     return buffer.getvalue()
 
 
 def write_reports(result: SweepResult, settings: SweepSettings) -> dict[str, str]:
     """sweep.csv and the two plots, in the sweep folder; returns their URLs."""
-    from dmlray import sweep_plots
+    from dmlray.sweeps import plots as sweep_plots
 
     files = {"csv": storage.join(result.url, "sweep.csv")}
     storage.write_bytes(files["csv"], sweep_csv(result.rows, settings).encode())
     root, name = result.url.rsplit("/", 1)
     folder = RunFolder(root, name)
-    files["curves"] = folder.write_png("sweep_curves.png", lambda p: sweep_plots.curves(p, result.rows, settings.metric))
+    files["curves"] = folder.write_png(
+        "sweep_curves.png", lambda p: sweep_plots.curves(p, result.rows, settings.metric)
+    )
     files["params"] = folder.write_png("sweep_params.png", lambda p: sweep_plots.params(p, result.rows, settings))
     return files
 
@@ -576,7 +708,7 @@ def _default_prometheus_dir(url: str, name: str) -> str:
 
 def write_prometheus_files(folder: str, target: str | None) -> dict[str, str]:
     """The driver's file_sd entry and a prometheus.yml scraping it and Ray's nodes, in a local folder."""
-    from dmlray.prometheus_config import DRIVER_JOB, write_file_sd, write_prometheus_config
+    from dmlray.telemetry.prometheus_config import DRIVER_JOB, write_file_sd, write_prometheus_config
 
     folder = Path(folder)
     # no "sweep" target label: the series carry it, and a target label would rename theirs
@@ -590,7 +722,9 @@ def print_summary(result: SweepResult, settings: SweepSettings, top: int) -> Non
     counts = ", ".join(f"{n} {s}" for s, n in sorted(result.counts.items()))
     print()
     if result.complete:
-        print(f"Sweep {settings.name}: {len(result.rows)} trials ({counts}); best by final {settings.metric} ({settings.mode}):")
+        print(
+            f"Sweep {settings.name}: {len(result.rows)} trials ({counts}); best by final {settings.metric} ({settings.mode}):"
+        )
     else:
         print(f"Sweep {settings.name} was interrupted ({counts}); run the same command again to resume it.")
     print(format_rows(result.rows[:top], settings))

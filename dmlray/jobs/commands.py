@@ -6,17 +6,17 @@ import io
 import json
 import logging
 
-from dmlray.checkpoints import STATE_FILE, latest_checkpoint, load_state_file
 from dmlray.config import Config, config_from_dict
 from dmlray.data import storage
-from dmlray.runfolder import RunFolder
+from dmlray.jobs.run_folder import RunFolder
+from dmlray.training.checkpoints import STATE_FILE, latest_checkpoint, load_state_file
 
 log = logging.getLogger(__name__)
 
 
 def results_table(result: dict) -> str:
     """The retrieval table of a result.json: the model and, when measured, raw pixels."""
-    from dmlray.evaluate import format_table
+    from dmlray.evaluation.metrics import format_table
 
     rows = {"dmlray": result["metrics"]}
     if result.get("baseline_raw_pixels"):
@@ -29,14 +29,14 @@ def write_training_plot(folder: RunFolder) -> str | None:
     history = folder.read_metrics()
     if not history:
         return None
-    from dmlray.plots import training_curves
+    from dmlray.evaluation.plots import training_curves
 
     return folder.write_png("training.png", lambda path: training_curves(path, history))
 
 
 def train_and_report(cfg: Config) -> dict:
     """Launch training, then print the results table and where everything is."""
-    from dmlray.launch import launch
+    from dmlray.jobs.launch import launch
 
     result = launch(cfg)
     folder = RunFolder(cfg.run.storage_path, cfg.run.name)
@@ -56,14 +56,15 @@ def train_and_report(cfg: Config) -> dict:
 
 def find_checkpoint(url: str) -> tuple[str, str]:
     """(checkpoint folder, run folder) from either of them; a run's latest complete checkpoint
-    in the order the run wrote them (see ``dmlray.checkpoints.latest_checkpoint``)."""
+    in the order the run wrote them (see ``dmlray.training.checkpoints.latest_checkpoint``)."""
     url = url.rstrip("/")
     if storage.exists(storage.join(url, STATE_FILE)):
         return url, url.rsplit("/", 1)[0]
     checkpoint = latest_checkpoint(url)
     if checkpoint is None:
-        raise FileNotFoundError(f"{url} is neither a checkpoint (no {STATE_FILE}) nor a run folder with a complete "
-                                "checkpoint_* folder")
+        raise FileNotFoundError(
+            f"{url} is neither a checkpoint (no {STATE_FILE}) nor a run folder with a complete checkpoint_* folder"
+        )
     return checkpoint, url
 
 
@@ -94,8 +95,8 @@ def eval_and_report(path: str, data: str | None = None, split: str | None = None
     """Evaluate a checkpoint in this process: print the table, write eval.json, pictures and
     (with ``export``) the embeddings beside it."""
     from dmlray.data.shards import read_manifest
-    from dmlray.extract import embed_split, score
-    from dmlray.worker import build_model, build_transforms
+    from dmlray.evaluation.embedding import embed_split, score
+    from dmlray.jobs.worker import build_model, build_transforms
 
     checkpoint, run = find_checkpoint(path)
     import yaml
@@ -112,25 +113,53 @@ def eval_and_report(path: str, data: str | None = None, split: str | None = None
     import torch
 
     device = torch.device("cpu")
-    query = embed_split(model, manifest.shard_urls(split), tf, cfg.data.eval_batch_size, device,
-                        expected=manifest.num_samples(split), pixels=cfg.eval.baseline, progress=True,
-                        checksums=manifest.shard_checksums(split))
+    query = embed_split(
+        model,
+        manifest.shard_urls(split),
+        tf,
+        cfg.data.eval_batch_size,
+        device,
+        expected=manifest.num_samples(split),
+        pixels=cfg.eval.baseline,
+        progress=True,
+        checksums=manifest.shard_checksums(split),
+    )
     gallery = None
     if cfg.data.gallery_split:
-        gallery = embed_split(model, manifest.shard_urls(cfg.data.gallery_split), tf, cfg.data.eval_batch_size, device,
-                              expected=manifest.num_samples(cfg.data.gallery_split), pixels=cfg.eval.baseline,
-                              progress=True, checksums=manifest.shard_checksums(cfg.data.gallery_split))
-    result = {"run": cfg.run.name, "steps": state["step"], "test_split": split, "ks": cfg.eval.ks,
-              "checkpoint": checkpoint, "metrics": score(query, cfg.eval.ks, gallery)}
+        gallery = embed_split(
+            model,
+            manifest.shard_urls(cfg.data.gallery_split),
+            tf,
+            cfg.data.eval_batch_size,
+            device,
+            expected=manifest.num_samples(cfg.data.gallery_split),
+            pixels=cfg.eval.baseline,
+            progress=True,
+            checksums=manifest.shard_checksums(cfg.data.gallery_split),
+        )
+    result = {
+        "run": cfg.run.name,
+        "steps": state["step"],
+        "test_split": split,
+        "ks": cfg.eval.ks,
+        "checkpoint": checkpoint,
+        "metrics": score(query, cfg.eval.ks, gallery),
+    }
     if cfg.eval.baseline:
         result["baseline_raw_pixels"] = score(query, cfg.eval.ks, gallery, key="pixels")
     storage.write_bytes(storage.join(run, "eval.json"), json.dumps(result, indent=1).encode())
-    from dmlray.pictures import write_pictures
+    from dmlray.evaluation.pictures import write_pictures
 
     folder = RunFolder.at(run)
-    pictures = write_pictures(folder, query, gallery, manifest.shard_urls(split),
-                              manifest.shard_urls(cfg.data.gallery_split) if cfg.data.gallery_split else None,
-                              cfg.data.channels, {"dmlray": result["metrics"], "raw pixels": result.get("baseline_raw_pixels") or {}})
+    pictures = write_pictures(
+        folder,
+        query,
+        gallery,
+        manifest.shard_urls(split),
+        manifest.shard_urls(cfg.data.gallery_split) if cfg.data.gallery_split else None,
+        cfg.data.channels,
+        {"dmlray": result["metrics"], "raw pixels": result.get("baseline_raw_pixels") or {}},
+    )
     print(f"Retrieval on split {split!r} of {cfg.data.url} (checkpoint {checkpoint}, step {state['step']}):")
     print(results_table(result))
     print(f"wrote {storage.join(run, 'eval.json')}")

@@ -16,7 +16,9 @@ MINING_METHODS = ("ms", "semihard", "hard", "distance_weighted")
 """Names accepted by ``mine_pairs`` (and by the ``mining`` option of the pair losses)."""
 
 
-def ms_mine(sim: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+def ms_mine(
+    sim: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, margin: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-similarity mining: the hard pairs of each anchor.
 
     N'_i = {n ∈ N_i : s_in + ε > min_{p∈P_i} s_ip},
@@ -55,7 +57,9 @@ def semihard_negatives(dist: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor)
     return index, pos & (num_neg > 0)
 
 
-def hard_triplets(sim: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def hard_triplets(
+    sim: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batch-hard triplets: each anchor's least similar positive and most similar negative.
 
     Returns (B,) positive index, (B,) negative index, (B,) bool valid (both exist).
@@ -162,4 +166,3 @@ def check_mining(method: str | None) -> None:
     """Fail at construction, not at the first step, on an unknown mining name."""
     if method is not None and method not in MINING_METHODS:
         raise ValueError(f"unknown mining method {method!r}; known: {', '.join(MINING_METHODS)}")
-

@@ -26,7 +26,7 @@ class CrossBatchMemory:
     def __len__(self) -> int:
         return self.filled
 
-    def to(self, device: torch.device | str) -> "CrossBatchMemory":
+    def to(self, device: torch.device | str) -> CrossBatchMemory:
         self.embeddings = self.embeddings.to(device)
         self.labels = self.labels.to(device)
         return self
@@ -54,11 +54,18 @@ class CrossBatchMemory:
         return self.embeddings[: self.filled], self.labels[: self.filled]
 
     def state_dict(self) -> dict:
-        return {"embeddings": self.embeddings.clone(), "labels": self.labels.clone(), "ptr": self.ptr, "filled": self.filled}
+        return {
+            "embeddings": self.embeddings.clone(),
+            "labels": self.labels.clone(),
+            "ptr": self.ptr,
+            "filled": self.filled,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if tuple(state["embeddings"].shape) != (self.size, self.dim):
-            raise ValueError(f"memory state has shape {tuple(state['embeddings'].shape)}, expected {(self.size, self.dim)}")
+            raise ValueError(
+                f"memory state has shape {tuple(state['embeddings'].shape)}, expected {(self.size, self.dim)}"
+            )
         self.embeddings.copy_(state["embeddings"])
         self.labels.copy_(state["labels"])
         self.ptr = int(state["ptr"])

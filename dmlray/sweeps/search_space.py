@@ -86,8 +86,10 @@ def _number(value: Any) -> bool:
 def _param(key: str, spec: Any) -> Param:
     """Parse one ``{kind: args}`` entry; impossible ranges are errors naming the key."""
     if not isinstance(spec, dict) or len(spec) != 1:
-        raise ConfigError(f"{key}: expected one distribution, e.g. {{loguniform: [1.0e-4, 1.0e-2]}} "
-                          f"or {{choice: [a, b]}}; got {spec!r} (known: {', '.join(DISTRIBUTIONS)})")
+        raise ConfigError(
+            f"{key}: expected one distribution, e.g. {{loguniform: [1.0e-4, 1.0e-2]}} "
+            f"or {{choice: [a, b]}}; got {spec!r} (known: {', '.join(DISTRIBUTIONS)})"
+        )
     kind, args = next(iter(spec.items()))
     if kind not in DISTRIBUTIONS:
         raise ConfigError(f"{key}: unknown distribution {kind!r}; known: {', '.join(DISTRIBUTIONS)}")
@@ -123,7 +125,9 @@ def _field_type(key: str) -> Any:
             raise ConfigError(f"unknown config key {key!r}; {where} has: {', '.join(sorted(names))}")
         cls = typing.get_type_hints(cls)[part]
     if dataclasses.is_dataclass(cls):
-        raise ConfigError(f"{key}: is a whole section; sweep one of its keys ({', '.join(f.name for f in dataclasses.fields(cls))})")
+        raise ConfigError(
+            f"{key}: is a whole section; sweep one of its keys ({', '.join(f.name for f in dataclasses.fields(cls))})"
+        )
     return cls
 
 
@@ -167,7 +171,9 @@ def _check_loss_param(param: Param, base: dict) -> None:
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         known = [p for p in params if p != "self"]
         if leaf not in known:
-            raise ConfigError(f"unknown config key {param.key!r}: loss {name!r} takes {', '.join(known) or 'no parameters'}")
+            raise ConfigError(
+                f"unknown config key {param.key!r}: loss {name!r} takes {', '.join(known) or 'no parameters'}"
+            )
     if getattr(cls, "needs_classes", False):
         return  # built with the dataset's class count: only the worker can
     for value in param.examples():
@@ -199,8 +205,9 @@ def parse_space(data: Any, base: dict | None = None) -> list[Param]:
             try:
                 config_from_dict(set_key(base, key, value))
             except ConfigError as exc:
-                raise ConfigError(f"{key}: {param.kind} {list(param.args)} can give {value!r}, "
-                                  f"which the config refuses: {exc}") from None
+                raise ConfigError(
+                    f"{key}: {param.kind} {list(param.args)} can give {value!r}, which the config refuses: {exc}"
+                ) from None
         params.append(param)
     check_combinations(params, base)
     return params
@@ -241,8 +248,9 @@ def _check_loss_combination(cfg: Config, sample: dict[str, Any]) -> None:
     """Swept loss parameters must be accepted by the loss together (it may check them jointly)."""
     from dmlray import losses
 
-    if not any(k.startswith("loss.params.") for k in sample) or getattr(losses.loss_class(cfg.loss.name),
-                                                                          "needs_classes", False):
+    if not any(k.startswith("loss.params.") for k in sample) or getattr(
+        losses.loss_class(cfg.loss.name), "needs_classes", False
+    ):
         return
     try:
         losses.build(cfg.loss.name, **cfg.loss.params)
@@ -258,16 +266,22 @@ def check_combinations(params: list[Param], base: dict) -> None:
         return  # one key alone was checked by parse_space
     combos, exhaustive = combinations(params)
     if not exhaustive:
-        log.info("search space: %d keys give %d combinations; checked %d (corners and a seeded sample)",
-                 len(params), math.prod(len(p.examples()) for p in params), len(combos))
+        log.info(
+            "search space: %d keys give %d combinations; checked %d (corners and a seeded sample)",
+            len(params),
+            math.prod(len(p.examples()) for p in params),
+            len(combos),
+        )
     for combo in combos:
         sample = {p.key: v for p, v in zip(params, combo)}
         try:
             _check_loss_combination(config_from_dict(apply_sample(base, sample)), sample)
         except ConfigError as exc:
             named = ", ".join(f"{k}={v!r}" for k, v in sample.items())
-            raise ConfigError(f"search space: each key is valid alone, but the combination {named} gives a config "
-                              f"the config refuses: {exc}") from None
+            raise ConfigError(
+                f"search space: each key is valid alone, but the combination {named} gives a config "
+                f"the config refuses: {exc}"
+            ) from None
 
 
 def space_path(source: str | Path) -> Path:
@@ -284,7 +298,9 @@ def load_space(source: str | Path, base: dict | None = None) -> list[Param]:
     path = space_path(source)
     if not path.is_file():
         shipped = sorted(p.stem for p in PRESET_DIR.glob("*_space.yaml"))
-        raise ConfigError(f"search space file {str(source)!r} does not exist (shipped spaces: {', '.join(shipped) or 'none'})")
+        raise ConfigError(
+            f"search space file {str(source)!r} does not exist (shipped spaces: {', '.join(shipped) or 'none'})"
+        )
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

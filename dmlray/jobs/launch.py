@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from dmlray import preemption
-from dmlray.checkpoints import LOCAL_CHECKPOINT, STATE_FILE, load_state, state_bytes
 from dmlray.config import Config, ConfigError, config_from_dict, config_to_dict, validate
 from dmlray.data import storage
 from dmlray.data.shards import read_manifest
-from dmlray.metrics import WorkerMetrics
-from dmlray.runfolder import LOCK_FILE, MetricsWriter, RunFolder, RunLock, clear_run_folder
-from dmlray.worker import WorkerContext, check_training_data, run_worker
+from dmlray.jobs.run_folder import LOCK_FILE, MetricsWriter, RunFolder, RunLock, clear_run_folder
+from dmlray.jobs.worker import WorkerContext, check_training_data, run_worker
+from dmlray.telemetry.worker_metrics import WorkerMetrics
+from dmlray.training import preemption
+from dmlray.training.checkpoints import LOCAL_CHECKPOINT, STATE_FILE, load_state, state_bytes
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,18 @@ def train_function(config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             # named by its place in storage (as_directory may be a local copy of an S3 folder)
-            restored = load_state((Path(folder) / STATE_FILE).read_bytes(), storage.join(checkpoint.path, STATE_FILE),
-                                  device)
+            restored = load_state(
+                (Path(folder) / STATE_FILE).read_bytes(), storage.join(checkpoint.path, STATE_FILE), device
+            )
 
     backend = "ray" if ray.is_initialized() else "prometheus"
-    metrics = WorkerMetrics(run=cfg.run.name, rank=rank, trial=trial, backend=backend,
-                            port=cfg.run.metrics_port if backend == "prometheus" else 0)
+    metrics = WorkerMetrics(
+        run=cfg.run.name,
+        rank=rank,
+        trial=trial,
+        backend=backend,
+        port=cfg.run.metrics_port if backend == "prometheus" else 0,
+    )
     folder = RunFolder(cfg.run.storage_path, cfg.run.name) if rank == 0 else None
     writer = MetricsWriter(folder) if folder is not None else None
 
@@ -99,8 +105,18 @@ def train_function(config: dict) -> None:
 
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    final = run_worker(cfg, WorkerContext(rank=rank, world_size=world_size, device=device, report=report,
-                                          restored=restored, wrap_model=wrap, run_folder=folder))
+    final = run_worker(
+        cfg,
+        WorkerContext(
+            rank=rank,
+            world_size=world_size,
+            device=device,
+            report=report,
+            restored=restored,
+            wrap_model=wrap,
+            run_folder=folder,
+        ),
+    )
     if writer is not None:
         writer.close()
     if folder is not None:
@@ -108,7 +124,7 @@ def train_function(config: dict) -> None:
 
 
 def install_preemption_handler() -> None:
-    """SIGTERM to this worker checkpoints at the next step and stops (dmlray.preemption).
+    """SIGTERM to this worker checkpoints at the next step and stops (dmlray.training.preemption).
 
     Signal handlers can be set from the main thread only, and Ray Train runs the train
     function in a thread of its own; the worker actor's main thread, free between Train's
@@ -175,8 +191,9 @@ def keep_credentials_out_of_tune_runtime_envs() -> None:
     class_cache.ENV_VARS_TO_PROPAGATE = set(propagated) - CREDENTIAL_ENV
 
 
-def ensure_ray(num_cpus: int | None = None, metrics_export_port: int | None = None,
-               metrics_interval_ms: int | None = None) -> None:
+def ensure_ray(
+    num_cpus: int | None = None, metrics_export_port: int | None = None, metrics_interval_ms: int | None = None
+) -> None:
     """Connect to RAY_ADDRESS's cluster, or start a local one.
 
     S3 credentials are never put in a runtime_env: Ray logs it (runtime_env_agent.log) and
@@ -192,7 +209,7 @@ def ensure_ray(num_cpus: int | None = None, metrics_export_port: int | None = No
     """
     import ray
 
-    from dmlray.ports import free_ports
+    from dmlray.devtools.ports import free_ports
 
     keep_credentials_out_of_tune_runtime_envs()  # also when Ray runs already: a sweep may follow
     if ray.is_initialized():
@@ -207,8 +224,14 @@ def ensure_ray(num_cpus: int | None = None, metrics_export_port: int | None = No
     if metrics_interval_ms:
         extra["_system_config"] = {"metrics_report_interval_ms": metrics_interval_ms}
     # a local cluster talks over loopback only
-    ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), _node_ip_address="127.0.0.1",
-             dashboard_host="127.0.0.1", dashboard_port=free_ports(1)[0], log_to_driver=True, **extra)
+    ray.init(
+        num_cpus=num_cpus or max(4, os.cpu_count() or 1),
+        _node_ip_address="127.0.0.1",
+        dashboard_host="127.0.0.1",
+        dashboard_port=free_ports(1)[0],
+        log_to_driver=True,
+        **extra,
+    )
 
 
 def storage_arguments(storage_path: str) -> dict:
@@ -228,10 +251,11 @@ def storage_arguments(storage_path: str) -> dict:
     # pyarrow ignores AWS_ENDPOINT_URL (FIELD_NOTES): spell the endpoint out
     scheme, _, host = endpoint.partition("://")
     fs = storage.arrow_s3_filesystem(  # an S3FileSystem that retries for storage.retry_deadline()
-        endpoint_override=host, scheme=scheme or "https",
+        endpoint_override=host,
+        scheme=scheme or "https",
         region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
     )
-    return {"storage_path": path[len("s3://"):], "storage_filesystem": fs}
+    return {"storage_path": path[len("s3://") :], "storage_filesystem": fs}
 
 
 def build_trainer(cfg: Config, trial: str = "", callbacks: list | None = None):
@@ -239,8 +263,13 @@ def build_trainer(cfg: Config, trial: str = "", callbacks: list | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    scaling = ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
-                            resources_per_worker=None if cfg.run.num_workers == 0 else {"CPU": cfg.run.cpus_per_worker, **({"GPU": 1} if cfg.run.use_gpu else {})})
+    scaling = ScalingConfig(
+        num_workers=cfg.run.num_workers,
+        use_gpu=cfg.run.use_gpu,
+        resources_per_worker=None
+        if cfg.run.num_workers == 0
+        else {"CPU": cfg.run.cpus_per_worker, **({"GPU": 1} if cfg.run.use_gpu else {})},
+    )
     storage.set_retry_deadline(cfg.run.storage_retry_s)  # also how long Ray's S3 filesystem retries
     run = RunConfig(
         name=cfg.run.name,
@@ -249,8 +278,12 @@ def build_trainer(cfg: Config, trial: str = "", callbacks: list | None = None):
         callbacks=callbacks,
         **storage_arguments(cfg.run.storage_path),
     )
-    return TorchTrainer(train_function, train_loop_config={"config": config_to_dict(cfg), "trial": trial},
-                        scaling_config=scaling, run_config=run)
+    return TorchTrainer(
+        train_function,
+        train_loop_config={"config": config_to_dict(cfg), "trial": trial},
+        scaling_config=scaling,
+        run_config=run,
+    )
 
 
 def cluster_shortfall(cfg: Config, total: dict[str, float], node_totals: list[dict[str, float]]) -> str | None:
@@ -271,8 +304,10 @@ def cluster_shortfall(cfg: Config, total: dict[str, float], node_totals: list[di
             problems.append(f"{per_worker:g} {resource} on one node per worker but the largest node has {biggest:g}")
     if not problems:
         return None
-    return (f"run.num_workers={n}, run.cpus_per_worker={cfg.run.cpus_per_worker:g}, run.use_gpu={cfg.run.use_gpu}: "
-            f"the run needs {'; '.join(problems)}")
+    return (
+        f"run.num_workers={n}, run.cpus_per_worker={cfg.run.cpus_per_worker:g}, run.use_gpu={cfg.run.use_gpu}: "
+        f"the run needs {'; '.join(problems)}"
+    )
 
 
 def has_autoscaler() -> bool:
@@ -310,8 +345,9 @@ def check_cluster_resources(cfg: Config) -> None:
     if has_autoscaler():
         log.warning("%s; waiting for the autoscaler to add nodes", shortfall)
         return
-    raise ConfigError(f"{shortfall} (and no autoscaler can add nodes); lower run.num_workers or "
-                      "run.cpus_per_worker, or add nodes")
+    raise ConfigError(
+        f"{shortfall} (and no autoscaler can add nodes); lower run.num_workers or run.cpus_per_worker, or add nodes"
+    )
 
 
 def launch(cfg: Config) -> dict:

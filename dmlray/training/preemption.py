@@ -33,8 +33,7 @@ class Preempted(RuntimeError):
     """Training stopped early on a preemption notice, after the checkpoint of ``step``."""
 
     def __init__(self, step: int):
-        super().__init__(f"preempted (SIGTERM): stopped after the checkpoint of step {step}; "
-                         "a restart resumes from it")
+        super().__init__(f"preempted (SIGTERM): stopped after the checkpoint of step {step}; a restart resumes from it")
         self.step = step
 
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -28,8 +28,9 @@ def top_k(query: dict, gallery: dict | None, rows: list[int], k: int) -> torch.T
     return sims.topk(min(k, sims.shape[1]), dim=1).indices
 
 
-def load_images(urls: Sequence[str], keys: set[str], channels: int,
-                read_shard: Callable[[str], Iterator] = iter_shard) -> dict:
+def load_images(
+    urls: Sequence[str], keys: set[str], channels: int, read_shard: Callable[[str], Iterator] = iter_shard
+) -> dict:
     """Decoded images of the given sample keys (stops reading once all are found)."""
     found: dict = {}
     for url in urls:
@@ -41,14 +42,26 @@ def load_images(urls: Sequence[str], keys: set[str], channels: int,
     return found
 
 
-def write_pictures(folder, query: dict, gallery: dict | None, query_urls: Sequence[str], gallery_urls: Sequence[str] | None,
-                   channels: int, curves: dict[str, dict], k: int = 5, queries: int = 8) -> list[str]:
+def write_pictures(
+    folder,
+    query: dict,
+    gallery: dict | None,
+    query_urls: Sequence[str],
+    gallery_urls: Sequence[str] | None,
+    channels: int,
+    curves: dict[str, dict],
+    k: int = 5,
+    queries: int = 8,
+) -> list[str]:
     """retrieval_grid.png and recall_at_k.png in the run folder; returns their URLs."""
-    from dmlray.plots import recall_curves, retrieval_grid
+    from dmlray.evaluation.plots import recall_curves, retrieval_grid
 
     written = []
-    curve_data = {name: {int(key.split("@")[1]): v for key, v in m.items() if key.startswith("recall@")}
-                  for name, m in curves.items() if m}
+    curve_data = {
+        name: {int(key.split("@")[1]): v for key, v in m.items() if key.startswith("recall@")}
+        for name, m in curves.items()
+        if m
+    }
     written.append(folder.write_png("recall_at_k.png", lambda p: recall_curves(p, curve_data)))
     rows = pick_queries(len(query["keys"]), queries)
     if rows:
@@ -64,11 +77,18 @@ def write_pictures(folder, query: dict, gallery: dict | None, query_urls: Sequen
             g_images = load_images(gallery_urls or [], wanted_g, channels)
         order = sorted({int(i) for i in idx.flatten()})
         position = {gi: n for n, gi in enumerate(order)}
-        written.append(folder.write_png("retrieval_grid.png", lambda p: retrieval_grid(
-            p,
-            [q_images[query["keys"][r]] for r in rows], [int(query["labels"][r]) for r in rows],
-            [g_images[g["keys"][gi]] for gi in order], [int(g["labels"][gi]) for gi in order],
-            torch.tensor([[position[int(i)] for i in row] for row in idx]),
-            title="queries (left) and their nearest neighbours: green right class, red wrong",
-        )))
+        written.append(
+            folder.write_png(
+                "retrieval_grid.png",
+                lambda p: retrieval_grid(
+                    p,
+                    [q_images[query["keys"][r]] for r in rows],
+                    [int(query["labels"][r]) for r in rows],
+                    [g_images[g["keys"][gi]] for gi in order],
+                    [int(g["labels"][gi]) for gi in order],
+                    torch.tensor([[position[int(i)] for i in row] for row in idx]),
+                    title="queries (left) and their nearest neighbours: green right class, red wrong",
+                ),
+            )
+        )
     return written

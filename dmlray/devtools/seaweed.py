@@ -16,12 +16,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
+from dmlray.devtools.ports import HOST, free_ports
 from dmlray.owner_only import write_owner_only
-from dmlray.ports import HOST, free_ports
 
 
 def find_weed() -> str:
@@ -37,32 +37,55 @@ def find_weed() -> str:
 
 def write_identities(path: Path, access_key: str, secret_key: str) -> None:
     """The S3 gateway's credentials file (one identity with every action), owner-only from the start."""
-    write_owner_only(path, json.dumps({"identities": [{
-        "name": "dmlray",
-        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-    }]}))
+    write_owner_only(
+        path,
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "dmlray",
+                        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        ),
+    )
 
 
-def server_command(data: Path, identities: Path, *, master: int, volume: int, filer: int, s3: int,
-                   metrics: int = 0) -> list[str]:
+def server_command(
+    data: Path, identities: Path, *, master: int, volume: int, filer: int, s3: int, metrics: int = 0
+) -> list[str]:
     """``weed server`` with master, volume, filer and an S3 gateway enforcing ``identities``,
     all on loopback; each gRPC port is its port + 10000 (keep those free too)."""
     cmd = [
-        find_weed(), "server", f"-dir={data}", f"-ip={HOST}", f"-ip.bind={HOST}",
-        f"-master.port={master}", f"-master.port.grpc={master + 10000}", "-master.telemetry=false",
-        f"-volume.port={volume}", f"-volume.port.grpc={volume + 10000}", "-volume.max=0",
+        find_weed(),
+        "server",
+        f"-dir={data}",
+        f"-ip={HOST}",
+        f"-ip.bind={HOST}",
+        f"-master.port={master}",
+        f"-master.port.grpc={master + 10000}",
+        "-master.telemetry=false",
+        f"-volume.port={volume}",
+        f"-volume.port.grpc={volume + 10000}",
+        "-volume.max=0",
         "-volume.preStopSeconds=0",  # stop promptly: nothing here needs draining
-        "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer + 10000}",
-        "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3 + 10000}", f"-s3.config={identities}",
+        "-filer",
+        f"-filer.port={filer}",
+        f"-filer.port.grpc={filer + 10000}",
+        "-s3",
+        f"-s3.port={s3}",
+        f"-s3.port.grpc={s3 + 10000}",
+        f"-s3.config={identities}",
         # Iceberg and Lance endpoints listen on fixed ports: two servers would clash
-        "-s3.port.iceberg=0", "-s3.port.lance=0",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
     ]
     return cmd + ([f"-metricsPort={metrics}"] if metrics else [])
 
 
-def wait_writable(client, buckets: list[str], endpoint: str, timeout: float,
-                  exited: Callable[[], str | None]) -> None:
+def wait_writable(client, buckets: list[str], endpoint: str, timeout: float, exited: Callable[[], str | None]) -> None:
     """Wait until the buckets exist (created if missing) and an object can be written:
     that proves the volume server is up, not only the gateway. ``exited()`` returns why
     the server is gone (then this raises at once) or None while it runs."""
@@ -116,7 +139,7 @@ class SeaweedS3:
             "AWS_REGION": self.region,
         }
 
-    def start(self) -> "SeaweedS3":
+    def start(self) -> SeaweedS3:
         self.folder = Path(self.folder)
         data = self.folder / "data"
         data.mkdir(parents=True, exist_ok=True)
@@ -129,16 +152,24 @@ class SeaweedS3:
         self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         try:
-            wait_writable(self.client(), self.buckets, self.endpoint, self.startup_timeout,
-                          exited=lambda: None if self.process.poll() is None else
-                          f"weed exited with {self.process.returncode}; see {self.folder / 'weed.log'}")
+            wait_writable(
+                self.client(),
+                self.buckets,
+                self.endpoint,
+                self.startup_timeout,
+                exited=lambda: (
+                    None
+                    if self.process.poll() is None
+                    else f"weed exited with {self.process.returncode}; see {self.folder / 'weed.log'}"
+                ),
+            )
         except BaseException:
             self.stop()
             raise
         return self
 
     @contextlib.contextmanager
-    def activated(self) -> Iterator["SeaweedS3"]:
+    def activated(self) -> Iterator[SeaweedS3]:
         """Point this process's S3 access (os.environ, dmlray's clients) at the server, then restore."""
         from dmlray.data import storage
 
@@ -160,8 +191,11 @@ class SeaweedS3:
         from botocore.config import Config as BotoConfig
 
         return boto3.client(
-            "s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key, region_name=self.region,
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name=self.region,
             config=BotoConfig(s3={"addressing_style": "path"}, retries={"max_attempts": 2}),
         )
 
@@ -179,7 +213,7 @@ class SeaweedS3:
         except ProcessLookupError:
             pass
 
-    def __enter__(self) -> "SeaweedS3":
+    def __enter__(self) -> SeaweedS3:
         return self.start()
 
     def __exit__(self, *exc) -> None:

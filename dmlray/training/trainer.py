@@ -12,17 +12,17 @@ from __future__ import annotations
 import contextlib
 import random
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from dmlray import preemption
-from dmlray.distributed import all_gather_no_grad, all_gather_with_grad, world
-from dmlray.memory import CrossBatchMemory
+from dmlray.training import preemption
+from dmlray.training.distributed import all_gather_no_grad, all_gather_with_grad, world
+from dmlray.training.memory import CrossBatchMemory
 
 
 @dataclass
@@ -118,10 +118,18 @@ def rng_state() -> dict:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64),
-                   "gauss": None if gauss is None else float(gauss)},
-        "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {
+            "version": int(version),
+            "state": torch.tensor(internal, dtype=torch.int64),
+            "gauss": None if gauss is None else float(gauss),
+        },
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
     }
 
 
@@ -129,8 +137,9 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     py, npy = state["python"], state["numpy"]
     random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
-    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["cached_gaussian"]))
+    np.random.set_state(
+        (npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    )
 
 
 class Trainer:
@@ -229,11 +238,15 @@ class Trainer:
             sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with sync:
                 with self._autocast():
-                    result = training_loss(self.model, self.loss_fn, images, labels,
-                                           self.memory if use_memory else None, weight)
+                    result = training_loss(
+                        self.model, self.loss_fn, images, labels, self.memory if use_memory else None, weight
+                    )
                 (result.loss / len(micro_batches)).backward()
-            parts = (result.loss.detach(), result.batch_loss.detach(),
-                     None if result.memory_loss is None else result.memory_loss.detach())
+            parts = (
+                result.loss.detach(),
+                result.batch_loss.detach(),
+                None if result.memory_loss is None else result.memory_loss.detach(),
+            )
             totals = parts if totals is None else tuple(None if a is None else a + b for a, b in zip(totals, parts))
         average_gradients(self.loss_params)
         self.optimizer.step()

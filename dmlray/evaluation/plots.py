@@ -7,8 +7,9 @@ are left alone (safe in Ray workers and on headless machines).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -85,7 +86,7 @@ def retrieval_grid(
     green border where the retrieved item has the query's label and red where not.
 
     ``topk_indices[i]`` are gallery positions for query i, best first (e.g. from
-    ``dmlray.evaluate.knn``; in leave-one-out pass the same set as query and gallery).
+    ``dmlray.evaluation.knn.knn``; in leave-one-out pass the same set as query and gallery).
     ``query_ids`` picks which queries to show (default: the first ``max_queries``).
     """
     idx = np.asarray(topk_indices.detach().cpu() if hasattr(topk_indices, "detach") else topk_indices)
@@ -183,8 +184,7 @@ def training_curves(
     if drawn:
         ax_m.legend(fontsize=8)
     else:
-        ax_m.text(0.5, 0.5, "no evaluation yet", ha="center", va="center",
-                  transform=ax_m.transAxes, color="grey")
+        ax_m.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=ax_m.transAxes, color="grey")
     ax_m.set_xlabel("step")
     ax_m.set_ylabel("%")
     ax_m.set_title("evaluation")

@@ -48,9 +48,11 @@ def load_state(data: bytes, source: str, device: torch.device | str = "cpu") -> 
         state = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:  # weights_only refused a global: the file wants to run code
         first = str(exc).strip().splitlines()[-1][:300]
-        raise CheckpointError(f"{source}: refused to load: it holds objects other than tensors and plain values, "
-                              f"which could run code ({first}); a checkpoint written before dmlray stored RNG "
-                              "states as tensors needs run.fresh=true") from None
+        raise CheckpointError(
+            f"{source}: refused to load: it holds objects other than tensors and plain values, "
+            f"which could run code ({first}); a checkpoint written before dmlray stored RNG "
+            "states as tensors needs run.fresh=true"
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
         raise CheckpointError(f"{source}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict) or "model" not in state or "step" not in state:

@@ -66,14 +66,22 @@ def prometheus_config(jobs: dict[str, list[str]], scrape_interval: str = "5s", r
     return {
         "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
         "scrape_configs": [
-            {"job_name": job, "file_sd_configs": [{"files": [str(f) for f in files], "refresh_interval": refresh_interval}]}
+            {
+                "job_name": job,
+                "file_sd_configs": [{"files": [str(f) for f in files], "refresh_interval": refresh_interval}],
+            }
             for job, files in jobs.items()
         ],
     }
 
 
-def write_prometheus_config(path: str | Path, ray_sd: str | None = None, driver_sd: str | Path | None = None,
-                            scrape_interval: str = "5s", refresh_interval: str = "5s") -> Path:
+def write_prometheus_config(
+    path: str | Path,
+    ray_sd: str | None = None,
+    driver_sd: str | Path | None = None,
+    scrape_interval: str = "5s",
+    refresh_interval: str = "5s",
+) -> Path:
     """Write a prometheus.yml scraping Ray's nodes (``ray_sd``) and the sweep driver (``driver_sd``).
 
     ``ray_sd`` defaults to the connected cluster's discovery file (pass "" to leave Ray
@@ -89,6 +97,8 @@ def write_prometheus_config(path: str | Path, ray_sd: str | None = None, driver_
         raise ValueError("nothing to scrape: give ray_sd or driver_sd")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("# written by dmlray: Ray's nodes and the sweep driver, found through file_sd\n"
-                    + yaml.safe_dump(prometheus_config(jobs, scrape_interval, refresh_interval), sort_keys=False))
+    path.write_text(
+        "# written by dmlray: Ray's nodes and the sweep driver, found through file_sd\n"
+        + yaml.safe_dump(prometheus_config(jobs, scrape_interval, refresh_interval), sort_keys=False)
+    )
     return path

@@ -1,0 +1,1 @@
+"""Hyper-parameter sweeps with Ray Tune: search spaces, the sweep runner, its pictures."""
