@@ -28,7 +28,7 @@ def test_every_sample_arrives_and_shards_are_class_grouped(glyphs_s3, s3_env):
     assert len(train) == len(test) == 20 and not train & test  # zero-shot split
     for split in ("train", "test"):
         keys, per_class_shards = [], {}
-        for info, url in zip(manifest.split(split)["shards"], manifest.shard_urls(split)):
+        for info, url in zip(manifest.split(split)["shards"], manifest.shard_urls(split), strict=True):
             labels = []
             for key, label, data in iter_shard(url):
                 keys.append(key)
