@@ -51,7 +51,9 @@ class CBMLLoss(RowwiseLoss):
         self.margin = margin
         self.weight = weight
         self.hyper_weight = hyper_weight
-        self.cbml_type = type  # not self.type: that would hide nn.Module.type()
+        # the option keeps its CBML name and is read back as loss.type (configs, tests); it
+        # shadows nn.Module.type(), a dtype cast no loss uses (losses are cast with .to)
+        self.type = type  # type: ignore[method-assign, assignment]
         self.weight_p, self.weight_n = weight_p, weight_n
         self.adaptive_neg = adaptive_neg
         self.num_hard_negatives = num_hard_negatives
@@ -71,9 +73,9 @@ class CBMLLoss(RowwiseLoss):
         # log f = log(1 + Σ e^x): stable whatever 1/b_n
         log_fp = masked_logsumexp_plus_one(-(s - self.pos_a) / self.pos_b, hard_pos)
         log_fn = masked_logsumexp_plus_one((s - self.neg_a) / self.neg_b, hard_neg)
-        if self.cbml_type == "log":
+        if self.type == "log":
             terms = log_fp + log_fn
-        elif self.cbml_type == "sqrt":
+        elif self.type == "sqrt":
             terms = torch.exp(0.5 * log_fp) + torch.exp(0.5 * log_fn)
         else:
             # 1 + w·Σ e^x = 1 + w·(f − 1), with f − 1 = expm1(log f) exact for small sums
