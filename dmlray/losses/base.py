@@ -10,6 +10,7 @@ excluded by identity, never by a similarity threshold.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -181,6 +182,9 @@ class PairLoss(nn.Module):
     """False when pairing against references (memory, gathered batch) is meaningless."""
     pair_mean: ClassVar[bool] = False
     """True when the loss is a mean over pairs, not anchors; it then implements ``sum_and_count``."""
+    sum_and_count: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    """Of ``pair_mean`` losses only: (sum of the terms, number of terms) under the pair
+    contract, so a distributed step can divide by the count summed over ranks."""
     trainable_alone: ClassVar[bool] = True
     """False for auxiliary terms that need inputs the trainer does not produce (MIC's
     adversarial loss needs a second embedding branch): the config refuses them."""
@@ -207,17 +211,6 @@ class PairLoss(nn.Module):
         self_index: torch.Tensor | None = None,
     ) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
-
-    def sum_and_count(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        ref_embeddings: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-        self_index: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
-        """(sum of the terms, number of terms) of a ``pair_mean`` loss, under the pair contract."""
-        raise NotImplementedError(f"{type(self).__name__} is not a pair_mean loss")
 
     def reject_references(self, embeddings: torch.Tensor, ref_embeddings: torch.Tensor | None) -> None:
         """For ``supports_references = False`` losses: refuse references other than the anchors.
