@@ -20,6 +20,8 @@ def register(name: str) -> Callable[[T], T]:
     """Class decorator: make the loss buildable as ``build(name, **kwargs)``."""
 
     def add(cls: T) -> T:
+        if not (isinstance(cls, type) and issubclass(cls, PairLoss)):
+            raise TypeError(f"loss {name!r}: {cls!r} is not a PairLoss subclass (the capabilities the trainer reads)")
         if name in _LOSSES:
             raise ValueError(f"loss name {name!r} is already registered by {_LOSSES[name].__qualname__}")
         _LOSSES[name] = cls
