@@ -1,19 +1,23 @@
 """Typed run configuration: dataclasses, YAML files or presets, and ``a.b=value`` overrides.
 
 Unknown keys and values of the wrong type are errors that name the key, raised before any
-worker starts. The resolved config is written into every run folder (``config.yaml``).
+worker starts. A field with a fixed set of values is typed ``Literal[...]``: the type is the
+one list of what it accepts (``allowed_values``). The resolved config is written into every
+run folder (``config.yaml``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -46,7 +50,7 @@ class DataConfig:
     """Shards read in interleaved fashion at once, so one batch mixes several shards."""
     image_size: int = 32
     """Side of the square network input."""
-    channels: int = 1
+    channels: Literal[1, 3] = 1
     """Image channels fed to the network (1 = grey, 3 = RGB)."""
     augment: bool = True
     """Random shift/scale augmentation during training."""
@@ -72,7 +76,7 @@ class ModelConfig:
     """Size of the L2-normalised embedding."""
     hidden_dim: int = 0
     """Hidden width of an MLP head; 0 = linear head."""
-    batchnorm: str = "train"
+    batchnorm: Literal["train", "frozen", "sync"] = "train"
     """BatchNorm layers: train (per-rank statistics), frozen (eval mode, no grad; the seed recipes) or sync."""
 
 
@@ -104,8 +108,8 @@ class MemoryConfig:
 class OptimConfig:
     """Optimiser and step learning-rate schedule."""
 
-    name: str = "adam"
-    """adam, adamw or sgd."""
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    """Optimiser: Adam, AdamW or SGD with momentum 0.9."""
     lr: float = 1e-3
     """Learning rate of the network."""
     weight_decay: float = 0.0
@@ -134,10 +138,10 @@ class TrainConfig:
     """Record metrics every this many steps."""
     seed: int = 0
     """Run seed; data and init seeds derive from (seed, rank, worker)."""
-    dtype: str = "float32"
-    """Parameter dtype: float32 or float64 (float64 for exactness tests)."""
-    amp: str = "none"
-    """Autocast: none or bf16 (losses still compute similarities in float32)."""
+    dtype: Literal["float32", "float64"] = "float32"
+    """Parameter dtype (float64 for exactness tests)."""
+    amp: Literal["none", "bf16"] = "none"
+    """Autocast: none, or bf16 (losses still compute similarities in float32)."""
     channels_last: bool = False
     """Channels-last memory format for images and model (faster convolutions on GPU)."""
     accumulate: int = 1
@@ -202,11 +206,34 @@ class Config:
 # ---------------------------------------------------------------------------- building
 
 
+def allowed_values(tp: Any) -> tuple[Any, ...]:
+    """The values a ``Literal[...]`` field type accepts, in declaration order."""
+    if typing.get_origin(tp) is not Literal:
+        raise TypeError(f"{tp!r} is not a Literal type")
+    return typing.get_args(tp)
+
+
+def _one_of(values: Sequence[Any]) -> str:
+    """'a, b or c'."""
+    words = [str(v) for v in values]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def _coerce_literal(value: Any, tp: Any, key: str) -> Any:
+    allowed = allowed_values(tp)
+    # by type as well as value: True == 1, yet a bool is never a valid choice of an int field
+    if any(type(value) is type(a) and value == a for a in allowed):
+        return value
+    raise ConfigError(f"{key} must be {_one_of(allowed)}, got {value!r}")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check (and minimally convert) a YAML value against a dataclass field type."""
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if origin is Literal:
+        return _coerce_literal(value, tp, key)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -261,7 +288,7 @@ def _from_dict(cls: type, data: dict, prefix: str) -> Any:
     for name, value in data.items():
         tp = hints[name]
         where = f"{prefix}.{name}" if prefix else name
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             kwargs[name] = _from_dict(tp, value, where)
         else:
             kwargs[name] = _coerce(value, tp, where)
@@ -322,7 +349,7 @@ def preset_path(name: str) -> Path:
     return path
 
 
-def load_config(source: str, overrides: list[str] = ()) -> Config:
+def load_config(source: str, overrides: Sequence[str] = ()) -> Config:
     """A preset name or a YAML path, plus overrides → a validated Config."""
     path = Path(source)
     if not (path.suffix in (".yaml", ".yml") or path.exists()):
@@ -345,19 +372,15 @@ def validate(cfg: Config) -> None:
         if not cond:
             raise ConfigError(msg)
 
+    _check_choices(cfg)
     need(cfg.data.classes_per_batch >= 2, "data.classes_per_batch must be >= 2 (negatives need two classes)")
     need(cfg.data.samples_per_class >= 2, "data.samples_per_class must be >= 2 (positives need two instances)")
     need(cfg.data.class_buffer >= cfg.data.classes_per_batch, "data.class_buffer must be >= data.classes_per_batch")
     need(cfg.data.open_shards >= 1, "data.open_shards must be >= 1")
     need(cfg.data.image_size >= 8, "data.image_size must be >= 8")
-    need(cfg.data.channels in (1, 3), "data.channels must be 1 or 3")
     need(cfg.data.loader_workers >= 0, "data.loader_workers must be >= 0")
     need(cfg.model.embedding_dim >= 1, "model.embedding_dim must be >= 1")
     need(cfg.model.hidden_dim >= 0, f"model.hidden_dim must be >= 0 (0 = linear head), got {cfg.model.hidden_dim}")
-    need(
-        cfg.model.batchnorm in ("train", "frozen", "sync"),
-        f"model.batchnorm must be train, frozen or sync, got {cfg.model.batchnorm!r}",
-    )
     need(
         cfg.model.batchnorm != "sync" or cfg.run.use_gpu,
         "model.batchnorm=sync needs run.use_gpu=true (torch's SyncBatchNorm runs on GPUs only)",
@@ -365,7 +388,6 @@ def validate(cfg: Config) -> None:
     need(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
     need(cfg.memory.ramp_steps >= 0, "memory.ramp_steps must be >= 0")
     need(cfg.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0")
-    need(cfg.train.amp in ("none", "bf16"), f"train.amp must be none or bf16, got {cfg.train.amp!r}")
     need(cfg.train.accumulate >= 1, "train.accumulate must be >= 1")
     need(not (cfg.train.amp == "bf16" and cfg.train.dtype == "float64"), "train.amp=bf16 needs train.dtype=float32")
     if cfg.model.backbone not in models.backbone_names():
@@ -385,12 +407,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"memory.size: loss {cfg.loss.name!r} cannot pair against a cross-batch memory; set memory.size=0"
         )
-    need(cfg.optim.name in ("adam", "adamw", "sgd"), f"optim.name must be adam, adamw or sgd, got {cfg.optim.name!r}")
     need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
     need(cfg.train.steps >= 1, "train.steps must be >= 1")
     need(cfg.train.eval_every >= 1, "train.eval_every must be >= 1")
     need(cfg.train.log_every >= 1, "train.log_every must be >= 1")
-    need(cfg.train.dtype in ("float32", "float64"), "train.dtype must be float32 or float64")
     need(len(cfg.eval.ks) > 0 and all(k >= 1 for k in cfg.eval.ks), "eval.ks must be positive integers")
     need(cfg.run.num_workers >= 0, "run.num_workers must be >= 0")
     need(cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
@@ -408,7 +428,7 @@ def validate(cfg: Config) -> None:
     need(_finite(cfg.optim.gamma) and cfg.optim.gamma > 0, f"optim.gamma must be finite and > 0, got {cfg.optim.gamma}")
     milestones = cfg.optim.milestones
     need(
-        all(m >= 1 for m in milestones) and all(a < b for a, b in zip(milestones, milestones[1:])),
+        all(m >= 1 for m in milestones) and all(a < b for a, b in itertools.pairwise(milestones)),
         f"optim.milestones must be positive and strictly increasing, got {milestones}",
     )
     need(
@@ -418,6 +438,15 @@ def validate(cfg: Config) -> None:
     need(cfg.run.threads_per_worker >= 1, f"run.threads_per_worker must be >= 1, got {cfg.run.threads_per_worker}")
     need(0 <= cfg.run.metrics_port <= 65535, f"run.metrics_port must be a port in 0-65535, got {cfg.run.metrics_port}")
     check_name("run.name", cfg.run.name)
+
+
+def _check_choices(cfg: Config) -> None:
+    """Every ``Literal`` field holds one of its values, also in a Config built in code."""
+    for section in dataclasses.fields(cfg):
+        part = getattr(cfg, section.name)
+        for name, tp in typing.get_type_hints(type(part)).items():
+            if typing.get_origin(tp) is Literal:
+                _coerce_literal(getattr(part, name), tp, f"{section.name}.{name}")
 
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")

@@ -1,6 +1,17 @@
+import typing
+
 import pytest
 
-from dmlray.config import ConfigError, config_from_dict, config_to_dict, load_config, preset_names
+from dmlray.config import (
+    Config,
+    ConfigError,
+    allowed_values,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    preset_names,
+    validate,
+)
 
 
 def test_demo_preset_resolves_with_overrides():
@@ -45,3 +56,34 @@ def test_unknown_preset_lists_the_known_ones():
 def test_override_needs_key_and_value():
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config("demo", ["train.steps"])
+
+
+# the allowed values, written out by hand: the config reads them from its Literal types
+CHOICES = {
+    "data.channels": (1, 3),
+    "model.batchnorm": ("train", "frozen", "sync"),
+    "optim.name": ("adam", "adamw", "sgd"),
+    "train.dtype": ("float32", "float64"),
+    "train.amp": ("none", "bf16"),
+}
+
+
+@pytest.mark.parametrize("key", sorted(CHOICES))
+def test_a_choice_field_takes_exactly_its_literal_values_and_names_them_when_refused(key):
+    section, name = key.split(".")
+    assert allowed_values(typing.get_type_hints(type(getattr(Config(), section)))[name]) == CHOICES[key]
+    with pytest.raises(ConfigError) as info:
+        load_config("demo", [f"{key}=no_such_choice"])
+    message = str(info.value)
+    assert key in message and "'no_such_choice'" in message, message
+    assert all(str(v) in message for v in CHOICES[key]), message
+
+
+def test_a_choice_is_matched_by_type_too_and_checked_in_a_config_built_in_code():
+    with pytest.raises(ConfigError, match="data.channels"):
+        load_config("demo", ["data.channels=true"])  # True == 1, but not a channel count
+    assert load_config("demo", ["data.channels=3", "train.amp=bf16", "optim.name=sgd"]).data.channels == 3
+    cfg = load_config("demo")
+    cfg.train.amp = "fp16"  # type: ignore[assignment]  # what the check is for
+    with pytest.raises(ConfigError, match="train.amp must be none or bf16, got 'fp16'"):
+        validate(cfg)

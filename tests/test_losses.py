@@ -801,3 +801,11 @@ def test_float32_rowwise_matches_float64():
         )
         assert v32.dtype == torch.float32
         assert math.isclose(float(v32), float(v64), rel_tol=1e-4, abs_tol=1e-5), name
+
+
+def test_the_registry_holds_pair_losses_only():
+    assert all(issubclass(losses.loss_class(n), losses.PairLoss) for n in losses.names())
+    before = losses.names()
+    with pytest.raises(TypeError, match="'not_a_pair_loss'.*PairLoss"):
+        losses.register("not_a_pair_loss")(torch.nn.MSELoss)
+    assert losses.names() == before

@@ -75,7 +75,7 @@ class AdversarialLoss(PairLoss):
         if aux_embeddings.shape[0] != embeddings.shape[0]:
             raise ValueError("embeddings and aux_embeddings must have the same batch size")
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            dtype = self.regressor[0].weight.dtype
+            dtype = next(self.regressor.parameters()).dtype  # the first layer's weight
             x = F.normalize(reverse_gradient(embeddings.to(dtype)), dim=-1)
             g = F.normalize(reverse_gradient(aux_embeddings.to(dtype)), dim=-1)
             predicted = F.normalize(self.regressor(g), dim=-1)

@@ -51,7 +51,9 @@ class CBMLLoss(RowwiseLoss):
         self.margin = margin
         self.weight = weight
         self.hyper_weight = hyper_weight
-        self.type = type
+        # the option keeps its CBML name and is read back as loss.type (configs, tests); it
+        # shadows nn.Module.type(), a dtype cast no loss uses (losses are cast with .to)
+        self.type = type  # type: ignore[method-assign, assignment]
         self.weight_p, self.weight_n = weight_p, weight_n
         self.adaptive_neg = adaptive_neg
         self.num_hard_negatives = num_hard_negatives

@@ -102,7 +102,7 @@ _FAR = 16.0
 
 def _keep_if_positive(gap: torch.Tensor) -> torch.Tensor:
     """0 where gap > 0, −inf elsewhere, in place (threshold and clamp vectorise on CPU)."""
-    return torch.nn.functional.threshold_(gap, 0.0, float("-inf")).clamp_(max=0.0)
+    return torch.threshold_(gap, 0.0, float("-inf")).clamp_(max=0.0)
 
 
 def _not_same(block: Block, dtype: torch.dtype) -> torch.Tensor:

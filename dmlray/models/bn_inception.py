@@ -88,7 +88,8 @@ class BNInception(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:  # every conv here has one
+                    nn.init.zeros_(m.bias)
 
     def _run(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return F.relu(getattr(self, name + "_bn")(getattr(self, name)(x)), inplace=True)

@@ -22,8 +22,8 @@ from __future__ import annotations
 from torch import nn
 
 
-class _FrozenMixin:
-    """Overrides ``train`` so the layer never leaves eval mode."""
+class _FrozenMixin(nn.Module):
+    """Overrides ``train`` so the layer never leaves eval mode (put before the BatchNorm class)."""
 
     def train(self, mode: bool = True):  # noqa: ARG002 - the mode is ignored on purpose
         # Running statistics are used and never updated, whatever the caller asks.
@@ -42,7 +42,11 @@ class FrozenBatchNorm3d(_FrozenMixin, nn.BatchNorm3d):
     """``nn.BatchNorm3d`` that stays in eval mode (see module docstring)."""
 
 
-_FROZEN = {nn.BatchNorm1d: FrozenBatchNorm1d, nn.BatchNorm2d: FrozenBatchNorm2d, nn.BatchNorm3d: FrozenBatchNorm3d}
+_FROZEN: dict[type[nn.Module], type[nn.Module]] = {
+    nn.BatchNorm1d: FrozenBatchNorm1d,
+    nn.BatchNorm2d: FrozenBatchNorm2d,
+    nn.BatchNorm3d: FrozenBatchNorm3d,
+}
 
 
 def freeze_batchnorm(module: nn.Module) -> nn.Module:

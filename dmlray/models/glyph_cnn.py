@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from torch import nn
 
 from dmlray.models.registry import register_backbone
@@ -24,7 +26,7 @@ class GlyphCNN(nn.Module):
         super().__init__()
         chans = [in_channels, width, width * 2, width * 4, width * 4]
         layers: list[nn.Module] = []
-        for i, (cin, cout) in enumerate(zip(chans[:-1], chans[1:])):
+        for i, (cin, cout) in enumerate(itertools.pairwise(chans)):
             layers += [
                 nn.Conv2d(cin, cout, 3, padding=1, bias=norm == "none"),
                 _norm(norm, cout),

@@ -12,6 +12,7 @@ class EmbeddingHead(nn.Module):
 
     def __init__(self, in_dim: int, embedding_dim: int, hidden_dim: int = 0):
         super().__init__()
+        self.proj: nn.Module
         if hidden_dim > 0:
             self.proj = nn.Sequential(
                 nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, embedding_dim)
@@ -29,7 +30,10 @@ class EmbeddingModel(nn.Module):
     def __init__(self, backbone: nn.Module, embedding_dim: int, hidden_dim: int = 0):
         super().__init__()
         self.backbone = backbone
-        self.head = EmbeddingHead(backbone.out_dim, embedding_dim, hidden_dim)
+        out_dim = backbone.out_dim
+        if not isinstance(out_dim, int):
+            raise TypeError(f"backbone {type(backbone).__name__} must have an integer out_dim, got {out_dim!r}")
+        self.head = EmbeddingHead(out_dim, embedding_dim, hidden_dim)
         self.embedding_dim = embedding_dim
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ class InputConvention:
         if (rgb_mean is None) != (rgb_std is None):
             raise ValueError("give both rgb_mean and rgb_std, or neither")
         x = images
-        if rgb_mean is not None:
+        if rgb_mean is not None and rgb_std is not None:
             x = x * _channels(rgb_std, x) + _channels(rgb_mean, x)
         if self.order == "BGR":
             x = x.flip(1)

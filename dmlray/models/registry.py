@@ -32,6 +32,15 @@ def build_backbone(name: str, **kwargs) -> nn.Module:
     return model
 
 
+def describe_backbone(model: nn.Module, out_dim: int, input_convention: str) -> None:
+    """Give a third-party network the attributes every backbone carries.
+
+    Set in the instance's ``__dict__``, which is what ``nn.Module.__setattr__`` does with a
+    value that is neither a tensor nor a module (its signature admits only those two).
+    """
+    vars(model).update(out_dim=out_dim, input_convention=input_convention)
+
+
 def backbone_names() -> list[str]:
     """Registered backbone names, sorted."""
     return sorted(_BACKBONES)

@@ -16,15 +16,14 @@ from torch import nn
 from dmlray.models.frozen_bn import freeze_batchnorm
 from dmlray.models.pooling import GlobalPool
 from dmlray.models.pretrained import load_pretrained
-from dmlray.models.registry import register_backbone
+from dmlray.models.registry import describe_backbone, register_backbone
 
 
 def _finish(
     model: nn.Module, out_dim: int, pretrained: str | None, ignore: tuple[str, ...], frozen_bn: bool
 ) -> nn.Module:
     """Load weights, then freeze BN (after loading, so the frozen statistics are the pretrained ones)."""
-    model.out_dim = out_dim
-    model.input_convention = "rgb_imagenet"
+    describe_backbone(model, out_dim, "rgb_imagenet")
     if pretrained:
         load_pretrained(model, pretrained, ignore_prefixes=ignore)
     if frozen_bn:

@@ -17,7 +17,7 @@ from torch import nn
 
 from dmlray.models.inputs import input_convention as _check_convention
 from dmlray.models.pretrained import load_pretrained
-from dmlray.models.registry import register_backbone
+from dmlray.models.registry import describe_backbone, register_backbone
 
 # our pooling name → timm's global_pool; "token" is the class token, as in the DML ViT papers
 _POOLINGS = {"token": "token", "avg": "avg", "max": "max", "avgmax": "avgmax"}
@@ -39,7 +39,7 @@ def _vit(
         raise ValueError(f"{arch} pooling must be one of {', '.join(_POOLINGS)}, got {pooling!r}")
     _check_convention(input_convention)
     import timm
-    from timm.models.vision_transformer import checkpoint_filter_fn
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
     model = timm.create_model(
         arch,
@@ -50,8 +50,9 @@ def _vit(
         img_size=img_size,
         drop_path_rate=drop_path_rate,
     )
-    model.out_dim = int(model.num_features)
-    model.input_convention = input_convention
+    if not isinstance(model, VisionTransformer):  # every vit_* architecture is one
+        raise TypeError(f"timm built a {type(model).__name__} for {arch}, not a VisionTransformer")
+    describe_backbone(model, int(model.num_features), input_convention)
     if pretrained:
         load_pretrained(
             model, pretrained, ignore_prefixes=("head.",), convert=lambda state: checkpoint_filter_fn(state, model)
