@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -141,7 +141,11 @@ class TrainConfig:
     channels_last: bool = False
     """Channels-last memory format for images and model (faster convolutions on GPU)."""
     accumulate: int = 1
-    """Micro-batches per optimisation step (gradient accumulation); each is gathered and enters the memory."""
+    """Micro-batches per optimisation step (gradient accumulation)."""
+    accumulate_mode: Literal["exact", "independent"] = "exact"
+    """exact: the gradient of one batch ``accumulate`` times larger (gradient caching: pairs
+    form across micro-batches, the memory gets the whole batch; two forwards per micro-batch).
+    independent: each micro-batch's own loss, gradients averaged (one forward; cheaper)."""
 
 
 @dataclass(kw_only=True)
@@ -220,6 +224,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{key}: expected one of {', '.join(map(str, typing.get_args(tp)))}, got {value!r}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
