@@ -23,6 +23,7 @@ from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel
 
 from dmlray import losses
+from dmlray.config import ConfigError, config_from_dict
 from dmlray.training.memory import CrossBatchMemory
 from dmlray.training.trainer import Trainer
 
@@ -233,3 +234,22 @@ def test_independent_accumulation_is_not_the_large_batch(name):
     independent = torch.cat([p.grad.flatten() for p in model.parameters()])
     exact = reference(*case, 1)[0]["grad"]
     assert not torch.allclose(independent, exact, rtol=1e-3)
+
+
+def test_the_mode_is_checked_by_the_config_and_the_trainer():
+    assert config_from_dict({}).train.accumulate_mode == "exact"
+    assert config_from_dict({"train": {"accumulate_mode": "independent"}}).train.accumulate_mode == "independent"
+    with pytest.raises(ConfigError, match=r"train\.accumulate_mode: expected one of exact, independent, got 'sum'"):
+        config_from_dict({"train": {"accumulate_mode": "sum"}})
+    model = make_model()
+    with pytest.raises(ValueError, match="accumulate_mode must be exact or independent, got 'sum'"):
+        Trainer(
+            model=model,
+            loss_fn=make_loss("multi_similarity"),
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+            scheduler=None,
+            batches=lambda start: iter(()),
+            steps=1,
+            device=torch.device("cpu"),
+            accumulate_mode="sum",
+        )

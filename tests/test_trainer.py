@@ -74,6 +74,13 @@ def test_bf16_autocast_trains_with_finite_float32_losses():
     assert len(history) == 6
 
 
+def test_exact_accumulation_trains_under_bf16_autocast_and_channels_last():
+    trainer = make_trainer(amp="bf16", channels_last=True, accumulate=2, memory=CrossBatchMemory(64, 8), steps=3)
+    history = trainer.train()
+    assert all(torch.isfinite(torch.tensor([h["loss"], h["memory_loss"]])).all() for h in history)
+    assert history[-1]["memory_fill"] == 64  # 3 steps of 2 × 16 rows, the ring full
+
+
 def test_checkpoint_cadence_reports_state_without_evaluating():
     reports = []
     trainer = make_trainer(

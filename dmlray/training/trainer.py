@@ -4,7 +4,9 @@ A step embeds the local P×K batch, gathers embeddings and labels from every ran
 rank order), and minimises ``L(local, global batch) + w · L(local, memory)``; the memory
 holds the detached global batches, so it is identical on every rank. Losses that are not
 sums of per-anchor terms (``rank_decomposable = False``) are computed over the whole
-global batch on every rank instead; both ways give the one-process gradient.
+global batch on every rank instead; both ways give the one-process gradient. With
+``accumulate = n`` micro-batches (exact mode), the same holds for the n·R·b rows of all
+micro-batches of all ranks (dmlray.training.accumulation).
 """
 
 from __future__ import annotations
