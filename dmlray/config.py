@@ -145,7 +145,11 @@ class TrainConfig:
     channels_last: bool = False
     """Channels-last memory format for images and model (faster convolutions on GPU)."""
     accumulate: int = 1
-    """Micro-batches per optimisation step (gradient accumulation); each is gathered and enters the memory."""
+    """Micro-batches per optimisation step (gradient accumulation)."""
+    accumulate_mode: Literal["exact", "independent"] = "exact"
+    """exact: the gradient of one batch ``accumulate`` times larger (gradient caching: pairs
+    form across micro-batches, the memory gets the whole batch; two forwards per micro-batch).
+    independent: each micro-batch's own loss, gradients averaged (one forward; cheaper)."""
 
 
 @dataclass(kw_only=True)

@@ -52,11 +52,11 @@ def test_accumulation_draws_micro_batches_and_fills_memory_with_each():
     assert history[-1]["memory_fill"] == 2 * 3 * 16
 
 
-def test_accumulating_one_batch_split_in_two_averages_the_micro_losses():
-    """Gradient of accumulate=2 equals the gradient of the mean of the two micro-batch losses."""
+def test_independent_accumulation_of_one_batch_split_in_two_averages_the_micro_losses():
+    """Gradient of accumulate=2 (independent) equals the gradient of the mean of the two micro-batch losses."""
     torch.manual_seed(0)
     images, labels = torch.randn(16, 1, 8, 8, dtype=torch.float64), torch.arange(4).repeat(4)
-    trainer = make_trainer(accumulate=2, dtype=torch.float64)
+    trainer = make_trainer(accumulate=2, accumulate_mode="independent", dtype=torch.float64)
     trainer.model.double()
     trainer.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.0)
     trainer.train_step([(images[:8], labels[:8]), (images[8:], labels[8:])])
@@ -72,6 +72,13 @@ def test_bf16_autocast_trains_with_finite_float32_losses():
     history = make_trainer(amp="bf16", channels_last=True, memory=CrossBatchMemory(64, 8)).train()
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     assert len(history) == 6
+
+
+def test_exact_accumulation_trains_under_bf16_autocast_and_channels_last():
+    trainer = make_trainer(amp="bf16", channels_last=True, accumulate=2, memory=CrossBatchMemory(64, 8), steps=3)
+    history = trainer.train()
+    assert all(torch.isfinite(torch.tensor([h["loss"], h["memory_loss"]])).all() for h in history)
+    assert history[-1]["memory_fill"] == 64  # 3 steps of 2 × 16 rows, the ring full
 
 
 def test_checkpoint_cadence_reports_state_without_evaluating():

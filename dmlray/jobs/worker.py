@@ -359,6 +359,7 @@ def run_worker(cfg: Config, ctx: WorkerContext) -> dict:
         checkpoint_every=cfg.train.checkpoint_every,
         report=ctx.report,
         accumulate=cfg.train.accumulate,
+        accumulate_mode=cfg.train.accumulate_mode,
         amp=cfg.train.amp,
         channels_last=cfg.train.channels_last,
         extra_metrics=lambda: {"skipped_samples": stats.skipped, "bad_shards": stats.bad_shards},

@@ -4,7 +4,9 @@ A step embeds the local P×K batch, gathers embeddings and labels from every ran
 rank order), and minimises ``L(local, global batch) + w · L(local, memory)``; the memory
 holds the detached global batches, so it is identical on every rank. Losses that are not
 sums of per-anchor terms (``rank_decomposable = False``) are computed over the whole
-global batch on every rank instead; both ways give the one-process gradient.
+global batch on every rank instead; both ways give the one-process gradient. With
+``accumulate = n`` micro-batches (exact mode), the same holds for the n·R·b rows of all
+micro-batches of all ranks (dmlray.training.accumulation).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -22,6 +25,7 @@ from torch import nn
 
 from dmlray.losses.base import PairLoss
 from dmlray.training import preemption
+from dmlray.training.accumulation import backward_through_model, embed_without_graph, gradient_sync
 from dmlray.training.distributed import all_gather_no_grad, all_gather_with_grad, world
 from dmlray.training.memory import CrossBatchMemory
 
@@ -43,7 +47,18 @@ def training_loss(
     memory: CrossBatchMemory | None = None,
     memory_weight: float = 1.0,
 ) -> StepResult:
-    """Forward pass and loss of one step (no backward), with the global gather and memory.
+    """Forward pass and loss of one step (no backward), with the global gather and memory."""
+    return embedding_loss(loss_fn, model(images), labels, memory, memory_weight)
+
+
+def embedding_loss(
+    loss_fn: PairLoss,
+    local: torch.Tensor,
+    labels: torch.Tensor,
+    memory: CrossBatchMemory | None = None,
+    memory_weight: float = 1.0,
+) -> StepResult:
+    """The loss of this rank's embeddings ``local``, with the global gather and memory.
 
     With memory given, the detached global batch is enqueued *before* the memory term is
     computed (as in XBM); each anchor's own freshly written slot is excluded by identity.
@@ -57,7 +72,6 @@ def training_loss(
     all-reduce-mean keeps.
     """
     rank, world_size = world()
-    local = model(images)
     b = local.shape[0]
     whole = world_size > 1 and not loss_fn.rank_decomposable
     references = loss_fn.supports_references
@@ -101,6 +115,10 @@ def _rank_loss(loss_fn: PairLoss, *args) -> torch.Tensor:
     return total * world_size / count.clamp(min=1)
 
 
+def _mean(values: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(values).sum() / len(values)
+
+
 def average_gradients(params: list[nn.Parameter]) -> None:
     """All-reduce-mean gradients of parameters outside DDP (loss proxies, centres)."""
     _, world_size = world()
@@ -116,7 +134,8 @@ def rng_state() -> dict:
     """The process's RNG states as tensors and plain values, so a checkpoint loads with
     ``torch.load(weights_only=True)`` (numpy's state holds an ndarray, which it refuses)."""
     version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    # the legacy tuple (name, keys, pos, has_gauss, cached), typed as a union with the dict form
+    name, keys, pos, has_gauss, cached = cast(tuple, np.random.get_state(legacy=True))
     return {
         "torch": torch.get_rng_state(),
         "python": {
@@ -172,6 +191,7 @@ class Trainer:
         log_every: int = 10,
         checkpoint_every: int = 0,
         accumulate: int = 1,
+        accumulate_mode: str = "exact",
         amp: str = "none",
         channels_last: bool = False,
         report: Callable[[dict, list[dict], dict | None], None] = lambda record, history, state: None,
@@ -196,6 +216,9 @@ class Trainer:
         self.log_every = log_every
         self.checkpoint_every = checkpoint_every
         self.accumulate = accumulate
+        if accumulate_mode not in ("exact", "independent"):
+            raise ValueError(f"accumulate_mode must be exact or independent, got {accumulate_mode!r}")
+        self.accumulate_mode = accumulate_mode
         self.amp = amp
         self.channels_last = channels_last
         self.report = report
@@ -222,39 +245,81 @@ class Trainer:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _to_device(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels, *_ = batch  # (images, labels[, keys])
+        images = images.to(self.device, dtype=self.dtype, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, labels.to(self.device, non_blocking=True)
+
     def train_step(self, micro_batches: list[tuple]) -> StepResult:
-        """One optimisation step over ``accumulate`` micro-batches (each gathered globally)."""
-        use_memory = self.memory is not None and self.step >= self.memory_start
-        weight = self.memory_weight_at(self.step)
+        """One optimisation step over ``accumulate`` micro-batches.
+
+        ``exact`` (the default) computes the loss of the whole accumulated global batch by
+        gradient caching (dmlray.training.accumulation): the gradient of one batch n times
+        larger. ``independent`` gathers and losses each micro-batch on its own and averages
+        their gradients: one forward instead of two, but pairs only form within a micro-batch.
+        """
         # flush the gradients as soon as we can, no need for this memory anymore
         self.optimizer.zero_grad(set_to_none=True)
-        totals = None
-        for i, (images, labels, *_) in enumerate(micro_batches):  # (images, labels[, keys])
-            images = images.to(self.device, dtype=self.dtype, non_blocking=True)
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            labels = labels.to(self.device, non_blocking=True)
-            last = i == len(micro_batches) - 1
-            # DDP all-reduces only on the last micro-batch's backward
-            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
-            with sync:
+        if self.accumulate_mode == "exact" and len(micro_batches) > 1:
+            result = self._exact_step([self._to_device(b) for b in micro_batches])
+        else:
+            result = self._independent_step(micro_batches)
+        average_gradients(self.loss_params)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return result
+
+    def _exact_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
+        """Gradient caching: the loss of all micro-batches' embeddings at once, then one
+        replayed forward and backward per micro-batch for the model's gradient.
+
+        The concatenated local embeddings go through the same ``embedding_loss`` as one
+        big batch would: one gather of all n·b local rows (rank-major order), the memory
+        enqueued once with the n·R·b global rows, pair means over the global count.
+        """
+        use_memory = self.memory is not None and self.step >= self.memory_start
+        images = [x for x, _ in micro_batches]
+        cache = embed_without_graph(self.model, images, self.device, self._autocast)
+        labels = torch.cat([y for _, y in micro_batches])
+        with self._autocast():
+            result = embedding_loss(
+                self.loss_fn,
+                cache.embeddings,
+                labels,
+                self.memory if use_memory else None,
+                self.memory_weight_at(self.step),
+            )
+        result.loss.backward()  # into the cached embeddings and, once, the loss parameters
+        backward_through_model(self.model, images, cache, self.device, self._autocast)
+        return StepResult(
+            result.loss.detach(),
+            result.batch_loss.detach(),
+            None if result.memory_loss is None else result.memory_loss.detach(),
+        )
+
+    def _independent_step(self, micro_batches: list[tuple]) -> StepResult:
+        """Each micro-batch gathered and lossed on its own; gradients averaged."""
+        use_memory = self.memory is not None and self.step >= self.memory_start
+        weight = self.memory_weight_at(self.step)
+        results = []
+        for i, batch in enumerate(micro_batches):
+            images, labels = self._to_device(batch)
+            with gradient_sync(self.model, last=i == len(micro_batches) - 1):
                 with self._autocast():
                     result = training_loss(
                         self.model, self.loss_fn, images, labels, self.memory if use_memory else None, weight
                     )
                 (result.loss / len(micro_batches)).backward()
-            parts = (
-                result.loss.detach(),
-                result.batch_loss.detach(),
-                None if result.memory_loss is None else result.memory_loss.detach(),
-            )
-            totals = parts if totals is None else tuple(None if a is None else a + b for a, b in zip(totals, parts))
-        average_gradients(self.loss_params)
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        n = len(micro_batches)
-        return StepResult(*(None if t is None else t / n for t in totals))
+            results.append(result)
+        memory_losses = [r.memory_loss.detach() for r in results if r.memory_loss is not None]
+        return StepResult(
+            _mean([r.loss.detach() for r in results]),
+            _mean([r.batch_loss.detach() for r in results]),
+            _mean(memory_losses) if memory_losses else None,
+        )
 
     def train(self) -> list[dict]:
         """Run from the current step to ``steps``; returns the metrics history."""
