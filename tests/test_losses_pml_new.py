@@ -1,0 +1,89 @@
+"""The losses added for issue #17 against pytorch-metric-learning (PML), float64.
+
+``dmlray.losses.build(name)`` with its defaults is PML's loss with PML's defaults: every
+test builds both sides with defaults only (plus the class count and dimension where the
+loss owns class weights, the same weights copied across) and compares the value and the
+gradients — of the raw embeddings, through a normalisation, and of the loss's
+parameters — on random inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # PML's own deprecation notices
+
+from dmlray import losses  # noqa: E402
+
+D = 16
+CLASSES = 6
+
+
+def _batch(seed=0, batch=24, classes=CLASSES):
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randn(batch, D, generator=g, dtype=torch.float64)
+    labels = torch.randperm(batch, generator=g) % classes
+    return raw, labels
+
+
+def _value_and_grad(fn, raw, *params):
+    raw = raw.clone().requires_grad_(True)
+    value = fn(F.normalize(raw, dim=1))
+    grads = torch.autograd.grad(value, [raw, *params])
+    return value.detach(), grads
+
+
+def _assert_same(ours, theirs, rtol=1e-7, atol=1e-9):
+    torch.testing.assert_close(ours[0], theirs[0], rtol=rtol, atol=atol)
+    for a, b in zip(ours[1], theirs[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+# ---------------------------------------------------------------- margin-softmax family
+
+CLASSIFIERS = {
+    "arcface": lambda: pml_losses.ArcFaceLoss(num_classes=CLASSES, embedding_size=D),
+    "cosface": lambda: pml_losses.CosFaceLoss(num_classes=CLASSES, embedding_size=D),
+    "sphereface": lambda: pml_losses.SphereFaceLoss(num_classes=CLASSES, embedding_size=D),
+    "large_margin_softmax": lambda: pml_losses.LargeMarginSoftmaxLoss(num_classes=CLASSES, embedding_size=D),
+    "subcenter_arcface": lambda: pml_losses.SubCenterArcFaceLoss(num_classes=CLASSES, embedding_size=D),
+    "p2sgrad": lambda: pml_losses.P2SGradLoss(descriptors_dim=D, num_classes=CLASSES),
+}
+
+
+def _pml_weight(theirs):
+    return theirs.weight if hasattr(theirs, "weight") else theirs.W
+
+
+def _class_batch(weight, seed):
+    """Random anchors, a third of them near their class's weight and a third near its
+    opposite: targets on both sides of ArcFace's θ = π − m switch and in every L-Softmax
+    piece k = ⌊4θ/π⌋ (checked), so every branch is compared."""
+    raw, labels = _batch(seed)
+    centre = F.normalize(weight[labels * (weight.shape[0] // CLASSES)], dim=1)
+    raw[:8] = centre[:8] * 3 + raw[:8] * 0.3
+    raw[8:16] = -centre[8:16] * 3 + raw[8:16] * 0.3
+    theta = torch.acos((F.normalize(raw, dim=1) * centre).sum(dim=1))
+    assert (theta > math.pi - math.radians(28.6)).any() and (theta < math.radians(20)).any()
+    assert set(torch.floor(theta / (math.pi / 4)).long().tolist()) == {0, 1, 2, 3}
+    return raw, labels
+
+
+@pytest.mark.parametrize("name", sorted(CLASSIFIERS))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_margin_softmax_family_at_defaults(name, seed):
+    torch.manual_seed(seed)
+    ours = losses.build(name, num_classes=CLASSES, embedding_dim=D).double()
+    theirs = CLASSIFIERS[name]().double()
+    # PML keeps W as (D, C·K); dmlray as (C·K, D); the same weights on both sides
+    _pml_weight(theirs).data = ours.weight.data.T.clone()
+    raw, labels = _class_batch(ours.weight.detach(), seed)
+    got = _value_and_grad(lambda e: ours(e, labels), raw, ours.weight)
+    want = _value_and_grad(lambda e: theirs(e, labels), raw, _pml_weight(theirs))
+    _assert_same((got[0], (got[1][0], got[1][1].T)), want)
+    assert got[1][0].abs().sum() > 0 and got[1][1].abs().sum() > 0
