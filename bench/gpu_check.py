@@ -221,7 +221,7 @@ def same_noise(seed: int) -> Iterator[None]:
 
 
 def run_loss(
-    loss: torch.nn.Module, inputs: dict, memory: bool, device: torch.device, dtype: torch.dtype, bf16: bool
+    loss: losses.PairLoss, inputs: dict, memory: bool, device: torch.device, dtype: torch.dtype, bf16: bool
 ) -> dict[str, torch.Tensor]:
     """Value and gradients (embeddings, aux branch, loss parameters) of one loss call."""
     leaf = inputs["raw"].to(device, dtype, copy=True).requires_grad_(True)  # copy: never the shared input
@@ -230,7 +230,7 @@ def run_loss(
     labels = inputs["labels"].to(device)
     with same_noise(seed=1), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         emb = F.normalize(leaf, dim=1)
-        if not getattr(loss, "trainable_alone", True):
+        if not loss.trainable_alone:
             value = loss(emb, labels, aux_embeddings=F.normalize(aux, dim=1))
         elif memory:
             value = loss(emb, labels, *refs)
@@ -254,7 +254,7 @@ def check_losses(device: torch.device, sizes: Sizes) -> list[dict]:
         cls = losses.loss_class(name)
         torch.manual_seed(0)  # proxies and centres are random: one draw, copied to both sides
         base = build_loss(LossConfig(name=name), inputs["classes"], sizes.loss_dim, seed=0)
-        modes = ["batch", "memory"] if cls.supports_references and getattr(cls, "trainable_alone", True) else ["batch"]
+        modes = ["batch", "memory"] if cls.supports_references and cls.trainable_alone else ["batch"]
         for mode in modes:
             want = run_loss(copy.deepcopy(base).double(), inputs, mode == "memory", CPU, torch.float64, False)
             for label, bf16 in (("float32", False), ("bfloat16", True)):

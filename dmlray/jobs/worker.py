@@ -190,12 +190,12 @@ def only_classes(read_shard, classes: set[int], keep: bool):
     return read
 
 
-def build_loss(cfg: LossConfig, num_classes: int, embedding_dim: int, seed: int | None = None) -> nn.Module:
+def build_loss(cfg: LossConfig, num_classes: int, embedding_dim: int, seed: int | None = None) -> losses.PairLoss:
     """The configured loss; ``seed`` goes to losses that sample (margin), so every rank
     draws the same samples and a resumed run continues their stream (it is checkpointed)."""
     params = dict(cfg.params)
     cls = losses.loss_class(cfg.name)
-    if getattr(cls, "needs_classes", False):
+    if cls.needs_classes:
         params.setdefault("num_classes", num_classes)
         params.setdefault("embedding_dim", embedding_dim)
     if seed is not None and "seed" in inspect.signature(cls.__init__).parameters:
@@ -248,7 +248,7 @@ def run_worker(cfg: Config, ctx: WorkerContext) -> dict:
     val_urls = [
         u for u, s in zip(train_urls, manifest.split(cfg.data.train_split)["shards"]) if val_set & set(s["classes"])
     ]
-    if getattr(losses.loss_class(cfg.loss.name), "needs_classes", False):
+    if losses.loss_class(cfg.loss.name).needs_classes:
         # per-class parameters are indexed 0..C-1; shards carry the dataset's class ids
         remap = {c: i for i, c in enumerate(train_classes)}
     else:

@@ -11,6 +11,7 @@ excluded by identity, never by a similarity threshold.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -165,31 +166,37 @@ def class_logits_inputs(embeddings: torch.Tensor, weight: torch.Tensor) -> tuple
     return embeddings.to(dtype), weight.to(dtype)
 
 
-def zero_loss(like: torch.Tensor) -> torch.Tensor:
-    """A zero on like's device that is still attached to the graph (backward works)."""
-    return like.sum() * 0.0
-
-
 class PairLoss(nn.Module):
-    """Base class: subclasses implement ``forward`` under the pair contract.
+    """Base class of every loss: subclasses implement ``forward`` under the pair contract.
 
-    Class attributes describe how the trainer must build and use the loss.
+    The capability attributes below tell the trainer, the worker and the config how to
+    build and use a loss. They are read as plain attributes: a loss declares the ones
+    that differ from the documented default, the others it inherits. The class-level
+    ones (``ClassVar``) are readable from ``loss_class(name)`` before any loss is built.
     """
 
-    needs_classes: bool = False
+    needs_classes: ClassVar[bool] = False
     """True when the loss owns per-class parameters and takes num_classes and embedding_dim."""
-    supports_references: bool = True
+    supports_references: ClassVar[bool] = True
     """False when pairing against references (memory, gathered batch) is meaningless."""
-    pair_mean: bool = False
-    """True when the loss is a mean over pairs, not anchors; it then has ``sum_and_count``."""
-    trainable_alone: bool = True
+    pair_mean: ClassVar[bool] = False
+    """True when the loss is a mean over pairs, not anchors; it then implements ``sum_and_count``."""
+    trainable_alone: ClassVar[bool] = True
     """False for auxiliary terms that need inputs the trainer does not produce (MIC's
     adversarial loss needs a second embedding branch): the config refuses them."""
-    rank_decomposable: bool = True
-    """False when ranks cannot each compute their own anchors' share of the global loss
-    (batch-wide statistics, tuples or clusters formed across the batch, random sampling):
-    the trainer then computes the whole global batch's loss on every rank, exact at R×
-    the cost of the loss (not of the network)."""
+
+    @property
+    def rank_decomposable(self) -> bool:
+        """False when ranks cannot each compute their own anchors' share of the global loss
+        (batch-wide statistics, tuples or clusters formed across the batch, random sampling):
+        the trainer then computes the whole global batch's loss on every rank, exact at R×
+        the cost of the loss (not of the network).
+
+        An instance property because it may depend on the loss's options (a row-wise loss
+        with random mining); a loss for which it never does overrides it with a class
+        attribute ``rank_decomposable = False``.
+        """
+        return True
 
     def forward(
         self,
@@ -200,6 +207,17 @@ class PairLoss(nn.Module):
         self_index: torch.Tensor | None = None,
     ) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def sum_and_count(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        ref_embeddings: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+        self_index: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
+        """(sum of the terms, number of terms) of a ``pair_mean`` loss, under the pair contract."""
+        raise NotImplementedError(f"{type(self).__name__} is not a pair_mean loss")
 
     def reject_references(self, embeddings: torch.Tensor, ref_embeddings: torch.Tensor | None) -> None:
         """For ``supports_references = False`` losses: refuse references other than the anchors.

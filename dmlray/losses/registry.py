@@ -1,15 +1,19 @@
-"""Name → loss class. Users choose losses by name in configs; a duplicate name is an error."""
+"""Name → loss class. Users choose losses by name in configs; a duplicate name is an error.
+
+Every registered class is a ``PairLoss``: its capability attributes are the interface the
+trainer, the worker and the config read.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import TypeVar
 
-from torch import nn
+from dmlray.losses.base import PairLoss
 
-_LOSSES: dict[str, type[nn.Module]] = {}
+_LOSSES: dict[str, type[PairLoss]] = {}
 
-T = TypeVar("T", bound=type)
+T = TypeVar("T", bound=type[PairLoss])
 
 
 def register(name: str) -> Callable[[T], T]:
@@ -24,7 +28,7 @@ def register(name: str) -> Callable[[T], T]:
     return add
 
 
-def loss_class(name: str) -> type[nn.Module]:
+def loss_class(name: str) -> type[PairLoss]:
     """The class registered under ``name``; an unknown name lists the known ones."""
     try:
         return _LOSSES[name]
@@ -32,7 +36,7 @@ def loss_class(name: str) -> type[nn.Module]:
         raise KeyError(f"unknown loss {name!r}; known losses: {', '.join(names())}") from None
 
 
-def build(name: str, **kwargs) -> nn.Module:
+def build(name: str, **kwargs) -> PairLoss:
     """Build the loss registered under ``name`` with its keyword arguments."""
     cls = loss_class(name)
     try:

@@ -62,10 +62,13 @@ class RowwiseLoss(PairLoss):
     reduction is the mean over all B anchors (empty anchors count, as the seed codes do).
     """
 
+    mining: str | None = None
+    """Pair mining of the losses that take one (``dmlray.losses.miners.mine_pairs``); None: none."""
+
     @property
     def rank_decomposable(self) -> bool:
         # distance-weighted mining samples per call: one draw over the global batch
-        return getattr(self, "mining", None) != "distance_weighted"
+        return self.mining != "distance_weighted"
 
     chunk_elements: int = 1 << 18
     """Similarities per chunk (1 MiB of fp32: stays in L2); 0 computes the whole matrix

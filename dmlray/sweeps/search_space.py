@@ -174,7 +174,7 @@ def _check_loss_param(param: Param, base: dict) -> None:
             raise ConfigError(
                 f"unknown config key {param.key!r}: loss {name!r} takes {', '.join(known) or 'no parameters'}"
             )
-    if getattr(cls, "needs_classes", False):
+    if cls.needs_classes:
         return  # built with the dataset's class count: only the worker can
     for value in param.examples():
         try:
@@ -248,9 +248,7 @@ def _check_loss_combination(cfg: Config, sample: dict[str, Any]) -> None:
     """Swept loss parameters must be accepted by the loss together (it may check them jointly)."""
     from dmlray import losses
 
-    if not any(k.startswith("loss.params.") for k in sample) or getattr(
-        losses.loss_class(cfg.loss.name), "needs_classes", False
-    ):
+    if not any(k.startswith("loss.params.") for k in sample) or losses.loss_class(cfg.loss.name).needs_classes:
         return
     try:
         losses.build(cfg.loss.name, **cfg.loss.params)

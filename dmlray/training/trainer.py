@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dmlray.losses.base import PairLoss
 from dmlray.training import preemption
 from dmlray.training.distributed import all_gather_no_grad, all_gather_with_grad, world
 from dmlray.training.memory import CrossBatchMemory
@@ -36,7 +37,7 @@ class StepResult:
 
 def training_loss(
     model: nn.Module,
-    loss_fn: nn.Module,
+    loss_fn: PairLoss,
     images: torch.Tensor,
     labels: torch.Tensor,
     memory: CrossBatchMemory | None = None,
@@ -58,8 +59,8 @@ def training_loss(
     rank, world_size = world()
     local = model(images)
     b = local.shape[0]
-    whole = world_size > 1 and not getattr(loss_fn, "rank_decomposable", True)
-    references = getattr(loss_fn, "supports_references", True)
+    whole = world_size > 1 and not loss_fn.rank_decomposable
+    references = loss_fn.supports_references
     if not references and not whole:
         # proxy and classification losses pair anchors with their own parameters: no
         # gather (DDP's gradient average of local means is already the global mean)
@@ -85,14 +86,14 @@ def training_loss(
     return StepResult(batch_loss + memory_weight * memory_loss, batch_loss, memory_loss)
 
 
-def _rank_loss(loss_fn: nn.Module, *args) -> torch.Tensor:
+def _rank_loss(loss_fn: PairLoss, *args) -> torch.Tensor:
     """This rank's share of the loss, such that DDP's average over ranks is the global loss.
 
     Anchor means need nothing (equal local batches). A mean over pairs divides this
     rank's sum by the pair count of all ranks (times R, undone by DDP's average).
     """
     _, world_size = world()
-    if world_size == 1 or not getattr(loss_fn, "pair_mean", False):
+    if world_size == 1 or not loss_fn.pair_mean:
         return loss_fn(*args)
     total, count = loss_fn.sum_and_count(*args)
     count = count.detach().clone()
@@ -155,7 +156,7 @@ class Trainer:
         self,
         *,
         model: nn.Module,
-        loss_fn: nn.Module,
+        loss_fn: PairLoss,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None,
         batches: Callable[[int], Iterator[tuple]],
