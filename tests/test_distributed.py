@@ -208,3 +208,21 @@ def test_gather_orders_by_rank_and_routes_summed_gradients_to_the_owner(tmp_path
 def test_gather_is_identity_without_a_process_group():
     x = torch.randn(4, 3, requires_grad=True)
     assert all_gather_with_grad(x) is x
+
+
+def test_the_exactness_test_covers_the_issue_17_losses():
+    """The losses added for issue #17 enter the R=2/R=3 run through the registry; both
+    trainer paths (rank shares, whole global batch) and pair means are among them."""
+    assert {
+        "tuplet_margin",
+        "ntxent",
+        "generalized_lifted_structure",
+        "intra_pair_variance",
+        "snr_contrastive",
+        "threshold_consistent_margin",
+    } <= set(LOSSES)
+    assert {"arcface", "subcenter_arcface", "cosface", "sphereface", "large_margin_softmax", "p2sgrad"} <= set(
+        PROXY_LOSSES
+    )
+    assert make_loss("ntxent").pair_mean and make_loss("ntxent").rank_decomposable
+    assert not make_loss("intra_pair_variance").rank_decomposable

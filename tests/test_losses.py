@@ -347,9 +347,21 @@ def test_pair_loss_matches_loop(key, case_name):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-7, atol=1e-9, msg=f"{engine} grad")
 
 
+# pair losses of issue #17, checked against pytorch-metric-learning (values and gradients,
+# with and without references) in test_losses_pml_new.py instead of a loop here
+PML_CHECKED_PAIR_LOSSES = {
+    "tuplet_margin",
+    "ntxent",
+    "generalized_lifted_structure",
+    "intra_pair_variance",
+    "snr_contrastive",
+    "threshold_consistent_margin",
+}
+
+
 def test_pair_losses_cover_the_registry():
     pair_losses = {n for n in losses.names() if losses.loss_class(n).supports_references}
-    assert pair_losses == {_registry_name(k) for k in PAIR_REFS} | {"margin"}
+    assert pair_losses == {_registry_name(k) for k in PAIR_REFS} | {"margin"} | PML_CHECKED_PAIR_LOSSES
 
 
 def test_nothing_mined_gives_zero_ms():

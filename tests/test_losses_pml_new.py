@@ -87,3 +87,41 @@ def test_margin_softmax_family_at_defaults(name, seed):
     want = _value_and_grad(lambda e: theirs(e, labels), raw, _pml_weight(theirs))
     _assert_same((got[0], (got[1][0], got[1][1].T)), want)
     assert got[1][0].abs().sum() > 0 and got[1][1].abs().sum() > 0
+
+
+# ---------------------------------------------------------------- pair and tuple losses
+
+
+def _refs(seed=1, size=30, classes=CLASSES):
+    g = torch.Generator().manual_seed(seed)
+    refs = F.normalize(torch.randn(size, D, generator=g, dtype=torch.float64), dim=1)
+    return refs, torch.randint(0, classes, (size,), generator=g)
+
+
+PAIR_LOSSES = {
+    "tuplet_margin": pml_losses.TupletMarginLoss,
+    "ntxent": pml_losses.NTXentLoss,
+    "generalized_lifted_structure": pml_losses.GeneralizedLiftedStructureLoss,
+    "intra_pair_variance": pml_losses.IntraPairVarianceLoss,
+    "snr_contrastive": pml_losses.SignalToNoiseRatioContrastiveLoss,
+    "threshold_consistent_margin": pml_losses.ThresholdConsistentMarginLoss,
+}
+# PML's TCM pairs anchors with ``embeddings[p]`` even when references are given (it
+# ignores ref_emb), so it is compared on the batch only; with references dmlray's pairs
+# are anchor × reference like every other pair loss (the distributed test covers them).
+NO_PML_REFS = {"threshold_consistent_margin"}
+
+
+@pytest.mark.parametrize("with_refs", [False, True])
+@pytest.mark.parametrize("name", sorted(PAIR_LOSSES))
+def test_pair_losses_at_defaults(name, with_refs):
+    if with_refs and name in NO_PML_REFS:
+        pytest.skip("PML ignores the references of this loss")
+    raw, labels = _batch()
+    refs, ref_labels = _refs() if with_refs else (None, None)
+    ours = losses.build(name)
+    theirs = PAIR_LOSSES[name]()
+    got = _value_and_grad(lambda e: ours(e, labels, refs, ref_labels), raw)
+    want = _value_and_grad(lambda e: theirs(e, labels, ref_emb=refs, ref_labels=ref_labels), raw)
+    _assert_same(got, want)
+    assert got[0] != 0 and got[1][0].abs().sum() > 0
