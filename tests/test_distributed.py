@@ -72,7 +72,12 @@ MODES = {"no-memory": 0, "memory": 20}
 # Every loss that pairs against references: anchor means and pair means split by rank,
 # the rest (rank_decomposable = False: histogram, margin's sampling) computed over the
 # whole global batch on every rank; plus a mining variant that samples.
-VARIANTS = {"contrastive+distance_weighted": ("contrastive", {"mining": "distance_weighted"})}
+VARIANTS = {
+    "contrastive+distance_weighted": ("contrastive", {"mining": "distance_weighted"}),
+    # issue #17: a row-wise miner (rank shares) and a batch-wide one (whole global batch)
+    "triplet_margin+batch_hard": ("triplet_margin", {"miner": "batch_hard"}),
+    "triplet_margin+hdc": ("triplet_margin", {"miner": "hdc"}),
+}
 LOSSES = [n for n in losses.names() if losses.loss_class(n).supports_references] + list(VARIANTS)
 # Losses without references (proxies, classification, batch-wide tuples and clusters).
 # Left out: auxiliary terms the trainer refuses (adversarial needs a second embedding branch).
@@ -220,9 +225,14 @@ def test_the_exactness_test_covers_the_issue_17_losses():
         "intra_pair_variance",
         "snr_contrastive",
         "threshold_consistent_margin",
+        "triplet_margin",
+        "triplet_margin+batch_hard",
+        "triplet_margin+hdc",
     } <= set(LOSSES)
     assert {"arcface", "subcenter_arcface", "cosface", "sphereface", "large_margin_softmax", "p2sgrad"} <= set(
         PROXY_LOSSES
     )
     assert make_loss("ntxent").pair_mean and make_loss("ntxent").rank_decomposable
     assert not make_loss("intra_pair_variance").rank_decomposable
+    assert make_loss("triplet_margin+batch_hard").rank_decomposable
+    assert not make_loss("triplet_margin+hdc").rank_decomposable

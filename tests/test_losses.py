@@ -356,6 +356,7 @@ PML_CHECKED_PAIR_LOSSES = {
     "intra_pair_variance",
     "snr_contrastive",
     "threshold_consistent_margin",
+    "triplet_margin",
 }
 
 

@@ -125,3 +125,68 @@ def test_pair_losses_at_defaults(name, with_refs):
     want = _value_and_grad(lambda e: theirs(e, labels, ref_emb=refs, ref_labels=ref_labels), raw)
     _assert_same(got, want)
     assert got[0] != 0 and got[1][0].abs().sum() > 0
+
+
+# ---------------------------------------------------------------- triplet margin loss and miners
+
+pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
+
+MINER_CASES = {
+    "none": (None, {}, None),
+    "batch_hard": ("batch_hard", {}, lambda: pml_miners.BatchHardMiner()),
+    "batch_easy_hard": ("batch_easy_hard", {}, lambda: pml_miners.BatchEasyHardMiner()),
+    "batch_easy_hard_semihard_pos": (
+        "batch_easy_hard",
+        {"pos_strategy": "semihard", "neg_strategy": "hard"},
+        lambda: pml_miners.BatchEasyHardMiner(pos_strategy="semihard", neg_strategy="hard"),
+    ),
+    "batch_easy_hard_all_easy_ranged": (
+        "batch_easy_hard",
+        {"pos_strategy": "all", "neg_strategy": "easy", "allowed_neg_range": (0.9, 1.3)},
+        lambda: pml_miners.BatchEasyHardMiner(pos_strategy="all", neg_strategy="easy", allowed_neg_range=(0.9, 1.3)),
+    ),
+    # at the default neg_margin 0.8 no negative pair of these batches is mined
+    "pair_margin": ("pair_margin", {"neg_margin": 1.2}, lambda: pml_miners.PairMarginMiner(neg_margin=1.2)),
+    "hdc": ("hdc", {}, lambda: pml_miners.HDCMiner()),
+    **{
+        f"triplet_margin_{kind}": (
+            "triplet_margin",
+            {"type_of_triplets": kind},
+            lambda kind=kind: pml_miners.TripletMarginMiner(type_of_triplets=kind),
+        )
+        for kind in ("all", "hard", "semihard", "easy")
+    },
+}
+
+
+def _clustered_batch(seed=0, batch=24):
+    """Labels with a spread of class centres: easy, semi-hard and hard triplets all occur."""
+    raw, labels = _batch(seed, batch)
+    centres = torch.randn(CLASSES, D, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    return raw * 0.6 + centres[labels], labels
+
+
+@pytest.mark.parametrize("with_refs", [False, True])
+@pytest.mark.parametrize("case", sorted(MINER_CASES))
+def test_triplet_margin_with_each_miner(case, with_refs):
+    """TripletMarginLoss on PML miner(e, labels[, refs]) = dmlray's triplet_margin with that
+    miner; "none" is both sides' defaults (all triplets, m = 0.05)."""
+    name, params, pml_miner = MINER_CASES[case]
+    raw, labels = _clustered_batch()
+    refs, ref_labels = _clustered_batch(seed=1, batch=30) if with_refs else (None, None)
+    refs = None if refs is None else F.normalize(refs, dim=1)
+    # a loss margin of 1 puts nearly every mined triplet on the hinge, so equal values
+    # mean equal selections (at 0.05 most mined triplets score 0 whatever is mined)
+    margin = {} if name is None else {"margin": 1.0}
+    ours = losses.build("triplet_margin", miner=name, miner_params=params or None, **margin)
+    theirs = pml_losses.TripletMarginLoss(**margin)
+    miner = pml_miner() if pml_miner else None
+
+    def pml(e):
+        tuples = None if miner is None else miner(e, labels, refs, ref_labels)
+        return theirs(e, labels, tuples, ref_emb=refs, ref_labels=ref_labels)
+
+    got = _value_and_grad(lambda e: ours(e, labels, refs, ref_labels), raw)
+    want = _value_and_grad(pml, raw)
+    _assert_same(got, want)
+    assert got[0] != 0 and got[1][0].abs().sum() > 0

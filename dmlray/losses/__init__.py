@@ -34,6 +34,7 @@ from dmlray.losses import (  # noqa: F401  (registers)
     supcon,
     threshold_consistent_margin,
     triplet,
+    triplet_margin,
     tuplet_margin,
 )
 from dmlray.losses.base import PairLoss
