@@ -185,6 +185,9 @@ class TripletSelection:
     """(B, M) bool: the negatives kept for each anchor."""
     margin_range: tuple[float, float] | None = None
     """Bounds on the triplet margin d_an − d_ap (a triplet miner's condition)."""
+    one_per_anchor: bool = False
+    """True when each row keeps at most one positive and one negative (both or neither):
+    the loss then gathers the one triplet instead of sorting the row."""
 
 
 class Miner:
@@ -291,7 +294,7 @@ class BatchEasyHardMiner(Miner):
             return TripletSelection(chosen_pos, neg)
         # one triplet per anchor: only where both sides found one
         keep = (has_pos & has_neg).unsqueeze(1)
-        return TripletSelection(chosen_pos & keep, chosen_neg & keep)
+        return TripletSelection(chosen_pos & keep, chosen_neg & keep, one_per_anchor=True)
 
 
 class BatchHardMiner(BatchEasyHardMiner):

@@ -22,6 +22,8 @@ def triplet_hinge_sums(
     its size and sum come from one sort, a prefix sum and binary searches — O(M log M)
     per anchor instead of O(|P|·|N|), so a 55k-entry memory costs no (B, M, M) tensor.
     """
+    if selection.one_per_anchor and selection.margin_range is None:
+        return _one_triplet_hinge(dist, selection, margin)
     keys = torch.where(selection.neg, dist, torch.full_like(dist, float("inf"))).detach()
     sorted_keys, order = torch.sort(keys, dim=1)
     sorted_dist = torch.where(torch.isfinite(sorted_keys), dist.gather(1, order), torch.zeros_like(dist))
@@ -42,6 +44,18 @@ def triplet_hinge_sums(
     per_pos = count.to(dist.dtype) * (dist + margin) - active_sum
     value = torch.where(count > 0, per_pos, torch.zeros_like(per_pos)).sum(dim=1)
     return value, count.sum(dim=1).to(dist.dtype)
+
+
+def _one_triplet_hinge(
+    dist: torch.Tensor, selection: TripletSelection, margin: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``triplet_hinge_sums`` for at most one (p, n) a row: two gathers, no sort."""
+    valid = selection.pos.any(dim=1)
+    d_ap = dist.gather(1, selection.pos.to(torch.int8).argmax(dim=1, keepdim=True)).squeeze(1)
+    d_an = dist.gather(1, selection.neg.to(torch.int8).argmax(dim=1, keepdim=True)).squeeze(1)
+    hinge = torch.relu(d_ap - d_an + margin)
+    active = valid & (hinge > 0)
+    return torch.where(active, hinge, torch.zeros_like(hinge)), active.to(dist.dtype)
 
 
 @register("triplet_margin")
