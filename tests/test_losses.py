@@ -357,6 +357,7 @@ PML_CHECKED_PAIR_LOSSES = {
     "snr_contrastive",
     "threshold_consistent_margin",
     "triplet_margin",
+    "fast_ap",
 }
 
 

@@ -105,11 +105,13 @@ PAIR_LOSSES = {
     "intra_pair_variance": pml_losses.IntraPairVarianceLoss,
     "snr_contrastive": pml_losses.SignalToNoiseRatioContrastiveLoss,
     "threshold_consistent_margin": pml_losses.ThresholdConsistentMarginLoss,
+    "fast_ap": pml_losses.FastAPLoss,
 }
 # PML's TCM pairs anchors with ``embeddings[p]`` even when references are given (it
 # ignores ref_emb), so it is compared on the batch only; with references dmlray's pairs
 # are anchor × reference like every other pair loss (the distributed test covers them).
-NO_PML_REFS = {"threshold_consistent_margin"}
+# PML's FastAP refuses references; dmlray's anchors rank them like the batch.
+NO_PML_REFS = {"threshold_consistent_margin", "fast_ap"}
 
 
 @pytest.mark.parametrize("with_refs", [False, True])
@@ -190,3 +192,25 @@ def test_triplet_margin_with_each_miner(case, with_refs):
     want = _value_and_grad(pml, raw)
     _assert_same(got, want)
     assert got[0] != 0 and got[1][0].abs().sum() > 0
+
+
+def test_fast_ap_with_references_is_pml_on_the_concatenation():
+    """PML's FastAP refuses references, but anchor i's row of PML on [batch; references]
+    ranks the other batch samples and the references: dmlray's anchors against
+    references = [batch; references] with self_index = arange(B). Compared on the mean
+    of PML's per-anchor losses (DoNothingReducer) over the batch's anchors."""
+    reducers = pytest.importorskip("pytorch_metric_learning.reducers")
+    raw, labels = _batch()
+    refs, ref_labels = _refs()
+    b = len(raw)
+    ours = losses.build("fast_ap")
+    theirs = pml_losses.FastAPLoss(reducer=reducers.DoNothingReducer())
+
+    def pml(e):
+        out = theirs(torch.cat([e, refs]), torch.cat([labels, ref_labels]))["loss"]
+        return out["losses"][out["indices"] < b].mean()
+
+    def dmlray(e):
+        return ours(e, labels, torch.cat([e, refs]), torch.cat([labels, ref_labels]), torch.arange(b))
+
+    _assert_same(_value_and_grad(dmlray, raw), _value_and_grad(pml, raw))

@@ -16,6 +16,7 @@ from dmlray.losses import (  # noqa: F401  (registers)
     cluster,
     contrastive,
     cosface,
+    fast_ap,
     generalized_lifted_structure,
     histogram,
     intra_pair_variance,
