@@ -214,3 +214,56 @@ def test_fast_ap_with_references_is_pml_on_the_concatenation():
         return ours(e, labels, torch.cat([e, refs]), torch.cat([labels, ref_labels]), torch.arange(b))
 
     _assert_same(_value_and_grad(dmlray, raw), _value_and_grad(pml, raw))
+
+
+# ---------------------------------------------------------------- ranking surrogates
+
+
+def _smooth_ap_loop(e, labels, tau):
+    """The paper's formula, one query and one positive at a time."""
+    total, queries = 0.0, 0
+    for q in range(len(e)):
+        others = [j for j in range(len(e)) if j != q]
+        positives = [j for j in others if labels[j] == labels[q]]
+        if not positives:
+            continue
+        s = {j: e[q] @ e[j] for j in others}
+        ap = 0.0
+        for i in positives:
+            rank = 1 + sum(torch.sigmoid((s[j] - s[i]) / tau) for j in others if j != i)
+            rank_pos = 1 + sum(torch.sigmoid((s[j] - s[i]) / tau) for j in positives if j != i)
+            ap = ap + rank_pos / rank
+        total = total + 1 - ap / len(positives)
+        queries += 1
+    return total / queries
+
+
+@pytest.mark.parametrize("tau", [0.01, 0.2])
+def test_smooth_ap_matches_the_papers_formula(tau):
+    raw, labels = _batch(batch=14)
+    labels[0] = 99  # an anchor without positives: left out of the mean
+    ours = losses.build("smooth_ap", temperature=tau)
+    _assert_same(
+        _value_and_grad(lambda e: ours(e, labels), raw), _value_and_grad(lambda e: _smooth_ap_loop(e, labels, tau), raw)
+    )
+
+
+@pytest.mark.parametrize("anneal", [0.01, 0.2])
+@pytest.mark.parametrize("variant", ["O", "Ds", "Dq", "Iu", "Ib"])
+def test_pnp_every_variant(variant, anneal):
+    """PNPLoss(variant, anneal), PML's defaults otherwise: τ = 0.01 (the default) leaves
+    sigmoid gradients only near ties, τ = 0.2 gives every pair one."""
+    raw, labels = _batch()
+    ours = losses.build("pnp", variant=variant, anneal=anneal)
+    theirs = pml_losses.PNPLoss(variant=variant, anneal=anneal)
+    got = _value_and_grad(lambda e: ours(e, labels), raw)
+    _assert_same(got, _value_and_grad(lambda e: theirs(e, labels), raw))
+    assert got[1][0].abs().sum() > 0
+
+
+def test_pnp_at_defaults():
+    raw, labels = _batch()
+    _assert_same(
+        _value_and_grad(lambda e: losses.build("pnp")(e, labels), raw),
+        _value_and_grad(lambda e: pml_losses.PNPLoss()(e, labels), raw),
+    )
