@@ -232,7 +232,7 @@ def test_the_exactness_test_covers_the_issue_17_losses():
     assert {"arcface", "subcenter_arcface", "cosface", "sphereface", "large_margin_softmax", "p2sgrad"} <= set(
         PROXY_LOSSES
     )
-    assert "fast_ap" in LOSSES and {"smooth_ap", "pnp"} <= set(PROXY_LOSSES)
+    assert "fast_ap" in LOSSES and {"smooth_ap", "pnp", "dynamic_soft_margin"} <= set(PROXY_LOSSES)
     assert make_loss("ntxent").pair_mean and make_loss("ntxent").rank_decomposable
     assert not make_loss("intra_pair_variance").rank_decomposable
     assert make_loss("triplet_margin+batch_hard").rank_decomposable

@@ -267,3 +267,20 @@ def test_pnp_at_defaults():
         _value_and_grad(lambda e: losses.build("pnp")(e, labels), raw),
         _value_and_grad(lambda e: pml_losses.PNPLoss()(e, labels), raw),
     )
+
+
+def test_dynamic_soft_margin_over_several_steps():
+    """Three calls: the first fills the histogram (momentum 1), the next blend in with
+    momentum 0.01 — value, gradient and histogram agree with PML's at every step. PML's
+    histogram keeps the previous step's graph, so its state is detached between steps as
+    dmlray's is (a second backward through it would fail)."""
+    ours = losses.build("dynamic_soft_margin").double()
+    theirs = pml_losses.DynamicSoftMarginLoss()
+    for step in range(3):
+        raw, labels = _batch(seed=step)
+        got = _value_and_grad(lambda e, y=labels: ours(e, y), raw)
+        want = _value_and_grad(lambda e, y=labels: theirs(e, y), raw)
+        _assert_same(got, want)
+        theirs.hist_ = theirs.hist_.detach()
+        torch.testing.assert_close(ours.hist, theirs.hist_, rtol=1e-9, atol=1e-12)
+        assert got[1][0].abs().sum() > 0

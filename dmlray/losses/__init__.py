@@ -16,6 +16,7 @@ from dmlray.losses import (  # noqa: F401  (registers)
     cluster,
     contrastive,
     cosface,
+    dynamic_soft_margin,
     fast_ap,
     generalized_lifted_structure,
     histogram,
