@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from dmlray.losses.base import PairLoss, build_pairs, euclidean_from_sim
+from dmlray.losses.base import Pairs, euclidean_from_sim
+from dmlray.losses.block import BlockLoss
 from dmlray.losses.registry import register
 
 
 @register("dynamic_soft_margin")
-class DynamicSoftMarginLoss(PairLoss):
+class DynamicSoftMarginLoss(BlockLoss):
     """L = mean over all triplets (a, p, n) of F(x)·x, x = d_ap − d_an.
 
     F is the CDF of a running histogram of x: ``num_bins`` bins of width δ = 2|min_val| /
@@ -59,16 +60,7 @@ class DynamicSoftMarginLoss(PairLoss):
         hist = (1.0 - momentum) * old + momentum * (lower + upper)
         return hist / hist.sum()
 
-    def forward(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        ref_embeddings: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-        self_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        self.reject_references(embeddings, ref_embeddings)
-        pairs = build_pairs(embeddings, labels)
+    def block_loss(self, pairs: Pairs, embeddings: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
         dist = euclidean_from_sim(pairs.sim)
         # (a, p, n) in one (B, B, B) block
         x = dist.unsqueeze(2) - dist.unsqueeze(1)

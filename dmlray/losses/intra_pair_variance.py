@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from dmlray.losses.base import PairLoss, build_pairs
+from dmlray.losses.base import Pairs
+from dmlray.losses.block import BlockLoss
 from dmlray.losses.pair_statistics import mean_over
 from dmlray.losses.registry import register
 
 
 @register("intra_pair_variance")
-class IntraPairVarianceLoss(PairLoss):
+class IntraPairVarianceLoss(BlockLoss):
     """L = mean_{P}[(1 − ε⁺)·s̄⁺ − s_ap]_+² + mean_{N}[s_an − (1 + ε⁻)·s̄⁻]_+².
 
     s̄⁺ / s̄⁻ are the means of the batch's positive / negative similarities (part of the
@@ -27,15 +28,7 @@ class IntraPairVarianceLoss(PairLoss):
         self.pos_eps = pos_eps
         self.neg_eps = neg_eps
 
-    def forward(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        ref_embeddings: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-        self_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        pairs = build_pairs(embeddings, labels, ref_embeddings, ref_labels, self_index)
+    def block_loss(self, pairs: Pairs, embeddings: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
         s = pairs.sim
         pos_spread = torch.relu((1.0 - self.pos_eps) * mean_over(s, pairs.pos) - s) ** 2
         neg_spread = torch.relu(s - (1.0 + self.neg_eps) * mean_over(s, pairs.neg)) ** 2

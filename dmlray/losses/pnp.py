@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dmlray.losses.base import PairLoss, build_pairs
+from dmlray.losses.base import Pairs
+from dmlray.losses.block import BlockLoss
 from dmlray.losses.registry import register
 
 PNP_VARIANTS = ("Ds", "Dq", "Iu", "Ib", "O")
@@ -16,7 +17,7 @@ def clamped_sigmoid(x: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 @register("pnp")
-class PNPLoss(PairLoss):
+class PNPLoss(BlockLoss):
     """L = mean over anchors q of (1/|P_q|) Σ_{i∈P_q} f(R⁻(i)), R⁻(i) = Σ_{j∈N_q} σ((s_qj − s_qi)/τ).
 
     R⁻(i) counts (smoothly) the negatives ranked above positive i; P_q includes the
@@ -52,16 +53,7 @@ class PNPLoss(PairLoss):
             return (self.b * rank - torch.log1p(self.b * rank)) / self.b**2
         return rank
 
-    def forward(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        ref_embeddings: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-        self_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        self.reject_references(embeddings, ref_embeddings)
-        pairs = build_pairs(embeddings, labels)
+    def block_loss(self, pairs: Pairs, embeddings: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
         s = pairs.sim
         if s.shape[0] == 0:
             return s.sum() * 0.0

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from dmlray.losses.base import PairLoss, build_pairs
+from dmlray.losses.base import Pairs
+from dmlray.losses.block import BlockLoss
 from dmlray.losses.registry import register
 
 
 @register("smooth_ap")
-class SmoothAPLoss(PairLoss):
+class SmoothAPLoss(BlockLoss):
     """L = mean over anchors q with a positive of 1 − (1/|P_q|) Σ_{i∈P_q} R⁺(i) / R(i).
 
     R(i) = 1 + Σ_{j∈Ω_q, j≠i} σ((s_qj − s_qi)/τ) is i's smoothed rank among all the
@@ -32,16 +33,7 @@ class SmoothAPLoss(PairLoss):
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.temperature = temperature
 
-    def forward(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        ref_embeddings: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-        self_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        self.reject_references(embeddings, ref_embeddings)
-        pairs = build_pairs(embeddings, labels)
+    def block_loss(self, pairs: Pairs, embeddings: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
         s = pairs.sim
         # (B, i, j): σ((s_qj − s_qi)/τ) over j ∈ Ω_q, j ≠ i
         sigma = torch.sigmoid((s.unsqueeze(1) - s.unsqueeze(2)) / self.temperature)

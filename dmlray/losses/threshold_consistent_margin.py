@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from dmlray.losses.base import PairLoss, build_pairs
+from dmlray.losses.base import Pairs
+from dmlray.losses.block import BlockLoss
 from dmlray.losses.pair_statistics import mean_over
 from dmlray.losses.registry import register
 
 
 @register("threshold_consistent_margin")
-class ThresholdConsistentMarginLoss(PairLoss):
+class ThresholdConsistentMarginLoss(BlockLoss):
     """L = λ⁺·mean_{(a,p): s_ap ≤ m⁺}(m⁺ − s_ap) + λ⁻·mean_{(a,n): s_an ≥ m⁻}(s_an − m⁻).
 
     The means run over the batch's positive / negative pairs past their margin (0 when
@@ -31,15 +32,7 @@ class ThresholdConsistentMarginLoss(PairLoss):
         self.margin_plus = margin_plus
         self.margin_minus = margin_minus
 
-    def forward(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        ref_embeddings: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-        self_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        pairs = build_pairs(embeddings, labels, ref_embeddings, ref_labels, self_index)
+    def block_loss(self, pairs: Pairs, embeddings: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
         s = pairs.sim
         pos = mean_over(self.margin_plus - s, pairs.pos & (s <= self.margin_plus))
         neg = mean_over(s - self.margin_minus, pairs.neg & (s >= self.margin_minus))
