@@ -284,3 +284,36 @@ def test_dynamic_soft_margin_over_several_steps():
         theirs.hist_ = theirs.hist_.detach()
         torch.testing.assert_close(ours.hist, theirs.hist_, rtol=1e-9, atol=1e-12)
         assert got[1][0].abs().sum() > 0
+
+
+def _our_triplets(selection, dist):
+    """The (a, p, n) triplets a TripletSelection keeps, by a loop."""
+    out = set()
+    lo, hi = selection.margin_range or (float("-inf"), float("inf"))
+    for a in range(dist.shape[0]):
+        for p in selection.pos[a].nonzero().flatten().tolist():
+            for n in selection.neg[a].nonzero().flatten().tolist():
+                if lo < float(dist[a, n] - dist[a, p]) <= hi:
+                    out.add((a, p, n))
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(set(MINER_CASES) - {"none"}))
+def test_miners_select_pmls_triplets(case):
+    """Each miner's selection, as triplets, is the set PML's miner returns (PML's pair
+    miners' output turned into triplets as its TripletMarginLoss does)."""
+    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+    from dmlray.losses.base import build_pairs, euclidean_from_sim
+    from dmlray.losses.miners import build_miner
+
+    name, params, pml_miner = MINER_CASES[case]
+    raw, labels = _clustered_batch()
+    emb = F.normalize(raw, dim=1)
+    pairs = build_pairs(emb, labels)
+    dist = euclidean_from_sim(pairs.sim)
+    ours = _our_triplets(build_miner(name, **params).mine(dist, pairs.pos, pairs.neg), dist)
+    a, p, n = lmu.convert_to_triplets(pml_miner()(emb, labels), labels)
+    theirs = set(zip(a.tolist(), p.tolist(), n.tolist(), strict=True))
+    assert ours == theirs
+    assert ours, "a miner that selects nothing proves nothing"
