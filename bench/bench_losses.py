@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +32,12 @@ from dmlray.training.memory import CrossBatchMemory  # noqa: E402
 
 
 def timed(
-    fns: dict[str, Callable[[], object]],
+    fns: dict[str, Callable[[], Any]],
     repeats: dict[str, int],
     device: torch.device,
     warmup_s: float = 0.3,
     statistic: Callable[[list[float]], float] = min,
-) -> tuple[dict[str, float], dict[str, object]]:
+) -> tuple[dict[str, float], dict[str, Any]]:
     """Minimum wall time of each function in ms (runs interleaved), and each one's first result.
 
     ``statistic`` replaces the minimum (e.g. the median, on a machine nobody else uses).
@@ -184,12 +185,132 @@ def pml_memory(
     return run_pml
 
 
+SOP_CLASSES = 11318
+"""Stanford Online Products' training classes: the classifier losses' size in practice."""
+
+
+def _fwd_bwd(fn: Callable[[], torch.Tensor], x: torch.Tensor, *params: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """One forward+backward of ``fn`` (gradients of x and the loss's parameters dropped after)."""
+
+    def run() -> torch.Tensor:
+        value = fn()
+        value.backward()
+        for t in (x, *params):
+            t.grad = None
+        return value.detach()
+
+    return run
+
+
+def bench_classifier(name: str, batch: int, dim: int, repeats: int, device: torch.device) -> dict:
+    """A margin-softmax loss at SOP's class count, the same weights on both sides."""
+    from pytorch_metric_learning import losses as pml_losses
+
+    pml_class = {"arcface": pml_losses.ArcFaceLoss, "subcenter_arcface": pml_losses.SubCenterArcFaceLoss}[name]
+    emb, labels, _, _ = make_inputs(batch, 0, dim, SOP_CLASSES, device)
+    labels = torch.randint(0, SOP_CLASSES, (batch,), generator=torch.Generator().manual_seed(1)).to(device)
+    ours = losses.build(name, num_classes=SOP_CLASSES, embedding_dim=dim).to(device)
+    weight = next(ours.parameters())  # (C·K, D)
+    theirs: Any = pml_class(num_classes=SOP_CLASSES, embedding_size=dim).to(device)  # PML is untyped
+    theirs.W.data = weight.data.T.clone()
+    x = emb.clone().requires_grad_(True)
+    times, first = timed(
+        {
+            "dmlray": _fwd_bwd(lambda: ours(x, labels), x, weight),
+            "pml": _fwd_bwd(lambda: theirs(x, labels), x, theirs.W),
+        },
+        {"dmlray": repeats, "pml": repeats},
+        device,
+    )
+    return {
+        "case": f"{name} C={SOP_CLASSES} B={batch}",
+        **times,
+        "values": (float(first["dmlray"]), float(first["pml"])),
+    }
+
+
+def _pml_pair_loss(name: str) -> Callable[..., torch.Tensor]:
+    from pytorch_metric_learning import losses as pml_losses
+    from pytorch_metric_learning import miners as pml_miners
+
+    if name == "triplet_margin+batch_hard":
+        loss, miner = pml_losses.TripletMarginLoss(), pml_miners.BatchHardMiner()
+        return lambda x, y, r, ry: loss(x, y, miner(x, y, r, ry), ref_emb=r, ref_labels=ry)
+    pml = {
+        "tuplet_margin": pml_losses.TupletMarginLoss,
+        "ntxent": pml_losses.NTXentLoss,
+        "generalized_lifted_structure": pml_losses.GeneralizedLiftedStructureLoss,
+        "intra_pair_variance": pml_losses.IntraPairVarianceLoss,
+        "threshold_consistent_margin": pml_losses.ThresholdConsistentMarginLoss,
+        "triplet_margin": pml_losses.TripletMarginLoss,
+    }[name]()
+    return lambda x, y, r, ry: pml(x, y, ref_emb=r, ref_labels=ry)
+
+
+def bench_pair_loss(
+    name: str, batch: int, memory: int, dim: int, repeats: int, pml_repeats: int, device: torch.device
+) -> dict:
+    """A pair loss of the batch against ``memory`` references (or the batch itself, memory 0).
+
+    Both sides pair the anchors with the same references and no self-exclusion (PML's
+    CrossBatchMemory would add its own bookkeeping; this times the losses).
+    """
+    emb, labels, mem, mem_labels = make_inputs(batch, memory, dim, max(memory // 5, batch // 4), device)
+    x = emb.clone().requires_grad_(True)
+    loss_name, options = (name.split("+")[0], {"miner": name.split("+")[1]}) if "+" in name else (name, {})
+    ours = losses.build(loss_name, **options)
+    theirs = _pml_pair_loss(name)
+    refs: tuple[torch.Tensor | None, torch.Tensor | None] = (mem, mem_labels) if memory else (None, None)
+    times, first = timed(
+        {"dmlray": _fwd_bwd(lambda: ours(x, labels, *refs), x), "pml": _fwd_bwd(lambda: theirs(x, labels, *refs), x)},
+        {"dmlray": repeats, "pml": pml_repeats},
+        device,
+    )
+    where = f"M={memory}" if memory else "M=B"
+    return {"case": f"{name} B={batch} {where}", **times, "values": (float(first["dmlray"]), float(first["pml"]))}
+
+
+PAIR_LOSSES_BENCHED = (
+    "tuplet_margin",
+    "ntxent",
+    "generalized_lifted_structure",
+    "intra_pair_variance",
+    "threshold_consistent_margin",
+    "triplet_margin",
+)
+MEMORY_LOSSES_BENCHED = ("generalized_lifted_structure", "intra_pair_variance", "triplet_margin+batch_hard")
+"""Against a 55k memory. Not NT-Xent or tuplet margin: PML forms a (#positive pairs) ×
+(#negative pairs) matrix for them — 640 × 7·10⁶ here — which does not fit in memory
+(dmlray's cost is one (B, M) block)."""
+
+
+def print_table(rows: list[dict], case_width: int, with_floor: bool) -> bool:
+    """Times (ms), their ratios and whether dmlray's and PML's values agree; True if all do."""
+    floor = f" {'floor':>9s}" if with_floor else ""
+    header = f"{'case':{case_width}s}{floor} {'dmlray':>9s} {'PML':>10s}"
+    header += f" {'dmlray/floor':>13s}" if with_floor else ""
+    header += f" {'PML/dmlray':>11s}  values agree"
+    print(header)
+    print("-" * len(header))
+    ok = True
+    for row in rows:
+        ours_v, pml_v = row["values"]
+        agree = abs(ours_v - pml_v) <= 1e-4 * max(1.0, abs(pml_v))
+        ok &= agree
+        line = f"{row['case']:{case_width}s}" + (f" {row['floor']:9.1f}" if with_floor else "")
+        line += f" {row['dmlray']:9.1f} {row['pml']:10.1f}"
+        line += f" {row['dmlray'] / row['floor']:13.2f}" if with_floor else ""
+        print(f"{line} {row['pml'] / row['dmlray']:11.1f}  {'yes' if agree else 'NO'} ({ours_v:.6f} vs {pml_v:.6f})")
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller batch, fewer repeats (< 30 s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    parser.add_argument("--only-new", action="store_true", help="only the issue #17 losses' table")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -198,24 +319,22 @@ def main(argv: list[str] | None = None) -> int:
     repeats, pml_repeats = (3, 1) if args.quick else (7, 3)
 
     print(f"device={device} threads={torch.get_num_threads()} dim={args.dim} (times: min over repeats, ms)")
+    new_rows = [bench_classifier(name, batch, args.dim, repeats, device) for name in ("arcface", "subcenter_arcface")]
+    new_rows += [bench_pair_loss(n, batch, 0, args.dim, repeats, repeats, device) for n in PAIR_LOSSES_BENCHED]
+    new_rows += [
+        bench_pair_loss(n, batch, 55000, args.dim, repeats, pml_repeats, device) for n in MEMORY_LOSSES_BENCHED
+    ]
+    # the issue #17 losses: dmlray and PML forward+backward on the same inputs
+    new_ok = print_table(new_rows, 48, with_floor=False)
+    if args.only_new:
+        return 0 if new_ok else 1
+    print()
     rows = [bench_batch(batch, args.dim, repeats, device)]
     for memory in (8192, 55000):
         rows.append(bench_memory(batch, memory, args.dim, repeats, pml_repeats, device))
 
-    header = f"{'case':28s} {'floor':>9s} {'dmlray':>9s} {'PML':>10s} {'dmlray/floor':>13s} {'PML/dmlray':>11s}  values agree"
-    print(header)
-    print("-" * len(header))
-    ok = True
-    for row in rows:
-        ours_v, pml_v = row["values"]
-        agree = abs(ours_v - pml_v) <= 1e-4 * max(1.0, abs(pml_v))
-        ok &= agree
-        print(
-            f"{row['case']:28s} {row['floor']:9.1f} {row['dmlray']:9.1f} {row['pml']:10.1f} "
-            f"{row['dmlray'] / row['floor']:13.2f} {row['pml'] / row['dmlray']:11.1f}  "
-            f"{'yes' if agree else 'NO'} ({ours_v:.6f} vs {pml_v:.6f})"
-        )
-    return 0 if ok else 1
+    ok = print_table(rows, 28, with_floor=True)
+    return 0 if ok and new_ok else 1
 
 
 if __name__ == "__main__":

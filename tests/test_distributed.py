@@ -72,7 +72,12 @@ MODES = {"no-memory": 0, "memory": 20}
 # Every loss that pairs against references: anchor means and pair means split by rank,
 # the rest (rank_decomposable = False: histogram, margin's sampling) computed over the
 # whole global batch on every rank; plus a mining variant that samples.
-VARIANTS = {"contrastive+distance_weighted": ("contrastive", {"mining": "distance_weighted"})}
+VARIANTS = {
+    "contrastive+distance_weighted": ("contrastive", {"mining": "distance_weighted"}),
+    # issue #17: a row-wise miner (rank shares) and a batch-wide one (whole global batch)
+    "triplet_margin+batch_hard": ("triplet_margin", {"miner": "batch_hard"}),
+    "triplet_margin+hdc": ("triplet_margin", {"miner": "hdc"}),
+}
 LOSSES = [n for n in losses.names() if losses.loss_class(n).supports_references] + list(VARIANTS)
 # Losses without references (proxies, classification, batch-wide tuples and clusters).
 # Left out: auxiliary terms the trainer refuses (adversarial needs a second embedding branch).
@@ -208,3 +213,27 @@ def test_gather_orders_by_rank_and_routes_summed_gradients_to_the_owner(tmp_path
 def test_gather_is_identity_without_a_process_group():
     x = torch.randn(4, 3, requires_grad=True)
     assert all_gather_with_grad(x) is x
+
+
+def test_the_exactness_test_covers_the_issue_17_losses():
+    """The losses added for issue #17 enter the R=2/R=3 run through the registry; both
+    trainer paths (rank shares, whole global batch) and pair means are among them."""
+    assert {
+        "tuplet_margin",
+        "ntxent",
+        "generalized_lifted_structure",
+        "intra_pair_variance",
+        "snr_contrastive",
+        "threshold_consistent_margin",
+        "triplet_margin",
+        "triplet_margin+batch_hard",
+        "triplet_margin+hdc",
+    } <= set(LOSSES)
+    assert {"arcface", "subcenter_arcface", "cosface", "sphereface", "large_margin_softmax", "p2sgrad"} <= set(
+        PROXY_LOSSES
+    )
+    assert "fast_ap" in LOSSES and {"smooth_ap", "pnp", "dynamic_soft_margin"} <= set(PROXY_LOSSES)
+    assert make_loss("ntxent").pair_mean and make_loss("ntxent").rank_decomposable
+    assert not make_loss("intra_pair_variance").rank_decomposable
+    assert make_loss("triplet_margin+batch_hard").rank_decomposable
+    assert not make_loss("triplet_margin+hdc").rank_decomposable

@@ -348,9 +348,23 @@ def test_pair_loss_matches_loop(key, case_name):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-7, atol=1e-9, msg=f"{engine} grad")
 
 
+# pair losses of issue #17, checked against pytorch-metric-learning (values and gradients,
+# with and without references) in test_losses_pml_new.py instead of a loop here
+PML_CHECKED_PAIR_LOSSES = {
+    "tuplet_margin",
+    "ntxent",
+    "generalized_lifted_structure",
+    "intra_pair_variance",
+    "snr_contrastive",
+    "threshold_consistent_margin",
+    "triplet_margin",
+    "fast_ap",
+}
+
+
 def test_pair_losses_cover_the_registry():
     pair_losses = {n for n in losses.names() if losses.loss_class(n).supports_references}
-    assert pair_losses == {_registry_name(k) for k in PAIR_REFS} | {"margin"}
+    assert pair_losses == {_registry_name(k) for k in PAIR_REFS} | {"margin"} | PML_CHECKED_PAIR_LOSSES
 
 
 def test_nothing_mined_gives_zero_ms():
@@ -755,7 +769,17 @@ def test_empty_selection_is_a_graph_attached_zero(name):
     emb = _unit(torch.randn(1, D)).requires_grad_(True)
     labels = torch.tensor([2])
     value = _call(loss, name, emb, labels)
-    if name not in ("center", "cross_entropy", "proxy_nca", "proxy_anchor", "softtriple", "adversarial"):
+    # classifiers score a lone sample against their class weights: not a pair, not zero
+    margin_softmax = ("arcface", "subcenter_arcface", "cosface", "sphereface", "large_margin_softmax", "p2sgrad")
+    if name not in (
+        "center",
+        "cross_entropy",
+        "proxy_nca",
+        "proxy_anchor",
+        "softtriple",
+        "adversarial",
+        *margin_softmax,
+    ):
         assert value.item() == 0.0, name
     value.backward()
     assert emb.grad is not None and torch.isfinite(emb.grad).all()

@@ -10,6 +10,9 @@ pair losses that take a ``mining`` option. Euclidean distances are those of unit
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 MINING_METHODS = ("ms", "semihard", "hard", "distance_weighted")
@@ -166,3 +169,225 @@ def check_mining(method: str | None) -> None:
     """Fail at construction, not at the first step, on an unknown mining name."""
     if method is not None and method not in MINING_METHODS:
         raise ValueError(f"unknown mining method {method!r}; known: {', '.join(MINING_METHODS)}")
+
+
+# ---------------------------------------------------------------- miner objects (pytorch-metric-learning's)
+
+
+@dataclass(frozen=True)
+class TripletSelection:
+    """The triplets a miner keeps: (a, p, n) with p ∈ pos[a], n ∈ neg[a] and, when
+    ``margin_range = (lo, hi)`` is set, lo < d_an − d_ap ≤ hi."""
+
+    pos: torch.Tensor
+    """(B, M) bool: the positives kept for each anchor."""
+    neg: torch.Tensor
+    """(B, M) bool: the negatives kept for each anchor."""
+    margin_range: tuple[float, float] | None = None
+    """Bounds on the triplet margin d_an − d_ap (a triplet miner's condition)."""
+    one_per_anchor: bool = False
+    """True when each row keeps at most one positive and one negative (both or neither):
+    the loss then gathers the one triplet instead of sorting the row."""
+
+
+class Miner:
+    """Base class: ``mine(dist, pos, neg)`` selects triplets from a detached (B, M) block of
+    Euclidean distances between unit vectors and the contract's masks.
+
+    ``rowwise`` is False when a row's selection depends on other rows (a quantile over
+    the batch's pairs): the loss then mines the whole block at once and is not
+    rank-decomposable.
+    """
+
+    rowwise: ClassVar[bool] = True
+
+    def mine(self, dist: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> TripletSelection:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+
+BATCH_STRATEGIES = ("hard", "semihard", "easy", "all")
+
+
+def _pick(values: torch.Tensor, mask: torch.Tensor, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, M) one-hot of each row's largest / smallest value under mask, and (B,) whether one exists."""
+    fill = float("-inf") if largest else float("inf")
+    masked = torch.where(mask, values, torch.full_like(values, fill))
+    index = masked.argmax(dim=1) if largest else masked.argmin(dim=1)
+    exists = mask.any(dim=1)
+    one_hot = torch.zeros_like(mask)
+    one_hot.scatter_(1, index.unsqueeze(1), exists.unsqueeze(1))
+    return one_hot, exists
+
+
+def _in_range(dist: torch.Tensor, allowed: tuple[float, float] | None) -> torch.Tensor:
+    if allowed is None:
+        return torch.ones_like(dist, dtype=torch.bool)
+    return (dist >= allowed[0]) & (dist <= allowed[1])
+
+
+class BatchEasyHardMiner(Miner):
+    """One positive and one negative per anchor, each by its strategy (or all of them).
+
+    Positives: "easy" the closest, "hard" the farthest, "semihard" the farthest closer
+    than the chosen negative. Negatives: "hard" the closest, "easy" the farthest,
+    "semihard" the closest farther than the chosen positive. "all" keeps every pair of
+    that side. ``allowed_pos_range`` / ``allowed_neg_range`` restrict the candidates to
+    distances in [lo, hi]. Paper: "Improved Embeddings with Easy Positive Triplet Mining",
+    Xuan et al., WACV 2020. Defaults (pytorch-metric-learning's): easy positives,
+    semi-hard negatives.
+    """
+
+    def __init__(
+        self,
+        pos_strategy: str = "easy",
+        neg_strategy: str = "semihard",
+        allowed_pos_range: tuple[float, float] | None = None,
+        allowed_neg_range: tuple[float, float] | None = None,
+    ):
+        if pos_strategy not in BATCH_STRATEGIES or neg_strategy not in BATCH_STRATEGIES:
+            raise ValueError(
+                f"pos_strategy and neg_strategy must be in {BATCH_STRATEGIES}, got {pos_strategy!r}, {neg_strategy!r}"
+            )
+        if pos_strategy == neg_strategy == "semihard":
+            raise ValueError('pos_strategy and neg_strategy cannot both be "semihard"')
+        if "semihard" in (pos_strategy, neg_strategy) and "all" in (pos_strategy, neg_strategy):
+            raise ValueError('"semihard" cannot be used in combination with "all"')
+        self.pos_strategy = pos_strategy
+        self.neg_strategy = neg_strategy
+        self.allowed_pos_range = allowed_pos_range
+        self.allowed_neg_range = allowed_neg_range
+
+    def _positives(
+        self, dist: torch.Tensor, pos: torch.Tensor, neg_dist: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        candidates = pos & _in_range(dist, self.allowed_pos_range)
+        if neg_dist is not None:  # semi-hard: closer than the chosen negative
+            candidates = candidates & (dist < neg_dist.unsqueeze(1))
+        return _pick(dist, candidates, largest=self.pos_strategy != "easy")
+
+    def _negatives(
+        self, dist: torch.Tensor, neg: torch.Tensor, pos_dist: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        candidates = neg & _in_range(dist, self.allowed_neg_range)
+        if pos_dist is not None:  # semi-hard: farther than the chosen positive
+            candidates = candidates & (dist > pos_dist.unsqueeze(1))
+        return _pick(dist, candidates, largest=self.neg_strategy == "easy")
+
+    def mine(self, dist: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> TripletSelection:
+        inf = torch.full_like(dist, float("inf"))
+        chosen_pos = chosen_neg = None
+        if self.pos_strategy == "semihard":
+            chosen_neg, has_neg = self._negatives(dist, neg)
+            chosen_pos, has_pos = self._positives(dist, pos, torch.where(chosen_neg, dist, inf).amin(dim=1))
+        elif self.neg_strategy == "semihard":
+            chosen_pos, has_pos = self._positives(dist, pos)
+            chosen_neg, has_neg = self._negatives(dist, neg, torch.where(chosen_pos, dist, inf).amin(dim=1))
+        else:
+            if self.pos_strategy != "all":
+                chosen_pos, has_pos = self._positives(dist, pos)
+            if self.neg_strategy != "all":
+                chosen_neg, has_neg = self._negatives(dist, neg)
+        if chosen_pos is None:
+            assert chosen_neg is not None or self.neg_strategy == "all"
+            return TripletSelection(pos, neg if chosen_neg is None else chosen_neg)
+        if chosen_neg is None:
+            return TripletSelection(chosen_pos, neg)
+        # one triplet per anchor: only where both sides found one
+        keep = (has_pos & has_neg).unsqueeze(1)
+        return TripletSelection(chosen_pos & keep, chosen_neg & keep, one_per_anchor=True)
+
+
+class BatchHardMiner(BatchEasyHardMiner):
+    """Each anchor's farthest positive and closest negative ("batch hard", Hermans et al.,
+    "In Defense of the Triplet Loss for Person Re-Identification", 2017)."""
+
+    def __init__(
+        self, allowed_pos_range: tuple[float, float] | None = None, allowed_neg_range: tuple[float, float] | None = None
+    ):
+        super().__init__("hard", "hard", allowed_pos_range, allowed_neg_range)
+
+
+class PairMarginMiner(Miner):
+    """Positive pairs farther than ``pos_margin``, negative pairs closer than ``neg_margin``.
+
+    Defaults (pytorch-metric-learning's): 0.2 and 0.8 (Euclidean distances).
+    """
+
+    def __init__(self, pos_margin: float = 0.2, neg_margin: float = 0.8):
+        self.pos_margin = pos_margin
+        self.neg_margin = neg_margin
+
+    def mine(self, dist: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> TripletSelection:
+        return TripletSelection(pos & (dist > self.pos_margin), neg & (dist < self.neg_margin))
+
+
+TRIPLET_TYPES = ("all", "hard", "semihard", "easy")
+
+
+class TripletMarginMiner(Miner):
+    """Triplets by their margin t = d_an − d_ap: "all" t ≤ m, "hard" t ≤ min(0, m),
+    "semihard" 0 < t ≤ m, "easy" t > m. Default (pytorch-metric-learning's): m = 0.2, "all"."""
+
+    def __init__(self, margin: float = 0.2, type_of_triplets: str = "all"):
+        if type_of_triplets not in TRIPLET_TYPES:
+            raise ValueError(f"type_of_triplets must be one of {tuple(TRIPLET_TYPES)}, got {type_of_triplets!r}")
+        self.margin = margin
+        self.type_of_triplets = type_of_triplets
+
+    def mine(self, dist: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> TripletSelection:
+        m = self.margin
+        bounds = {
+            "all": (float("-inf"), m),
+            "hard": (float("-inf"), min(0.0, m)),
+            "semihard": (0.0, m),
+            "easy": (m, float("inf")),
+        }
+        return TripletSelection(pos, neg, bounds[self.type_of_triplets])
+
+
+class HDCMiner(Miner):
+    """Hard-aware deeply cascaded mining: the ``filter_percentage`` farthest positive pairs
+    and closest negative pairs of the whole block (⌈p·count⌉ of each).
+
+    Paper: "Hard-Aware Deeply Cascaded Embedding", Yuan et al., ICCV 2017. Default
+    (pytorch-metric-learning's): p = 0.5. A quantile over the batch's pairs: not row-wise.
+    """
+
+    rowwise = False
+
+    def __init__(self, filter_percentage: float = 0.5):
+        if not 0.0 < filter_percentage <= 1.0:
+            raise ValueError(f"filter_percentage must be in (0, 1], got {filter_percentage}")
+        self.filter_percentage = filter_percentage
+
+    def _top(self, values: torch.Tensor, mask: torch.Tensor, largest: bool) -> torch.Tensor:
+        """mask restricted to its ⌈p·count⌉ largest / smallest values, without a host sync."""
+        flat = torch.where(mask, values, torch.full_like(values, float("-inf") if largest else float("inf")))
+        order = torch.argsort(flat.flatten(), descending=largest, stable=True)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=order.device)
+        keep = torch.ceil(self.filter_percentage * mask.sum().to(values.dtype))
+        return mask & (rank.view_as(mask) < keep)
+
+    def mine(self, dist: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> TripletSelection:
+        return TripletSelection(self._top(dist, pos, largest=True), self._top(dist, neg, largest=False))
+
+
+MINERS: dict[str, type[Miner]] = {
+    "batch_easy_hard": BatchEasyHardMiner,
+    "batch_hard": BatchHardMiner,
+    "pair_margin": PairMarginMiner,
+    "triplet_margin": TripletMarginMiner,
+    "hdc": HDCMiner,
+}
+"""Miner name → class, for losses that take ``miner=<name>`` and ``miner_params``."""
+
+
+def build_miner(name: str, **params) -> Miner:
+    """The miner registered under ``name`` with its parameters; unknown names list the known ones."""
+    if name not in MINERS:
+        raise ValueError(f"unknown miner {name!r}; known: {', '.join(sorted(MINERS))}")
+    try:
+        return MINERS[name](**params)
+    except TypeError as exc:
+        raise TypeError(f"miner {name!r}: {exc}") from None
