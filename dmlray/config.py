@@ -106,7 +106,7 @@ class MemoryConfig:
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    """Optimiser and step learning-rate schedule."""
+    """Optimiser and learning-rate schedule (dmlray.training.schedules)."""
 
     name: Literal["adam", "adamw", "sgd"] = "adam"
     """Optimiser: Adam, AdamW or SGD with momentum 0.9."""
@@ -121,7 +121,16 @@ class OptimConfig:
     milestones: list[int] = field(default_factory=list)
     """Steps at which the learning rate is multiplied by gamma."""
     gamma: float = 0.1
-    """Learning-rate decay factor at each milestone."""
+    """Learning-rate decay factor at each milestone (schedule step)."""
+    schedule: Literal["step", "cosine"] = "step"
+    """step: multiplied by gamma at each milestone; cosine: half a cosine from the peak down to
+    cosine_floor over the steps after the warm-up (milestones ignored)."""
+    warmup_steps: int = 0
+    """Linear warm-up of every learning rate over this many first steps (any schedule); 0 = none."""
+    warmup_start: float = 0.0
+    """Fraction of each learning rate at step 0 of the warm-up."""
+    cosine_floor: float = 0.0
+    """Fraction of each learning rate left at the last step of a cosine schedule."""
 
 
 @dataclass(kw_only=True)
@@ -146,6 +155,9 @@ class TrainConfig:
     """Channels-last memory format for images and model (faster convolutions on GPU)."""
     accumulate: int = 1
     """Micro-batches per optimisation step (gradient accumulation)."""
+    clip_grad_norm: float = 0.0
+    """Clip the global gradient norm (network and loss parameters) to this before each
+    optimiser step; 0 = no clipping."""
     accumulate_mode: Literal["exact", "independent"] = "exact"
     """exact: the gradient of one batch ``accumulate`` times larger (gradient caching: pairs
     form across micro-batches, the memory gets the whole batch; two forwards per micro-batch).
@@ -413,6 +425,16 @@ def validate(cfg: Config) -> None:
         )
     need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
     need(cfg.train.steps >= 1, "train.steps must be >= 1")
+    need(
+        0 <= cfg.optim.warmup_steps < cfg.train.steps,
+        f"optim.warmup_steps must be in [0, train.steps={cfg.train.steps}), got {cfg.optim.warmup_steps}",
+    )
+    need(0.0 <= cfg.optim.warmup_start <= 1.0, f"optim.warmup_start must be in [0, 1], got {cfg.optim.warmup_start}")
+    need(0.0 <= cfg.optim.cosine_floor <= 1.0, f"optim.cosine_floor must be in [0, 1], got {cfg.optim.cosine_floor}")
+    need(
+        _finite(cfg.train.clip_grad_norm) and cfg.train.clip_grad_norm >= 0,
+        f"train.clip_grad_norm must be finite and >= 0 (0 = off), got {cfg.train.clip_grad_norm}",
+    )
     need(cfg.train.eval_every >= 1, "train.eval_every must be >= 1")
     need(cfg.train.log_every >= 1, "train.log_every must be >= 1")
     need(len(cfg.eval.ks) > 0 and all(k >= 1 for k in cfg.eval.ks), "eval.ks must be positive integers")

@@ -87,3 +87,18 @@ def test_a_choice_is_matched_by_type_too_and_checked_in_a_config_built_in_code()
     cfg.train.amp = "fp16"  # type: ignore[assignment]  # what the check is for
     with pytest.raises(ConfigError, match="train.amp must be none or bf16, got 'fp16'"):
         validate(cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"optim": {"warmup_steps": 300}}, r"optim.warmup_steps must be in \[0, train.steps=300\), got 300"),
+        ({"optim": {"warmup_start": 1.5}}, r"optim.warmup_start must be in \[0, 1\], got 1.5"),
+        ({"optim": {"cosine_floor": -0.1}}, r"optim.cosine_floor must be in \[0, 1\], got -0.1"),
+        ({"optim": {"schedule": "linear"}}, r"optim.schedule must be step or cosine, got 'linear'"),
+        ({"train": {"clip_grad_norm": -1.0}}, r"train.clip_grad_norm must be finite and >= 0 \(0 = off\), got -1.0"),
+    ],
+)
+def test_schedule_and_clipping_settings_are_checked(override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(config_from_dict(override))

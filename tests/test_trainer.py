@@ -129,3 +129,21 @@ def test_sampling_losses_get_the_run_seed_and_draw_the_same_on_every_rank():
     first = a(x, y)
     torch.manual_seed(1)  # another global RNG state (another rank): same draws
     assert torch.equal(first, b(x, y))
+
+
+def _one_step_update(**kwargs) -> torch.Tensor:
+    """The flat parameter change of one SGD step (lr 0.1, no momentum) from the seeded start."""
+    trainer = make_trainer(steps=1, **kwargs)
+    before = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
+    trainer.train()
+    return torch.cat([p.detach().flatten() for p in trainer.model.parameters()]) - before
+
+
+def test_gradient_clipping_scales_the_step_to_the_norm_and_keeps_its_direction():
+    free = _one_step_update()
+    clipped = _one_step_update(clip_grad_norm=1e-3)
+    assert free.norm() / 0.1 > 1e-2  # the unclipped gradient is well above the bound
+    assert (clipped.norm() / 0.1).item() == pytest.approx(1e-3, rel=1e-3)
+    cosine = torch.nn.functional.cosine_similarity(free, clipped, dim=0)
+    assert cosine.item() == pytest.approx(1.0, abs=1e-5)
+    assert torch.equal(_one_step_update(clip_grad_norm=1e6), free)  # a bound above the norm changes nothing

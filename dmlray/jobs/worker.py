@@ -26,6 +26,7 @@ from dmlray.data.stream import iter_shard, scan_layouts
 from dmlray.data.transforms import make_transform
 from dmlray.evaluation.embedding import embed_split, score
 from dmlray.training.memory import CrossBatchMemory
+from dmlray.training.schedules import build_scheduler
 from dmlray.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -229,10 +230,15 @@ def run_worker(cfg: Config, ctx: WorkerContext) -> dict:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = build_loss(cfg.loss, len(train_classes), cfg.model.embedding_dim, cfg.train.seed).to(ctx.device, dtype)
     optimizer = build_optimizer(cfg.optim, model, loss_fn)
-    scheduler = (
-        torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.optim.milestones, cfg.optim.gamma)
-        if cfg.optim.milestones
-        else None
+    scheduler = build_scheduler(
+        optimizer,
+        schedule=cfg.optim.schedule,
+        total_steps=cfg.train.steps,
+        milestones=cfg.optim.milestones,
+        gamma=cfg.optim.gamma,
+        warmup_steps=cfg.optim.warmup_steps,
+        warmup_start=cfg.optim.warmup_start,
+        cosine_floor=cfg.optim.cosine_floor,
     )
     memory = (
         CrossBatchMemory(cfg.memory.size, cfg.model.embedding_dim, dtype=dtype, device=ctx.device)
@@ -360,6 +366,7 @@ def run_worker(cfg: Config, ctx: WorkerContext) -> dict:
         report=ctx.report,
         accumulate=cfg.train.accumulate,
         accumulate_mode=cfg.train.accumulate_mode,
+        clip_grad_norm=cfg.train.clip_grad_norm,
         amp=cfg.train.amp,
         channels_last=cfg.train.channels_last,
         extra_metrics=lambda: {"skipped_samples": stats.skipped, "bad_shards": stats.bad_shards},

@@ -192,6 +192,7 @@ class Trainer:
         checkpoint_every: int = 0,
         accumulate: int = 1,
         accumulate_mode: str = "exact",
+        clip_grad_norm: float = 0.0,
         amp: str = "none",
         channels_last: bool = False,
         report: Callable[[dict, list[dict], dict | None], None] = lambda record, history, state: None,
@@ -219,6 +220,7 @@ class Trainer:
         if accumulate_mode not in ("exact", "independent"):
             raise ValueError(f"accumulate_mode must be exact or independent, got {accumulate_mode!r}")
         self.accumulate_mode = accumulate_mode
+        self.clip_grad_norm = clip_grad_norm
         self.amp = amp
         self.channels_last = channels_last
         self.report = report
@@ -267,6 +269,10 @@ class Trainer:
         else:
             result = self._independent_step(micro_batches)
         average_gradients(self.loss_params)
+        if self.clip_grad_norm > 0:
+            # after DDP's all-reduce and the loss parameters' average: every rank clips the same norm
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
