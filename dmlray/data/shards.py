@@ -249,7 +249,7 @@ def read_manifest(root: str) -> Manifest:
     try:
         raw = storage.read_bytes(url)
     except storage.StorageError as exc:
-        if exc.permanent and exc.code not in ("404", "NoSuchKey"):
+        if exc.permanent and not exc.missing:
             raise  # wrong credentials, no bucket: that message is the clear one
         raise storage.StorageError(
             f"no dataset at {root}: {url} cannot be read (pack it with 'dmlray pack'): {exc}", exc.code

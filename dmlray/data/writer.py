@@ -51,7 +51,7 @@ class PartialLog:
         try:
             self.done.update(json.loads(storage.read_bytes(self.url))["shards"])
         except storage.StorageError as exc:
-            if not exc.permanent or exc.code not in ("404", "NoSuchKey"):
+            if not exc.missing:
                 raise
         except (ValueError, KeyError):
             log.warning("%s is unreadable; shards of this split are written again", self.url)

@@ -19,7 +19,7 @@ import torch
 from dmlray.config import Config, ConfigError, config_from_dict, config_to_dict, validate
 from dmlray.data import storage
 from dmlray.data.shards import read_manifest
-from dmlray.jobs.run_folder import LOCK_FILE, MetricsWriter, RunFolder, RunLock, clear_run_folder
+from dmlray.jobs.run_folder import LOCK_FILE, MetricsWriter, RunFolder, RunLock, clear_run_folder, numeric_metrics
 from dmlray.jobs.worker import WorkerContext, check_training_data, run_worker
 from dmlray.telemetry.worker_metrics import WorkerMetrics
 from dmlray.training import preemption
@@ -90,7 +90,7 @@ def train_function(config: dict) -> None:
             # local mode keeps Ray's checkpoints in a temporary folder: keep the latest
             # one in the run folder too, so `dmlray eval RUN` finds it
             storage.write_bytes(folder.file(f"{LOCAL_CHECKPOINT}/{STATE_FILE}"), state_bytes(state))
-        flat = {k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None}
+        flat = numeric_metrics(record)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:  # one copy of the state is enough: every rank holds the same
@@ -245,7 +245,7 @@ def storage_arguments(storage_path: str) -> dict:
     path = resolve_storage_path(storage_path)
     if not storage.is_s3(path):
         return {"storage_path": path}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = storage.configured_endpoint()
     if not endpoint:
         return {"storage_path": path}
     # pyarrow ignores AWS_ENDPOINT_URL (FIELD_NOTES): spell the endpoint out
@@ -253,7 +253,7 @@ def storage_arguments(storage_path: str) -> dict:
     fs = storage.arrow_s3_filesystem(  # an S3FileSystem that retries for storage.retry_deadline()
         endpoint_override=host,
         scheme=scheme or "https",
-        region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        region=storage.region(),
     )
     return {"storage_path": path[len("s3://") :], "storage_filesystem": fs}
 

@@ -23,6 +23,17 @@ from dmlray.data import storage
 
 log = logging.getLogger(__name__)
 
+
+def is_number(value: object) -> bool:
+    """An int or float metric value (a bool is a flag, not a number)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def numeric_metrics(record: dict) -> dict[str, int | float]:
+    """The numeric values of a metrics record: what Ray Train and Tune can compare."""
+    return {k: v for k, v in record.items() if is_number(v)}
+
+
 LOCK_FILE = "run.lock"
 LEASE_S = 60.0
 """How long a lock stays valid without renewal: a crashed run's successor waits at most this long."""

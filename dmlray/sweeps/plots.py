@@ -12,6 +12,7 @@ from typing import Any
 
 from dmlray.evaluation.plots import _new_figure as new_figure
 from dmlray.evaluation.plots import _save as save_png
+from dmlray.jobs.run_folder import is_number
 
 STYLE = {
     "finished": ("-", "o"),
@@ -48,7 +49,7 @@ def curves(path: str | Path, rows: list, metric: str) -> Path:
 
 
 def _numeric(values: list) -> bool:
-    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    return all(is_number(v) for v in values)
 
 
 def params(path: str | Path, rows: list, settings: Any) -> Path:
