@@ -8,6 +8,7 @@ from collections import Counter
 
 import boto3
 import pytest
+from recipes import RECIPE_40
 
 from dmlray.data import storage
 from dmlray.data.pack import pack
@@ -18,8 +19,6 @@ from dmlray.data.transforms import ImageTransform
 
 pytestmark = pytest.mark.slow
 
-from conftest import RECIPE_40
-
 
 def test_every_sample_arrives_and_shards_are_class_grouped(glyphs_s3, s3_env):
     manifest = read_manifest(glyphs_s3)
@@ -28,7 +27,7 @@ def test_every_sample_arrives_and_shards_are_class_grouped(glyphs_s3, s3_env):
     assert len(train) == len(test) == 20 and not train & test  # zero-shot split
     for split in ("train", "test"):
         keys, per_class_shards = [], {}
-        for info, url in zip(manifest.split(split)["shards"], manifest.shard_urls(split)):
+        for info, url in zip(manifest.split(split)["shards"], manifest.shard_urls(split), strict=True):
             labels = []
             for key, label, data in iter_shard(url):
                 keys.append(key)
