@@ -59,7 +59,7 @@ class StreamStats:
 
     def as_dict(self) -> dict[str, int]:
         with self._values.get_lock():
-            return {name: int(v) for name, v in zip(FIELDS, self._values[:])}
+            return {name: int(v) for name, v in zip(FIELDS, self._values[:], strict=True)}
 
     def skip_sample(self, shard: str, key: str, reason: object) -> None:
         self.add("samples_skipped")

@@ -247,8 +247,11 @@ class RunLock:
 
     def _renew(self) -> None:
         while not self._stop.wait(self.lease_s / 3):
+            held = self._version
+            if held is None:  # released meanwhile
+                return
             try:
-                version = storage.replace_if(self.url, lock_record(self.holder, self.lease_s, self.what), self._version)
+                version = storage.replace_if(self.url, lock_record(self.holder, self.lease_s, self.what), held)
             except OSError as exc:  # a store hiccup: the lease still runs; try again next period
                 log.warning("%s: renewing the lock failed: %s", self.url, exc)
                 continue

@@ -241,7 +241,7 @@ def class_remap(loss_name: str, train_classes: list[int]) -> dict[int, int] | No
 def validation_urls(manifest, split: str, val_classes: set[int]) -> list[str]:
     """The split's shards holding any validation class."""
     shards = manifest.split(split)["shards"]
-    return [u for u, s in zip(manifest.shard_urls(split), shards) if val_classes & set(s["classes"])]
+    return [u for u, s in zip(manifest.shard_urls(split), shards, strict=True) if val_classes & set(s["classes"])]
 
 
 def test_plan(cfg: Config) -> TestPlan:

@@ -36,7 +36,7 @@ def curves(path: str | Path, rows: list, metric: str) -> Path:
     for row in rows:
         if not row.history:
             continue
-        steps, values = zip(*row.history)
+        steps, values = zip(*row.history, strict=True)
         line, marker = STYLE.get(row.state, ("-", "o"))
         ax.plot(steps, values, linestyle=line, marker=marker, markersize=4, label=f"{row.trial} ({row.state})")
     ax.set_xlabel("step")
@@ -79,7 +79,7 @@ def params(path: str | Path, rows: list, settings: Any) -> Path:
             ax.set_xticks(range(len(order)))
             ax.set_xticklabels(order, rotation=30)
         for state in sorted({p[2] for p in points}):
-            sel = [(x, p[1]) for x, p in zip(xs, points) if p[2] == state]
+            sel = [(x, p[1]) for x, p in zip(xs, points, strict=True) if p[2] == state]
             ax.scatter([s[0] for s in sel], [s[1] for s in sel], marker=STYLE.get(state, ("-", "o"))[1], label=state)
         ax.set_xlabel(key)
         ax.set_ylabel(f"final {settings.metric}")
