@@ -344,6 +344,50 @@ class WorkerEvaluation:
         return {f"val/{k}": v for k, v in score(val, self.plan.ks, nmi=False).items()}
 
 
+def training_stream(
+    cfg: Config,
+    ctx: WorkerContext,
+    manifest: Manifest,
+    transform: Callable,
+    stats: StreamStats,
+    train_classes: list[int],
+    val_classes: set[int],
+) -> TrainingStream:
+    """This rank's training batches of the config's train split, validation classes held out."""
+    return TrainingStream(
+        cfg.data,
+        training_layouts(manifest, cfg.data.train_split),
+        manifest.shard_checksums(cfg.data.train_split),
+        transform,
+        seed=cfg.train.seed,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        device=ctx.device,
+        accumulate=cfg.train.accumulate,
+        stats=stats,
+        held_out=val_classes,
+        remap=class_remap(cfg.loss.name, train_classes),
+    )
+
+
+def worker_evaluation(
+    cfg: Config, ctx: WorkerContext, manifest: Manifest, model: nn.Module, transform: Callable, val_classes: set[int]
+) -> WorkerEvaluation:
+    """The config's evaluation of ``model`` on this rank."""
+    return WorkerEvaluation(
+        model,
+        manifest,
+        test_plan(cfg),
+        transform,
+        ctx.device,
+        steps=cfg.train.steps,
+        rank=ctx.rank,
+        val_classes=val_classes,
+        val_urls=validation_urls(manifest, cfg.data.train_split, val_classes),
+        run_folder=ctx.run_folder,
+    )
+
+
 def build_trainer(cfg: Config, ctx: WorkerContext) -> Trainer:
     """Model, loss, optimizer, data stream and evaluation wired into a Trainer."""
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
@@ -359,32 +403,8 @@ def build_trainer(cfg: Config, ctx: WorkerContext) -> Trainer:
     optimizer = build_optimizer(cfg.optim, model, loss_fn)
     train_tf, eval_tf = build_transforms(cfg, model)
     stats = StreamStats()
-    batches = TrainingStream(
-        cfg.data,
-        training_layouts(manifest, cfg.data.train_split),
-        manifest.shard_checksums(cfg.data.train_split),
-        train_tf,
-        seed=cfg.train.seed,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        device=ctx.device,
-        accumulate=cfg.train.accumulate,
-        stats=stats,
-        held_out=set(val_classes),
-        remap=class_remap(cfg.loss.name, train_classes),
-    )
-    evaluate = WorkerEvaluation(
-        model,
-        manifest,
-        test_plan(cfg),
-        eval_tf,
-        ctx.device,
-        steps=cfg.train.steps,
-        rank=ctx.rank,
-        val_classes=set(val_classes),
-        val_urls=validation_urls(manifest, cfg.data.train_split, set(val_classes)),
-        run_folder=ctx.run_folder,
-    )
+    batches = training_stream(cfg, ctx, manifest, train_tf, stats, train_classes, set(val_classes))
+    evaluate = worker_evaluation(cfg, ctx, manifest, model, eval_tf, set(val_classes))
     return Trainer(
         model=ctx.wrap_model(model),
         raw_model=model,
