@@ -66,7 +66,7 @@ def make_cars(root: Path, classes=(1, 2, 99, 100), per_class: int = 3) -> Path:
             records.append((rel, 1, 2, 30, 20, c, j % 2))
     annotations = np.zeros((1, len(records)), dtype=[(f, "O") for f in fields])
     for i, rec in enumerate(records):
-        for f, v in zip(fields, rec):
+        for f, v in zip(fields, rec, strict=True):
             annotations[0, i][f] = (
                 np.array([[v]], dtype=np.uint8 if f == "test" else None) if f != "relative_im_path" else np.array([v])
             )

@@ -114,7 +114,7 @@ def test_a_trainer_resumed_from_a_weights_only_checkpoint_matches_the_straight_r
     resumed.load_state_dict(load_state(straight_saved[0], "step-3 checkpoint"))
     assert resumed.step == 3
     resumed.train()
-    for a, b in zip(straight.raw_model.state_dict().values(), resumed.raw_model.state_dict().values()):
+    for a, b in zip(straight.raw_model.state_dict().values(), resumed.raw_model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
