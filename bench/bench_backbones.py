@@ -17,7 +17,7 @@ import itertools
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
 
 import torch
@@ -39,7 +39,7 @@ def train_rate(
     model, loss_fn, optimizer, batches, steps: int, warmup: int, device, amp: bool, channels_last: bool
 ) -> float:
     """Images per second over ``steps`` optimisation steps after ``warmup`` ones."""
-    done, t0 = 0, None
+    done, t0 = 0, time.perf_counter()
     for i, (images, labels) in enumerate(itertools.islice(batches, warmup + steps)):
         if i == warmup:
             if device.type == "cuda":
@@ -62,7 +62,7 @@ def train_rate(
 
 def stream_batches(
     manifest: Manifest, split: str, P: int, K: int, transform, workers: int, device: torch.device
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
     """The trainer's input path: P×K uint8 batches from the split's shards (pinned on CUDA),
     normalised on the device. The one place the benchmarks build the training stream."""
     stream = PKBatches(
@@ -99,8 +99,8 @@ def main() -> None:
         f"bf16+channels-last {'on' if cuda else 'off (CPU)'}"
     )
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
         count = 400 if (args.quick or not cuda) else 4000
         make_images(tmp / "raw", count)
         pack(

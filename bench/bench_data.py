@@ -115,8 +115,7 @@ class BytesDataset(Dataset):
         from PIL import Image
 
         if self.mode == "decode":
-            image = Image.open(io.BytesIO(self.blobs[i]))
-            image = image.convert("RGB")
+            image = Image.open(io.BytesIO(self.blobs[i])).convert("RGB")
             return torch.tensor(image.size)  # tiny: measure decoding, not IPC
         return self.transform.pixels(self.blobs[i], random.Random(i))
 
@@ -174,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         blobs = [p.read_bytes() for p in paths]
         mb = sum(map(len, blobs)) / 2**20
         print(
-            f"{count} synthetic JPEGs, {mb:.1f} MB (mean {mb * 1024 / count:.0f} KB), made in {time.perf_counter() - t0:.0f}s; "
+            f"{count} synthetic JPEGs, {mb:.1f} MB (mean {mb * 1024 / count:.0f} KB), "
+            f"made in {time.perf_counter() - t0:.0f}s; "
             f"{workers} DataLoader workers, batches of {BATCH_P}×{BATCH_K}, {os.cpu_count()} CPUs"
         )
         with SeaweedS3(tmp_path / "s3", buckets=["bench"]) as s3, s3.activated():
@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             manifest = read_manifest(url)
             shard_urls = manifest.shard_urls("train")
             print(
-                f"packed into {len(shard_urls)} shards on SeaweedFS in {pack_s:.1f}s ({mb / pack_s:.1f} MB/s, verify on)"
+                f"packed into {len(shard_urls)} shards on SeaweedFS in {pack_s:.1f}s "
+                f"({mb / pack_s:.1f} MB/s, verify on)"
             )
             small_url = "s3://bench/synthetic-256"
             t0 = time.perf_counter()
@@ -289,19 +290,19 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name} / {name} @{args.against} = {results[name] / results[f'{name} @{args.against}']:.2f}   "
                 "(goal >= 0.90: the P×K guarantees cost at most 10%)"
             )
-    s3 = results["s3 stream"]
-    print(f"\ns3 stream / decode only  = {s3 / results['decode only']:.2f}   (goal >= 0.90)")
-    print(f"s3 stream / decode+aug   = {s3 / results['decode+aug']:.2f}   (I/O overhead of the stream)")
-    print(f"s3 stream / imagefolder  = {s3 / results['imagefolder']:.2f}   (goal >= 1.00)")
+    stream_rate = results["s3 stream"]
+    print(f"\ns3 stream / decode only  = {stream_rate / results['decode only']:.2f}   (goal >= 0.90)")
+    print(f"s3 stream / decode+aug   = {stream_rate / results['decode+aug']:.2f}   (I/O overhead of the stream)")
+    print(f"s3 stream / imagefolder  = {stream_rate / results['imagefolder']:.2f}   (goal >= 1.00)")
     print(
         f"s3 stream u8 / decode only = {results['s3 stream u8'] / results['decode only']:.2f}   "
         "(uint8 batches, normalised on the training device)"
     )
-    small = results["s3 stream 256"]
+    small_rate = results["s3 stream 256"]
     print(
-        f"s3 stream 256 / decode only = {small / results['decode only']:.2f}   (goal >= 0.90; packed with resize: 256)"
+        f"s3 stream 256 / decode only = {small_rate / results['decode only']:.2f}   (goal >= 0.90; packed with resize: 256)"
     )
-    print(f"s3 stream 256 / imagefolder = {small / results['imagefolder']:.2f}   (goal >= 1.00)")
+    print(f"s3 stream 256 / imagefolder = {small_rate / results['imagefolder']:.2f}   (goal >= 1.00)")
     if stats:
         print(
             f"stream: {stats['samples_used']} of {stats['samples_read']} samples read were used "

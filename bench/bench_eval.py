@@ -138,7 +138,7 @@ def worker(method: str, n: int, dim: int, per_class: float, seed: int, out: str,
     result["peak_mb"] = _rss_kb("VmHWM") / 1024
     result["added_mb"] = (_rss_kb("VmHWM") - rss0) / 1024
     if saved:
-        np.savez(out + ".npz", **saved)
+        np.savez(out + ".npz", idx=saved["idx"], sims=saved["sims"])
     Path(out).write_text(json.dumps(result))
 
 

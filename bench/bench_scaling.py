@@ -110,8 +110,8 @@ def main() -> None:
 
     rates: dict[str, list[float]] = {"torchrun": [], "ray": []}
     walls: dict[str, list[float]] = {"torchrun": [], "ray": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
         data = tmp / "glyphs"
         pack(Recipe(dataset="glyphs", shard_bytes=256 * 1024, options={"max_classes": 300}), str(data), progress=False)
         common = [
@@ -153,7 +153,8 @@ def main() -> None:
             ]
             rates["ray"].append(steady_rate(history, warmup))
             print(
-                f"round {r + 1}/{rounds}: torchrun {rates['torchrun'][-1]:.1f}, Ray Train {rates['ray'][-1]:.1f} samples/s",
+                f"round {r + 1}/{rounds}: torchrun {rates['torchrun'][-1]:.1f}, "
+                f"Ray Train {rates['ray'][-1]:.1f} samples/s",
                 flush=True,
             )
         import ray
@@ -183,11 +184,13 @@ def main() -> None:
     )
     print("per-step costs inside the loop (batch 64 per rank, 64-d, memory 2048):")
     print(
-        f"  all_gather_with_grad fwd+bwd, 2 gloo ranks: {gather_ms:.2f} ms  ({100 * gather_ms / step_ms:.1f}% of a step)"
+        f"  all_gather_with_grad fwd+bwd, 2 gloo ranks: {gather_ms:.2f} ms  "
+        f"({100 * gather_ms / step_ms:.1f}% of a step)"
     )
     print(f"  MS loss vs global batch fwd+bwd:            {costs['batch_term_ms']:.2f} ms")
     print(
-        f"  memory enqueue + MS loss vs memory fwd+bwd: {costs['memory_term_ms']:.2f} ms  ({100 * costs['memory_term_ms'] / step_ms:.1f}% of a step)"
+        f"  memory enqueue + MS loss vs memory fwd+bwd: {costs['memory_term_ms']:.2f} ms  "
+        f"({100 * costs['memory_term_ms'] / step_ms:.1f}% of a step)"
     )
 
 

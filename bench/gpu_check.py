@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import itertools
 import json
 import os
@@ -299,6 +300,12 @@ def check_memory(device: torch.device) -> dict:
     }
 
 
+def grad_of(t: torch.Tensor) -> torch.Tensor:
+    """``t.grad``, which a backward pass must have filled."""
+    assert t.grad is not None, "no gradient reached the tensor"
+    return t.grad
+
+
 def check_gathers(device: torch.device, tmp: Path) -> dict:
     """World size 1: the public gathers are the identity; the gather's autograd function also
     runs its real collective (NCCL on CUDA, gloo on CPU) in a one-process group."""
@@ -306,7 +313,7 @@ def check_gathers(device: torch.device, tmp: Path) -> dict:
     labels = torch.arange(6, device=device)
     w = torch.randn(6, 8, device=device)
     (all_gather_with_grad(x) * w).sum().backward()
-    ok = torch.equal(x.grad, w) and torch.equal(all_gather_no_grad(labels), labels)
+    ok = torch.equal(grad_of(x), w) and torch.equal(all_gather_no_grad(labels), labels)
     ok &= torch.equal(all_gather_variable(x.detach()), x.detach()) and all_gather_list([1, 2]) == [1, 2]
     ok &= broadcast_object({"a": 1}) == {"a": 1}
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -319,7 +326,7 @@ def check_gathers(device: torch.device, tmp: Path) -> dict:
         x.grad = None
         gathered = _AllGatherWithGrad.apply(x)  # the public function skips it at world size 1
         (gathered * w).sum().backward()
-        ok &= torch.equal(gathered.detach(), x.detach()) and torch.equal(x.grad, w)
+        ok &= torch.equal(gathered.detach(), x.detach()) and torch.equal(grad_of(x), w)
         ok &= torch.equal(all_gather_variable(x.detach()), x.detach())
     finally:
         dist.destroy_process_group()
@@ -399,19 +406,20 @@ METRIC_TOLERANCE = {"nmi": 1e-2}  # k-means can amplify one reassigned point; k-
 
 def check_retrieval(device: torch.device, n: int) -> list[dict]:
     """Recall@K, MAP@R, R-precision, P@1 and NMI on the device against the CPU's, both protocols."""
-    x, y = make_data(n, 128, 60502 / 11316, seed=1)
-    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    x_np, y_np = make_data(n, 128, 60502 / 11316, seed=1)
+    x, y = torch.from_numpy(x_np), torch.from_numpy(y_np)
     ks = tuple(k for k in KS if k < n)
     half = n // 2
     protocols = {"leave-one-out": (x, y, None, None), "query-vs-gallery": (x[:half], y[:half], x[half:], y[half:])}
     rows = []
     for protocol, (q, ql, g, gl) in protocols.items():
         want = retrieval_metrics(q, ql, g, gl, ks=ks, nmi=True)
-        on_device = [None if t is None else t.to(device) for t in (q, ql, g, gl)]
-        got = retrieval_metrics(*on_device, ks=ks, nmi=True)
+        g_dev = None if g is None else g.to(device)
+        gl_dev = None if gl is None else gl.to(device)
+        got = retrieval_metrics(q.to(device), ql.to(device), g_dev, gl_dev, ks=ks, nmi=True)
         diffs = {k: abs(got[k] - want[k]) for k in want}
         ok = all(d <= METRIC_TOLERANCE.get(k, 1e-4) for k, d in diffs.items())
-        worst = max(diffs, key=diffs.get)
+        worst = max(diffs, key=lambda k: diffs[k])
         rows.append(
             {
                 "check": f"retrieval metrics {protocol} (n={n})",
@@ -540,7 +548,7 @@ def trainer_rate(model: torch.nn.Module, feed: Iterator, sizes: Sizes, device: t
         trainer.train()
     (step0, t0, _), (step1, t1, _) = stamps[0], stamps[-1]
     images = (step1 - step0) * sizes.batch[0] * sizes.batch[1]
-    windows = [(b[0] - a[0]) * sizes.batch[0] * sizes.batch[1] / (b[1] - a[1]) for a, b in zip(stamps, stamps[1:])]
+    windows = [(b[0] - a[0]) * sizes.batch[0] * sizes.batch[1] / (b[1] - a[1]) for a, b in itertools.pairwise(stamps)]
     return {
         "images_per_s": images / (t1 - t0),
         "timed_steps": step1 - step0,
@@ -572,9 +580,10 @@ def section_stream(
         convention = getattr(model.backbone, "input_convention", "rgb_imagenet")
         transform = make_transform("natural", size, 3, train=True, convention=convention)
         fixed = (torch.randn(P * K, 3, size, size, device=device), torch.arange(P, device=device).repeat_interleave(K))
-        feeds = {"synthetic": lambda: itertools.repeat(fixed)}  # first: it also warms the model up
+        # "synthetic" first: it also warms the model up
+        feeds: dict[str, Callable[[], Iterator]] = {"synthetic": functools.partial(itertools.repeat, fixed)}
         for label, root in roots.items():
-            feeds[f"stream {label}"] = lambda root=root: make_stream(root, P, K, transform, workers, device)
+            feeds[f"stream {label}"] = functools.partial(make_stream, root, P, K, transform, workers, device)
         rates = {}
         for label, open_feed in feeds.items():
             rates[label] = run_feed(model, open_feed, sizes, device)

@@ -238,7 +238,8 @@ def ref_ranked_list(lp, margin=0.4, alpha=1.4, temperature=10.0):
         )
         inside = [_dist(lp.s(i, n)) for n in neg if _dist(lp.s(i, n)) < alpha]
         weights = [torch.exp(temperature * (alpha - d)) for d in inside]
-        num = sum((w * (alpha - d) for w, d in zip(weights, inside)), torch.tensor(0.0, dtype=torch.float64))
+        zero = torch.tensor(0.0, dtype=torch.float64)
+        num = sum((w * (alpha - d) for w, d in zip(weights, inside, strict=True)), zero)
         total = total + num / (sum(weights, torch.tensor(0.0, dtype=torch.float64)) + 1e-5)
     return total / lp.B
 
@@ -437,7 +438,7 @@ def _compare_param_loss(loss, ref_fn):
     expected = ref_fn(_unit(raw2), labels, *params2)
     exp_grads = torch.autograd.grad(expected, [raw2, *params2])
     torch.testing.assert_close(value, expected)
-    for got, want in zip(grads, exp_grads):
+    for got, want in zip(grads, exp_grads, strict=True):
         torch.testing.assert_close(got, want)
 
 
@@ -636,7 +637,7 @@ def test_adversarial_reverses_gradients_and_trains_regressor():
     # inputs get the reversed gradient, the regressor the plain one
     torch.testing.assert_close(grads[0], -exp[0])
     torch.testing.assert_close(grads[1], -exp[1])
-    for got, want in zip(grads[2:], exp[2:]):
+    for got, want in zip(grads[2:], exp[2:], strict=True):
         torch.testing.assert_close(got, want)
     assert torch.allclose(loss.between(x, g), value)
     with pytest.raises(ValueError, match="aux_embeddings"):
@@ -783,7 +784,7 @@ def test_rowwise_engine_handles_reference_gradients_and_no_grad():
         plain = loss(_unit(raw2), case["labels"], refs2, case["ref_labels"])
         exp = torch.autograd.grad(plain, [raw2, refs2])
         torch.testing.assert_close(value, plain)
-        for got, want in zip(grads, exp):
+        for got, want in zip(grads, exp, strict=True):
             torch.testing.assert_close(got, want)
         with torch.no_grad():
             loss.chunk_elements = 1 << 18

@@ -50,7 +50,7 @@ def _value_and_grad(fn, raw, *params):
 
 def _assert_same(ours, theirs, scale=1.0, rtol=1e-7, atol=1e-9):
     torch.testing.assert_close(ours[0], scale * theirs[0], rtol=rtol, atol=atol)
-    for a, b in zip(ours[1], theirs[1]):
+    for a, b in zip(ours[1], theirs[1], strict=True):
         torch.testing.assert_close(a, scale * b, rtol=rtol, atol=atol)
 
 

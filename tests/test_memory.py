@@ -21,7 +21,7 @@ def test_batch_larger_than_memory_keeps_only_the_last_rows():
     assert slots.tolist() == [-1, -1, 2, 0, 1]
     emb, lab = mem.contents()
     assert sorted(lab.tolist()) == [2, 3, 4]
-    for row, slot in zip(range(5), slots.tolist()):
+    for row, slot in zip(range(5), slots.tolist(), strict=True):
         if slot >= 0:
             assert emb[slot].item() == row
 
@@ -36,7 +36,7 @@ def test_entries_are_detached():
 
 def test_state_dict_round_trip_continues_identically():
     a = CrossBatchMemory(size=7, dim=4)
-    for i in range(3):
+    for _ in range(3):
         a.enqueue(torch.randn(3, 4), torch.randint(0, 5, (3,)))
     b = CrossBatchMemory(size=7, dim=4)
     b.load_state_dict(a.state_dict())

@@ -99,7 +99,7 @@ def test_distance_weighted_picks_only_valid_pairs_and_is_seeded():
     pairs = _pairs(refs=True)
     a = distance_weighted_triplets(pairs.sim, pairs.pos, pairs.neg, D, generator=torch.Generator().manual_seed(5))
     b = distance_weighted_triplets(pairs.sim, pairs.pos, pairs.neg, D, generator=torch.Generator().manual_seed(5))
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
     positive, negative, valid = a
     rows = torch.arange(pairs.sim.shape[0])
@@ -109,7 +109,7 @@ def test_distance_weighted_picks_only_valid_pairs_and_is_seeded():
 
 def _expected_negative_probabilities(dist_row, neg_row, dim, cutoff, upper):
     weights = []
-    for d, is_neg in zip(dist_row.tolist(), neg_row.tolist()):
+    for d, is_neg in zip(dist_row.tolist(), neg_row.tolist(), strict=True):
         if not is_neg or (upper is not None and max(d, cutoff) >= upper):
             weights.append(0.0)
             continue

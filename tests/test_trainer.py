@@ -64,7 +64,7 @@ def test_accumulating_one_batch_split_in_two_averages_the_micro_losses():
     trainer.optimizer.zero_grad()
     loss_fn = losses.build("multi_similarity")
     ((loss_fn(trainer.model(images[:8]), labels[:8]) + loss_fn(trainer.model(images[8:]), labels[8:])) / 2).backward()
-    for a, p in zip(accumulated, trainer.model.parameters()):
+    for a, p in zip(accumulated, trainer.model.parameters(), strict=True):
         torch.testing.assert_close(a, p.grad)
 
 
@@ -93,7 +93,7 @@ def test_state_dict_round_trip_resumes_the_same_run():
     b = make_trainer(memory=CrossBatchMemory(64, 8), steps=3)
     b.load_state_dict(a.state_dict())
     assert b.step == 3 and b.restarts == 1 and b.history == a.history
-    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+    for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
         assert torch.equal(pa, pb)
     assert torch.equal(a.memory.contents()[0], b.memory.contents()[0])
 

@@ -59,7 +59,7 @@ class ImageTransform:
 
         image = decode_image(data, self.channels)
         if image.size != (self.image_size, self.image_size):
-            image = image.resize((self.image_size, self.image_size), Image.BILINEAR)
+            image = image.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
         if self.train and self.max_shift > 0 and rng is not None:
             # numpy on uint8: torch's replicate pad costs ~10 ms per small image on CPU
             s = self.max_shift
@@ -176,9 +176,8 @@ class NaturalImageTransform:
             else:
                 hwc = _decode_jpeg_hwc(data)
         if hwc is None:
-            if image.mode != "RGB":
-                image = image.convert("RGB")
-            hwc = torch.from_numpy(np.array(image))
+            rgb = image if image.mode == "RGB" else image.convert("RGB")
+            hwc = torch.from_numpy(np.array(rgb))
         # a contiguous channels-last crop takes torch's vectorised uint8 path (~5× faster)
         region = hwc[top:bottom, left:right].permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
         size = (self.image_size, self.image_size)
