@@ -134,27 +134,26 @@ def _dispatch(args) -> int:
         run_demo(args.out, args.overrides)
         return 0
     if args.command == "tune":
-        from dmlray.sweeps.tune import run_sweep
+        from dmlray.sweeps.tune import SweepMetricsEndpoint, SweepSettings, run_sweep
 
-        result = run_sweep(
-            args.config,
-            args.space,
-            overrides=args.overrides,
+        settings = SweepSettings(
+            name=args.name or "",
+            metric=args.metric,
+            mode=args.mode,
             num_samples=args.num_samples,
             scheduler=args.scheduler,
             search=args.search,
-            max_concurrent=args.max_concurrent,
-            metric=args.metric,
-            mode=args.mode,
-            name=args.name,
             grace_period=args.grace_period,
             reduction_factor=args.reduction_factor,
+            max_concurrent=args.max_concurrent,
             seed=args.seed,
-            metrics_port=args.metrics_port,
-            metrics_addr=args.metrics_addr,
-            metrics_port_auto=args.metrics_port_auto,
-            prometheus_dir=args.prometheus_dir,
         )
+        endpoint = None
+        if args.metrics_port is not None:
+            endpoint = SweepMetricsEndpoint(
+                args.metrics_port, args.metrics_addr, args.metrics_port_auto, args.prometheus_dir
+            )
+        result = run_sweep(args.config, args.space, settings, args.overrides, metrics=endpoint)
         return 0 if result.complete else 3
     if args.command == "presets":
         from dmlray.config import preset_names

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
-
-from dmlray.data.pack import Recipe
+from recipes import RECIPE_40
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
 @pytest.fixture(scope="session")
@@ -45,10 +41,6 @@ def glyphs_small(tmp_path_factory):
     root = tmp_path_factory.mktemp("glyphs-small")
     pack(Recipe(dataset="glyphs", shard_bytes=64 * 1024, options={"max_classes": 60}), str(root), progress=False)
     return str(root)
-
-
-# a 40-class glyph subset (20 train / 20 test classes): small enough for CI
-RECIPE_40 = Recipe(dataset="glyphs", shard_bytes=64 * 1024, options={"max_classes": 40})
 
 
 @pytest.fixture(scope="session")

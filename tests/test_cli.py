@@ -81,6 +81,9 @@ def test_train_in_local_mode_then_eval_the_run(glyphs_small, tmp_path, capsys):
     # the same weights on the same split give the same numbers as at the end of training
     assert evaluated["metrics"]["recall@1"] == pytest.approx(result["metrics"]["recall@1"])
     assert evaluated["metrics"]["map@r"] == pytest.approx(result["metrics"]["map@r"])
+    # both go through dmlray.evaluation.report: every metric and the raw-pixel baseline agree
+    assert evaluated["metrics"] == pytest.approx(result["metrics"])
+    assert evaluated["baseline_raw_pixels"] == pytest.approx(result["baseline_raw_pixels"])
 
 
 def test_eval_of_a_folder_without_checkpoints_is_a_clear_error(tmp_path, capsys):

@@ -8,6 +8,7 @@ from collections import Counter
 
 import boto3
 import pytest
+from recipes import RECIPE_40
 
 from dmlray.data import storage
 from dmlray.data.pack import pack
@@ -17,8 +18,6 @@ from dmlray.data.stream import iter_eval_batches, iter_shard, rank_shards
 from dmlray.data.transforms import ImageTransform
 
 pytestmark = pytest.mark.slow
-
-from conftest import RECIPE_40
 
 
 def test_every_sample_arrives_and_shards_are_class_grouped(glyphs_s3, s3_env):

@@ -310,3 +310,13 @@ def test_imports_without_optional_dependencies():
         " & set(sys.modules); assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_evaluation_report_imports_without_ray_boto3_or_prometheus():
+    """The one test-evaluation path (training's final evaluation and `dmlray eval`) is library code."""
+    code = (
+        "import sys\n"
+        "for name in ('ray', 'boto3', 'prometheus_client'):\n    sys.modules[name] = None\n"
+        "from dmlray.evaluation.report import TestPlan, evaluate_test, write_evaluation_pictures\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

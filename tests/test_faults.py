@@ -92,7 +92,7 @@ def cluster(tmp_path_factory):
     lost a node waits until it is back. Ray Train waits up to 5 minutes for a worker
     group (60 s by default) so that a node restart on a loaded machine fits.
     """
-    from conftest import RECIPE_40
+    from recipes import RECIPE_40
 
     from dmlray.data import storage
     from dmlray.data.pack import pack

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.timeout(900)
 def test_job_submit_trains_across_nodes_from_s3(local_ray_cluster, tmp_path, monkeypatch):  # noqa: F811
-    from conftest import RECIPE_40
+    from recipes import RECIPE_40
 
     from dmlray.config import config_to_dict, load_config
     from dmlray.data import storage

@@ -261,7 +261,7 @@ def test_prometheus_scrapes_the_workers_and_the_driver_of_a_sweep_kept_on_s3(gly
 
     from dmlray.data import storage
     from dmlray.jobs.launch import ensure_ray
-    from dmlray.sweeps.tune import run_sweep
+    from dmlray.sweeps.tune import SweepMetricsEndpoint, SweepSettings, run_sweep
     from dmlray.telemetry.prometheus_config import ray_service_discovery_file
 
     space = tmp_path / "space.yaml"
@@ -289,6 +289,7 @@ def test_prometheus_scrapes_the_workers_and_the_driver_of_a_sweep_kept_on_s3(gly
         result = run_sweep(
             "demo",
             str(space),
+            SweepSettings(num_samples=1, scheduler="none"),
             [
                 f"data.url={glyphs_small}",
                 f"run.storage_path={runs}",
@@ -305,10 +306,7 @@ def test_prometheus_scrapes_the_workers_and_the_driver_of_a_sweep_kept_on_s3(gly
                 "eval.baseline=false",
                 "eval.ks=[1,2]",
             ],
-            num_samples=1,
-            scheduler="none",
-            metrics_port=0,
-            prometheus_dir=str(local),
+            metrics=SweepMetricsEndpoint(port=0, prometheus_dir=str(local)),
         )
         # the driver's endpoint closed when run_sweep returned, so Prometheus marks its
         # series stale at the next scrape (maybe before the watcher's next query); the

@@ -246,7 +246,7 @@ def test_a_sweep_refuses_a_planted_asha_state_before_ray_starts(tmp_path, monkey
     sweep.mkdir()
     (sweep / tune.ASHA_STATE).write_bytes(pickle.dumps(Planted(tmp_path / "marker")))
     with pytest.raises(ValueError, match=tune.ASHA_STATE):
-        tune.run_sweep("demo", "demo_sweep_space", [f"run.storage_path={tmp_path}"], num_samples=2)
+        tune.run_sweep("demo", "demo_sweep_space", tune.SweepSettings(num_samples=2), [f"run.storage_path={tmp_path}"])
     assert not (tmp_path / "marker").exists()
 
 
@@ -382,7 +382,7 @@ def test_a_sweep_with_an_impossible_combination_fails_at_start(tmp_path, monkeyp
     space = tmp_path / "space.yaml"
     space.write_text("data.classes_per_batch: {randint: [2, 65]}\ndata.class_buffer: {randint: [32, 129]}\n")
     with pytest.raises(ConfigError, match="combination"):
-        tune.run_sweep("demo", str(space), [f"run.storage_path={tmp_path / 'runs'}"], num_samples=2)
+        tune.run_sweep("demo", str(space), tune.SweepSettings(num_samples=2), [f"run.storage_path={tmp_path / 'runs'}"])
     assert not (tmp_path / "runs").exists()
 
 
@@ -523,7 +523,9 @@ def test_a_second_sweep_of_the_same_name_fails_before_ray_starts(tmp_path, monke
     live = RunLock(str(tmp_path / "demo-sweep"), lease_s=30, what="sweep").acquire()
     try:
         with pytest.raises(RunLockedError, match=f"sweep is live: sweep holder {live.holder}"):
-            tune.run_sweep("demo", "demo_sweep_space", [f"run.storage_path={tmp_path}"], num_samples=2)
+            tune.run_sweep(
+                "demo", "demo_sweep_space", tune.SweepSettings(num_samples=2), [f"run.storage_path={tmp_path}"]
+            )
     finally:
         live.release()
     assert sorted(os.listdir(tmp_path / "demo-sweep")) == []  # nothing written: not even sweep.yaml

@@ -237,7 +237,7 @@ def test_a_sweep_prunes_bad_trials_survives_an_interruption_and_reports(glyphs_s
 
     from dmlray.cli import main
     from dmlray.jobs.launch import ensure_ray
-    from dmlray.sweeps.tune import run_sweep
+    from dmlray.sweeps.tune import SweepMetricsEndpoint, SweepSettings, run_sweep
 
     space = tmp_path / "space.yaml"
     # lr 1e-6 barely moves the random init: those trials are clearly worse at the first rung
@@ -268,13 +268,9 @@ def test_a_sweep_prunes_bad_trials_survives_an_interruption_and_reports(glyphs_s
         first = run_sweep(
             "demo",
             str(space),
+            SweepSettings(num_samples=4, scheduler="asha", seed=3, grace_period=10, reduction_factor=2),
             overrides,
-            num_samples=4,
-            scheduler="asha",
-            seed=3,
-            grace_period=10,
-            reduction_factor=2,
-            metrics_port=0,
+            metrics=SweepMetricsEndpoint(port=0),
         )
         interrupter.stop.set()
         assert interrupter.fired_at is not None, "the sweep ended before any trial was done"

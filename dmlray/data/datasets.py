@@ -119,7 +119,7 @@ def build_splits(
 
 
 def _samples(root: Path, entries: list[Entry], keys: list[str], listed_in: str, encoding: Encoding) -> Iterator[Sample]:
-    for entry, key in zip(entries, keys):
+    for entry, key in zip(entries, keys, strict=True):
         suffix = Path(entry.relpath).suffix.lower()
         ext = "png" if suffix == ".png" or (suffix not in (".jpg", ".jpeg") and not encoding.resize) else "jpg"
         source = ImageFile(
@@ -184,7 +184,8 @@ def _same_ids(images: dict, labels: dict, images_txt: Path, labels_txt: Path) ->
         parts = []
         if unlabelled:
             parts.append(
-                f"{len(unlabelled)} image id(s) of {images_txt.name} have no label (e.g. {unlabelled[0]}: {images[unlabelled[0]][1]})"
+                f"{len(unlabelled)} image id(s) of {images_txt.name} have no label "
+                f"(e.g. {unlabelled[0]}: {images[unlabelled[0]][1]})"
             )
         if unknown:
             parts.append(f"{len(unknown)} id(s) are labelled but not listed in {images_txt.name} (e.g. {unknown[0]})")
@@ -207,7 +208,8 @@ def cars196(src: str | None, split_at: int = 98, resize: int = 0, quality: int =
         raise BadInputError(f"cannot read {mat_path} as a MATLAB file: {exc}", str(mat_path)) from None
     if "annotations" not in mat:
         raise BadInputError(
-            f"{mat_path} has no 'annotations' struct array (variables: {sorted(k for k in mat if not k.startswith('__'))})",
+            f"{mat_path} has no 'annotations' struct array "
+            f"(variables: {sorted(k for k in mat if not k.startswith('__'))})",
             str(mat_path),
         )
     annotations = np.atleast_1d(mat["annotations"])
@@ -264,7 +266,8 @@ def sop(src: str | None, resize: int = 0, quality: int = 95, verify: bool = True
     overlap = {e.label for e in entries["train"]} & {e.label for e in entries["test"]}
     if overlap:
         raise BadInputError(
-            f"{root / 'Ebay_test.txt'} shares {len(overlap)} class id(s) with Ebay_train.txt (e.g. {min(overlap)}): not a zero-shot split",
+            f"{root / 'Ebay_test.txt'} shares {len(overlap)} class id(s) with Ebay_train.txt "
+            f"(e.g. {min(overlap)}): not a zero-shot split",
             str(root / "Ebay_test.txt"),
         )
     return build_splits(

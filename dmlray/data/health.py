@@ -53,9 +53,13 @@ class StreamStats:
         (each is excluded for the rest of the run by the worker that found it)."""
         return self.get("shards_skipped") + self.get("checksum_failures")
 
+    def as_metrics(self) -> dict[str, int]:
+        """The counters the trainer publishes at its log steps."""
+        return {"skipped_samples": self.skipped, "bad_shards": self.bad_shards}
+
     def as_dict(self) -> dict[str, int]:
         with self._values.get_lock():
-            return {name: int(v) for name, v in zip(FIELDS, self._values)}
+            return {name: int(v) for name, v in zip(FIELDS, self._values[:], strict=True)}
 
     def skip_sample(self, shard: str, key: str, reason: object) -> None:
         self.add("samples_skipped")

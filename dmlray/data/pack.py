@@ -89,7 +89,8 @@ def load_recipe(name_or_path: str) -> Recipe:
         if name_or_path in reader_names():
             return Recipe(dataset=name_or_path)
         raise FileNotFoundError(
-            f"no recipe {name_or_path!r}: not a file, not shards/{name_or_path}.yaml, not a dataset name ({', '.join(reader_names())})"
+            f"no recipe {name_or_path!r}: not a file, not shards/{name_or_path}.yaml, "
+            f"not a dataset name ({', '.join(reader_names())})"
         )
     data = yaml.safe_load(path.read_text()) or {}
     unknown = set(data) - set(RECIPE_KEYS)

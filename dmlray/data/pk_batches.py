@@ -83,6 +83,12 @@ class Ticket:
     items: list[Item] | None
     """The K (key, bytes); None in a simulated epoch."""
 
+    def read_items(self) -> list[Item]:
+        """The K (key, bytes) of a draw from shards that were read."""
+        if self.items is None:
+            raise RuntimeError("a ticket of a simulated epoch holds no images")
+        return self.items
+
 
 Draw = list[tuple[int, Ticket]]  # one batch: P × (class, ticket)
 
@@ -124,6 +130,13 @@ class _ClassBuffer:
         if self.simulated:
             return None
         return sorted((k, d) for *_, k, d in self.kept) if self.sample else sorted(self.kept)
+
+    def read_items(self) -> list[Item]:
+        """``items()`` of a buffer of shards that were read."""
+        items = self.items()
+        if items is None:
+            raise RuntimeError("a simulated class buffer holds no images")
+        return items
 
 
 @dataclass
@@ -230,17 +243,12 @@ class PKBatches(IterableDataset):
             (self.rank, self.world_size, worker, num_workers), (worker, num_workers) if slot.shared else (0, 1)
         )
         skip = max(0, -(-(self.start_batch - worker) // num_workers))  # this worker's batches before start_batch
-        index, epoch = skip, 0
-        while skip:  # whole epochs, simulated from the layouts: nothing is read
-            trial = state.copy()
-            n = sum(1 for _ in self._epoch(slot, epoch, trial, simulated=True))
-            if n == 0 or n > skip:
-                break  # this epoch is read for real, from its start
-            state, skip, epoch = trial, skip - n, epoch + 1
+        index = skip
+        state, skip, first_epoch = self._skip_epochs(slot, state, skip)
         if state.pool:
             self._reload(slot, state)
         empty = 0
-        for epoch in itertools.count(epoch):
+        for epoch in itertools.count(first_epoch):
             n = 0
             for draw in self._epoch(slot, epoch, state):
                 n += 1
@@ -256,6 +264,18 @@ class PKBatches(IterableDataset):
                     f"its {len(slot.shards)} shard(s) unreadable?); stream stats: {self.stats.as_dict()}"
                 )
 
+    def _skip_epochs(self, slot: Slot, state: _SlotState, skip: int) -> tuple[_SlotState, int, int]:
+        """(state, batches still to skip, epoch) after the whole epochs among the first
+        ``skip`` batches, simulated from the layouts: nothing is read."""
+        epoch = 0
+        while skip:
+            trial = state.copy()
+            n = sum(1 for _ in self._epoch(slot, epoch, trial, simulated=True))
+            if n == 0 or n > skip:
+                break  # this epoch is read for real, from its start
+            state, skip, epoch = trial, skip - n, epoch + 1
+        return state, skip, epoch
+
     # ------------------------------------------------------------------ one epoch of one slot
 
     def _epoch(self, slot: Slot, epoch: int, state: _SlotState, simulated: bool = False) -> Iterator[Draw]:
@@ -263,16 +283,40 @@ class PKBatches(IterableDataset):
         rng = random.Random(stream_seed(self.seed, "epoch", *state.key, epoch))
         expected = {c: self.eligibility.counts[c] for c in slot.classes}
         ready_pool = min(max(self.P, self.class_buffer // 2), len(slot.classes))
-        # A class read last brings all its draws at once, each needing P−1 other classes
-        # beside it: near the epoch's end (fewer classes left to read than the pool holds),
-        # keep P times the largest class's draws waiting. Only then: holding them all epoch
-        # long makes a worker read in bursts, which stalls a DataLoader's in-order delivery.
-        reserve = self.P * max(min(n, self.max_per_class) // self.K for n in expected.values())
+        reserve = self._reserve(expected)
         unread = len(expected)
         order = list(slot.shards)
         rng.shuffle(order)
         buffers: dict[int, _ClassBuffer] = {}
         waiting = state.waiting()
+        for label, buffer in self._complete_classes(order, expected, buffers, epoch, simulated):
+            waiting += self._enqueue(state, label, buffer, epoch)
+            unread -= 1
+            while len(state.pool) >= ready_pool and (unread >= ready_pool or waiting - self.P >= reserve):
+                waiting -= self.P
+                yield self._take(state, rng)
+        for label, buffer in buffers.items():  # classes cut short by a bad shard
+            self._enqueue(state, label, buffer, epoch)
+        while len(state.pool) >= self.P:
+            yield self._take(state, rng)
+        for label in state.pool:  # fewer than P classes left: they carry into the next epoch
+            state.carried[label] += 1
+
+    def _reserve(self, expected: dict[int, int]) -> int:
+        """Draws kept waiting near an epoch's end.
+
+        A class read last brings all its draws at once, each needing P−1 other classes
+        beside it: near the epoch's end (fewer classes left to read than the pool holds),
+        keep P times the largest class's draws waiting. Only then: holding them all epoch
+        long makes a worker read in bursts, which stalls a DataLoader's in-order delivery.
+        """
+        return self.P * max(min(n, self.max_per_class) // self.K for n in expected.values())
+
+    def _complete_classes(
+        self, order: list[int], expected: dict[int, int], buffers: dict[int, _ClassBuffer], epoch: int, simulated: bool
+    ) -> Iterator[tuple[int, _ClassBuffer]]:
+        """(label, buffer) of each class as its last expected sample is read from the
+        shards in ``order``; ``buffers`` keeps the classes not complete (yet)."""
         open_shard = self._virtual_shard if simulated else self._read
         for key, label, data in _Feeds(order, open_shard, self.open_shards):
             if label not in expected:
@@ -282,17 +326,7 @@ class PKBatches(IterableDataset):
                 buffer = buffers[label] = self._buffer(label, epoch, expected[label], simulated)
             buffer.add(key, None if key in self._bad_keys else data)
             if buffer.count == expected[label]:
-                waiting += self._enqueue(state, label, buffers.pop(label), epoch)
-                unread -= 1
-                while len(state.pool) >= ready_pool and (unread >= ready_pool or waiting - self.P >= reserve):
-                    waiting -= self.P
-                    yield self._take(state, rng)
-        for label, buffer in buffers.items():  # classes cut short by a bad shard
-            self._enqueue(state, label, buffer, epoch)
-        while len(state.pool) >= self.P:
-            yield self._take(state, rng)
-        for label in state.pool:  # fewer than P classes left: they carry into the next epoch
-            state.carried[label] += 1
+                yield label, buffers.pop(label)
 
     def _buffer(self, label: int, epoch: int, expected: int, simulated: bool = False) -> _ClassBuffer:
         return _ClassBuffer(self.max_per_class, expected > self.max_per_class, self.seed, label, epoch, simulated)
@@ -340,7 +374,7 @@ class PKBatches(IterableDataset):
                 buffer = self._buffer(label, ticket.epoch, self.eligibility.counts[label])
                 for key, data in samples[label]:
                     buffer.add(key, data)
-                ticket.items = self._ticket_items(buffer.items(), label, ticket.window)
+                ticket.items = self._ticket_items(buffer.read_items(), label, ticket.window)
 
     # ------------------------------------------------------------------ reading and decoding
 
@@ -384,7 +418,7 @@ class PKBatches(IterableDataset):
         rng = random.Random(seed)  # per batch: augmentation does not depend on skipped batches
         images, labels, keys = [], [], []
         for label, ticket in draw:
-            for key, data in ticket.items:
+            for key, data in ticket.read_items():
                 try:
                     images.append(decode(self.transform, data, rng))
                 except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError...

@@ -20,7 +20,7 @@ import tarfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from dmlray.data import storage
 from dmlray.data.partition import ShardLayout
@@ -102,7 +102,7 @@ def plan_shards(samples: Iterable[Sample], shard_bytes: int, split: str = "") ->
         if pending and pending_bytes + total > shard_bytes:
             yield pending
             pending, pending_bytes = [], 0
-        for sample, size in zip(group, sizes):
+        for sample, size in zip(group, sizes, strict=True):
             if pending and total > shard_bytes and pending_bytes + size > shard_bytes:
                 yield pending  # only a class bigger than a shard is cut
                 pending, pending_bytes = [], 0
@@ -117,7 +117,8 @@ def plan_shards(samples: Iterable[Sample], shard_bytes: int, split: str = "") ->
         if sample.label != current:
             if sample.label in seen:
                 raise ValueError(
-                    f"split {split!r}: class {sample.label} appears in two separate runs; samples must be grouped by class"
+                    f"split {split!r}: class {sample.label} appears in two separate runs; "
+                    "samples must be grouped by class"
                 )
             yield from end_class()
             group, current = [], sample.label
@@ -156,7 +157,8 @@ def _member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 def write_tar(out: IO[bytes], samples: Iterable[Sample]) -> tuple[int, str]:
     """Write materialised samples as a USTAR tar; returns (bytes written, sha256)."""
     hashing = _HashingWriter(out)
-    with tarfile.open(fileobj=hashing, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    # cast: writing a tar ("w") calls only write() and tell(), which is all _HashingWriter has
+    with tarfile.open(fileobj=cast(IO[bytes], hashing), mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for s in samples:
             _member(tar, f"{s.key}.{s.ext}", s.data)
             _member(tar, f"{s.key}.cls", str(s.label).encode())
@@ -239,7 +241,7 @@ class Manifest:
             return None
         return [
             ShardLayout(url, tuple((int(c), int(n)) for c, n in e["class_counts"]), int(e.get("bytes", 0)))
-            for url, e in zip(self.shard_urls(split), entries)
+            for url, e in zip(self.shard_urls(split), entries, strict=True)
         ]
 
 
@@ -249,7 +251,7 @@ def read_manifest(root: str) -> Manifest:
     try:
         raw = storage.read_bytes(url)
     except storage.StorageError as exc:
-        if exc.permanent and exc.code not in ("404", "NoSuchKey"):
+        if exc.permanent and not exc.missing:
             raise  # wrong credentials, no bucket: that message is the clear one
         raise storage.StorageError(
             f"no dataset at {root}: {url} cannot be read (pack it with 'dmlray pack'): {exc}", exc.code

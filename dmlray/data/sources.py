@@ -140,15 +140,16 @@ def shrink(data: bytes, shorter: int, quality: int = 95, keep_ext: str | None = 
         else:
             target = image.size
         image.load()
-        if image.mode not in ("RGB", "L"):
-            image = image.convert("RGB")
-        if image.size != target:
-            image = image.resize(target, Image.LANCZOS, reducing_gap=3.0)
+        picture: Image.Image = image
+        if picture.mode not in ("RGB", "L"):
+            picture = picture.convert("RGB")
+        if picture.size != target:
+            picture = picture.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
         out = io.BytesIO()
         if keep_ext == "jpg":
-            image.save(out, format="JPEG", quality=quality)
+            picture.save(out, format="JPEG", quality=quality)
             return out.getvalue(), "jpg"
-        image.save(out, format="PNG")
+        picture.save(out, format="PNG")
         return out.getvalue(), "png"
 
 

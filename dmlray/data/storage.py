@@ -42,6 +42,11 @@ class StorageError(IOError):
         """True when retrying cannot help: wrong credentials, no such bucket or object."""
         return self.code in PERMANENT_CODES
 
+    @property
+    def missing(self) -> bool:
+        """True when there is no object (or file) at the URL."""
+        return self.code in MISSING_OBJECT_CODES
+
 
 class StorageUnavailable(StorageError):
     """The endpoint kept failing transiently past the retry deadline (it is down or broken)."""
@@ -62,6 +67,12 @@ PERMANENT_CODES = frozenset(
         "416",
     }
 )
+
+
+# an object that is not there: GET answers NoSuchKey, HEAD (no body) a bare 404, which some
+# S3-compatible servers spell NotFound; a missing local file is reported as 404 too
+MISSING_OBJECT_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+MISSING_BUCKET_CODES = frozenset({"404", "NoSuchBucket"})
 
 
 def is_s3(url: str) -> bool:
@@ -93,8 +104,20 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
+def configured_endpoint() -> str | None:
+    """The S3 endpoint URL the environment names (``AWS_ENDPOINT_URL_S3``, then
+    ``AWS_ENDPOINT_URL``, as boto3 reads them); None for AWS's own endpoints."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
 def endpoint() -> str:
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS default endpoint"
+    """The S3 endpoint for messages."""
+    return configured_endpoint() or "AWS default endpoint"
+
+
+def region(default: str = "us-east-1") -> str:
+    """The AWS region from ``AWS_REGION``, then ``AWS_DEFAULT_REGION``, else ``default``."""
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or default
 
 
 # ------------------------------------------------------------------ transient failures
@@ -246,7 +269,7 @@ def _client_key() -> tuple:
         hash(secret),
         env.get("AWS_SESSION_TOKEN", ""),
         env.get("AWS_PROFILE", ""),
-        env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "",
+        region(default=""),
     )
 
 
@@ -260,7 +283,6 @@ def s3_client():
             import boto3
             from botocore.config import Config as BotoConfig
 
-            region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
             cfg = BotoConfig(
                 # a few quick retries per request; with_retries() outlasts longer outages
                 retries={"max_attempts": 3, "mode": "standard"},
@@ -270,17 +292,14 @@ def s3_client():
                 max_pool_connections=32,  # parallel shard writers and readers share it
             )
             # a fresh session reads the credentials now (the default session caches them)
-            client = boto3.session.Session().client("s3", region_name=region, config=cfg)
+            client = boto3.session.Session().client("s3", region_name=region(), config=cfg)
             _clients[key] = client
     return client
 
 
 def _s3_error(url: str, exc: Exception, action: str) -> StorageError:
     bucket, key = split_s3(url)
-    code = ""
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        code = response.get("Error", {}).get("Code", "")
+    code = _error_code(exc)
     hint = {
         "InvalidAccessKeyId": "the access key is not known to the server: check AWS_ACCESS_KEY_ID",
         "SignatureDoesNotMatch": "the secret key is wrong: check AWS_SECRET_ACCESS_KEY",
@@ -295,8 +314,14 @@ def _s3_error(url: str, exc: Exception, action: str) -> StorageError:
 
 
 def _error_code(exc: Exception) -> str:
+    """The S3 error code of a botocore error, "" for anything else."""
     response = getattr(exc, "response", None)
     return response.get("Error", {}).get("Code", "") if isinstance(response, dict) else ""
+
+
+def _missing(exc: Exception) -> bool:
+    """True when a botocore error says there is no such object."""
+    return _error_code(exc) in MISSING_OBJECT_CODES
 
 
 def open_read(url: str, start: int = 0) -> IO[bytes]:
@@ -370,7 +395,7 @@ def size(url: str) -> int | None:
             try:
                 return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
             except Exception as exc:
-                if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                if _missing(exc):
                     return None
                 raise _s3_error(url, exc, "check") from exc
 
@@ -444,7 +469,7 @@ def exists(url: str) -> bool:
                 s3_client().head_object(Bucket=bucket, Key=key)
                 return True
             except Exception as exc:
-                if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                if _missing(exc):
                     return False
                 raise _s3_error(url, exc, "check") from exc
 
@@ -460,8 +485,7 @@ def check_bucket(url: str) -> None:
     try:
         s3_client().head_bucket(Bucket=bucket)
     except Exception as exc:
-        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
-        if code in ("404", "NoSuchBucket"):
+        if _error_code(exc) in MISSING_BUCKET_CODES:
             raise StorageError(
                 f"bucket {bucket!r} does not exist at endpoint {endpoint()} ({url})", "NoSuchBucket"
             ) from exc
@@ -558,7 +582,7 @@ def read_versioned(url: str) -> tuple[bytes, str] | None:
             response = s3_client().get_object(Bucket=bucket, Key=key)
             return response["Body"].read(), response["ETag"]
         except Exception as exc:
-            if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+            if _missing(exc):
                 return None
             raise _s3_error(url, exc, "read") from exc
     import fcntl
@@ -579,7 +603,7 @@ def replace_if(url: str, data: bytes, version: str) -> str | None:
         try:
             return s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfMatch=version)["ETag"]
         except Exception as exc:
-            if _precondition_failed(exc) or _error_code(exc) in ("404", "NoSuchKey"):
+            if _precondition_failed(exc) or _missing(exc):
                 return None
             raise _s3_error(url, exc, "replace") from exc
     import fcntl
@@ -607,7 +631,7 @@ def modified(url: str) -> float | None:
         try:
             return s3_client().head_object(Bucket=bucket, Key=key)["LastModified"].timestamp()
         except Exception as exc:
-            if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+            if _missing(exc):
                 return None
             raise _s3_error(url, exc, "check") from exc
     try:

@@ -30,7 +30,7 @@ from dmlray.data import storage
 from dmlray.data.health import StreamStats
 from dmlray.data.partition import ShardLayout
 from dmlray.data.shards import class_runs
-from dmlray.data.tario import ResumableReader, ShardError, iter_grouped, iter_members
+from dmlray.data.tario import Readable, ResumableReader, ShardError, iter_grouped, iter_members
 from dmlray.data.transforms import collate, decode
 
 log = logging.getLogger(__name__)
@@ -39,13 +39,13 @@ RawSample = tuple[str, int, bytes]  # key, label, encoded image
 IMAGE_EXTS = ("jpg", "png", "jpeg", "webp")
 
 
-def _spooled(url: str, reader: ResumableReader) -> Callable[[str, int], object]:
+def _spooled(url: str, reader: ResumableReader) -> Callable[[str, int], Readable]:
     """Read the whole object into a spooled temporary file; an opener replaying it."""
     spool = tempfile.SpooledTemporaryFile(max_size=32 * 2**20)
     while chunk := reader.read_chunk(1 << 20):
         spool.write(chunk)
 
-    def open_at(_: str, start: int):
+    def open_at(_: str, start: int) -> Readable:
         spool.seek(start)
         return _Unclosable(spool)
 
@@ -65,6 +65,10 @@ class _Unclosable:
         pass
 
 
+def _checksum_error(url: str, actual: str, expected: str, note: str = "") -> ShardError:
+    return ShardError(url, f"sha256 {actual[:12]}… differs from the manifest's {expected[:12]}…{note}", checksum=True)
+
+
 def iter_shard(
     url: str,
     *,
@@ -73,7 +77,7 @@ def iter_shard(
     stats: StreamStats | None = None,
     retries: int = 3,
     backoff: float = 0.5,
-    open_at: Callable[[str, int], object] = storage.open_read,
+    open_at: Callable[[str, int], Readable] = storage.open_read,
     on_bad: Callable[[str], None] | None = None,
 ) -> Iterator[RawSample]:
     """(key, label, image bytes) of every sample of one tar shard, streamed.
@@ -95,17 +99,14 @@ def iter_shard(
         on_retry=(lambda: stats.add("retries")) if stats is not None else None,
     )
     try:
-        if verify and sha256:
+        if verify and sha256 and hasher is not None:
             replay = _spooled(url, reader)
             if hasher.hexdigest() != sha256:
-                raise ShardError(
-                    url, f"sha256 {hasher.hexdigest()[:12]}… differs from the manifest's {sha256[:12]}…", checksum=True
-                )
+                raise _checksum_error(url, hasher.hexdigest(), sha256)
             reader.close()
             reader = ResumableReader(url, open_at=replay, retries=0)
             hasher = None
-        for sample in iter_grouped(iter_members(reader)):
-            key = str(sample["__key__"])
+        for key, sample in iter_grouped(iter_members(reader)):
             ext = next((e for e in IMAGE_EXTS if e in sample), None)
             try:
                 label = int(sample["cls"])
@@ -121,15 +122,10 @@ def iter_shard(
             if stats is not None:
                 stats.add("samples_read")
             yield key, label, sample[ext]
-        if hasher is not None:
+        if sha256 and hasher is not None:
             reader.drain()
             if hasher.hexdigest() != sha256:
-                raise ShardError(
-                    url,
-                    f"sha256 {hasher.hexdigest()[:12]}… differs from the manifest's {sha256[:12]}… "
-                    "(its samples were already used)",
-                    checksum=True,
-                )
+                raise _checksum_error(url, hasher.hexdigest(), sha256, " (its samples were already used)")
     except ShardError as exc:
         if stats is None:
             raise

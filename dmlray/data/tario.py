@@ -13,7 +13,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import IO
+from typing import Protocol
 
 from dmlray.data import storage
 
@@ -34,6 +34,14 @@ class ShardError(IOError):
         self.checksum = checksum
 
 
+class Readable(Protocol):
+    """What a reader needs of an opened object: ``storage.open_read``'s stream, or a replay."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
 class ResumableReader:
     """Sequential reads of one object in large chunks; a read that fails is retried with
     exponential backoff from the same byte offset (each reopening itself waits out an
@@ -44,7 +52,7 @@ class ResumableReader:
     def __init__(
         self,
         url: str,
-        open_at: Callable[[str, int], IO[bytes]] = storage.open_read,
+        open_at: Callable[[str, int], Readable] = storage.open_read,
         retries: int = 3,
         backoff: float = 0.5,
         on_retry: Callable[[], None] | None = None,
@@ -57,7 +65,7 @@ class ResumableReader:
         self.on_retry = on_retry
         self.hasher = hasher
         self.offset = 0  # bytes received from the object so far
-        self.stream: IO[bytes] | None = None
+        self.stream: Readable | None = None
         self.buf = b""
         self.pos = 0
 
@@ -212,20 +220,21 @@ def iter_members(reader: ResumableReader) -> Iterator[tuple[str, bytes]]:
         # directories, links, global pax headers: nothing to yield
 
 
-def iter_grouped(members: Iterator[tuple[str, bytes]]) -> Iterator[dict[str, bytes | str]]:
+def iter_grouped(members: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, dict[str, bytes]]]:
     """WebDataset samples: consecutive members sharing a key (the name up to the first
-    dot of its last path part), as ``{"__key__": key, ext: data, ...}``."""
-    current: dict[str, bytes | str] | None = None
+    dot of its last path part), as ``(key, {ext: data, ...})``."""
+    key: str | None = None
+    fields: dict[str, bytes] = {}
     for name, data in members:
         folder, _, base = name.rpartition("/")
         stem, dot, ext = base.partition(".")
         if not dot:
             continue
-        key = f"{folder}/{stem}" if folder else stem
-        if current is None or current["__key__"] != key:
-            if current is not None:
-                yield current
-            current = {"__key__": key}
-        current[ext.lower()] = data
-    if current is not None:
-        yield current
+        member_key = f"{folder}/{stem}" if folder else stem
+        if member_key != key:
+            if key is not None:
+                yield key, fields
+            key, fields = member_key, {}
+        fields[ext.lower()] = data
+    if key is not None:
+        yield key, fields

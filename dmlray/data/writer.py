@@ -15,6 +15,7 @@ writing anything. The manifest is still written last, by the caller.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -51,7 +52,7 @@ class PartialLog:
         try:
             self.done.update(json.loads(storage.read_bytes(self.url))["shards"])
         except storage.StorageError as exc:
-            if not exc.permanent or exc.code not in ("404", "NoSuchKey"):
+            if not exc.missing:
                 raise
         except (ValueError, KeyError):
             log.warning("%s is unreadable; shards of this split are written again", self.url)
@@ -121,17 +122,15 @@ def _checked(samples: Iterable[Sample], skip_bad: bool, skipped: list[dict]) -> 
         yield sample
 
 
-def _write_shard(
-    dst: str, name: str, samples: list[Sample], fp: str, partial: PartialLog, skip_bad: bool, tmp_dir: str
-) -> tuple[ShardInfo | None, list[dict], bool]:
-    """Write (or reuse) one shard; returns (info or None when every sample was bad,
-    skipped inputs, reused?)."""
-    url = storage.join(dst, name)
-    entry = partial.reusable(name, fp, url)
-    if entry is not None:
-        keys = ("name", "url", "samples", "bytes", "classes", "sha256", "fingerprint", "class_counts")
-        info = ShardInfo(**{k: entry[k] for k in keys if k in entry})
-        return info, list(entry.get("skipped", [])), True
+def _reused(entry: dict) -> tuple[ShardInfo, list[dict], bool]:
+    """A recorded complete shard as ``_write_shard`` returns it."""
+    keys = ("name", "url", "samples", "bytes", "classes", "sha256", "fingerprint", "class_counts")
+    return ShardInfo(**{k: entry[k] for k in keys if k in entry}), list(entry.get("skipped", [])), True
+
+
+def _materialised(samples: list[Sample], skip_bad: bool, name: str) -> tuple[list[Sample], list[dict]]:
+    """(samples with their image bytes, bad inputs left out); a bad input is an error
+    unless ``skip_bad``."""
     ready, skipped = [], []
     for sample in samples:
         try:
@@ -141,33 +140,54 @@ def _write_shard(
                 raise
             log.warning("skipped: %s", exc)
             skipped.append({"path": exc.path, "error": str(exc), "shard": name})
-    if not ready:
-        partial.record(
-            name,
-            {
-                "name": name,
-                "url": url,
-                "samples": 0,
-                "bytes": -1,
-                "classes": [],
-                "class_counts": [],
-                "sha256": "",
-                "fingerprint": fp,
-                "skipped": skipped,
-            },
-        )
-        return None, skipped, False
+    return ready, skipped
+
+
+def _empty_entry(name: str, url: str, fp: str, skipped: list[dict]) -> dict:
+    """The partial-log entry of a shard whose every sample was bad (nothing is written)."""
+    return {
+        "name": name,
+        "url": url,
+        "samples": 0,
+        "bytes": -1,
+        "classes": [],
+        "class_counts": [],
+        "sha256": "",
+        "fingerprint": fp,
+        "skipped": skipped,
+    }
+
+
+def _publish_tar(url: str, samples: list[Sample], tmp_dir: str) -> tuple[int, str]:
+    """Write the samples as a tar and publish it at ``url``; (bytes, sha256)."""
     # beside the destination when local (published by a rename), else a temporary folder
     folder = storage.local_path(url).parent if not storage.is_s3(url) else Path(tmp_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{Path(name).name}.", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{Path(url).name}.", suffix=".tmp", dir=folder)
     os.fchmod(fd, 0o644)  # mkstemp makes 0600 files; shards are meant to be read by others
     try:
         with os.fdopen(fd, "wb") as out:
-            size, sha = write_tar(out, ready)
+            size, sha = write_tar(out, samples)
         storage.put_file(tmp, url)
     finally:
         Path(tmp).unlink(missing_ok=True)
+    return size, sha
+
+
+def _write_shard(
+    dst: str, name: str, samples: list[Sample], fp: str, partial: PartialLog, skip_bad: bool, tmp_dir: str
+) -> tuple[ShardInfo | None, list[dict], bool]:
+    """Write (or reuse) one shard; returns (info or None when every sample was bad,
+    skipped inputs, reused?)."""
+    url = storage.join(dst, name)
+    entry = partial.reusable(name, fp, url)
+    if entry is not None:
+        return _reused(entry)
+    ready, skipped = _materialised(samples, skip_bad, name)
+    if not ready:
+        partial.record(name, _empty_entry(name, url, fp, skipped))
+        return None, skipped, False
+    size, sha = _publish_tar(url, ready, tmp_dir)
     info = ShardInfo(
         name=name,
         url=url,
@@ -180,6 +200,73 @@ def _write_shard(
     )
     partial.record(name, dict(vars(info), skipped=skipped))
     return info, skipped, False
+
+
+class _ShardPool:
+    """The thread pool writing planned shards, with a bounded look-ahead; the first
+    failure stops further submissions."""
+
+    def __init__(self, dst: str, workers: int, salt: str, skip_bad: bool, on_shard: Callable[[int, int], None] | None):
+        self.dst, self.salt, self.skip_bad, self.on_shard = dst, salt, skip_bad, on_shard
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dmlray-pack")
+        # bounded look-ahead: at most this many planned shards wait in memory
+        self.slots = threading.BoundedSemaphore(2 * workers)
+        self.futures: list[tuple[str, Future]] = []
+        self.failed = threading.Event()
+        self.lock = threading.Lock()
+        self.tmp = tempfile.TemporaryDirectory(prefix="dmlray-pack-")
+
+    def submit_split(self, split: str, planned: Iterable[list[Sample]], partial: PartialLog, result: SplitResult):
+        """Submit every planned shard of a split, unless a shard has failed."""
+        for index, group in enumerate(planned):
+            self.slots.acquire()
+            if self.failed.is_set():
+                self.slots.release()
+                return
+            name = shard_name(split, index)
+            future = self.pool.submit(
+                _write_shard,
+                self.dst,
+                name,
+                group,
+                fingerprint(self.salt, name, group),
+                partial,
+                self.skip_bad,
+                self.tmp.name,
+            )
+            future.add_done_callback(functools.partial(self._done, result))
+            self.futures.append((split, future))
+
+    def _done(self, result: SplitResult, future: Future) -> None:
+        self.slots.release()
+        if future.cancelled():
+            return
+        if future.exception() is not None:
+            self.failed.set()
+            return
+        info, skipped, reused = future.result()
+        with self.lock:
+            result.skipped += skipped
+            result.reused += reused
+        if info is not None and self.on_shard is not None:
+            self.on_shard(info.samples, info.bytes)
+
+    def finish(self, results: dict[str, SplitResult]) -> None:
+        """Wait for every shard; raise the first failure, else add each shard to its split."""
+        wait([f for _, f in self.futures], return_when=FIRST_EXCEPTION)
+        for _, future in self.futures:
+            error = future.exception() if future.done() and not future.cancelled() else None
+            if error is not None:
+                raise error
+        for split, future in self.futures:
+            info = future.result()[0]
+            if info is not None:
+                results[split].shards.append(info)
+
+    def close(self, cancel: bool) -> None:
+        """Stop the pool (running shards finish and are recorded) and drop the temporary folder."""
+        self.pool.shutdown(wait=True, cancel_futures=cancel)
+        self.tmp.cleanup()
 
 
 def write_splits(
@@ -201,65 +288,21 @@ def write_splits(
     recorded, and a re-run picks up from there. ``known`` lists reusable shards of an
     earlier manifest (default: the one at ``dst``, if any).
     """
-    workers = workers or default_workers()
     results = {split: SplitResult() for split in splits}
     known = known_shards(dst) if known is None else known
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dmlray-pack")
-    # bounded look-ahead: at most this many planned shards wait in memory
-    slots = threading.BoundedSemaphore(2 * workers)
-    futures: list[tuple[str, Future]] = []
-    failed = threading.Event()
-    lock = threading.Lock()
-    partials: dict[str, PartialLog] = {}
-
-    def done(split: str, future: Future) -> None:
-        slots.release()
-        if future.cancelled():
-            return
-        if future.exception() is not None:
-            failed.set()
-            return
-        info, skipped, reused = future.result()
-        with lock:
-            results[split].skipped += skipped
-            results[split].reused += reused
-        if info is not None and on_shard is not None:
-            on_shard(info.samples, info.bytes)
-
-    tmp = tempfile.TemporaryDirectory(prefix="dmlray-pack-")
+    pool = _ShardPool(dst, workers or default_workers(), salt, skip_bad, on_shard)
+    cancel = True
     try:
         for split, samples in splits.items():
-            partial = partials[split] = PartialLog(
-                dst, split, {k: v for k, v in known.items() if k.startswith(f"{split}/")}
-            )
+            partial = PartialLog(dst, split, {k: v for k, v in known.items() if k.startswith(f"{split}/")})
             planned = plan_shards(_checked(samples, skip_bad, results[split].skipped), shard_bytes, split)
-            for index, group in enumerate(planned):
-                slots.acquire()
-                if failed.is_set():
-                    slots.release()
-                    break
-                name = shard_name(split, index)
-                future = pool.submit(
-                    _write_shard, dst, name, group, fingerprint(salt, name, group), partial, skip_bad, tmp.name
-                )
-                future.add_done_callback(lambda f, split=split: done(split, f))
-                futures.append((split, future))
-            if failed.is_set():
+            pool.submit_split(split, planned, partial, results[split])
+            if pool.failed.is_set():
                 break
-        wait([f for _, f in futures], return_when=FIRST_EXCEPTION)
-        for _, future in futures:
-            if future.done() and not future.cancelled() and future.exception() is not None:
-                raise future.exception()
-        for split, future in futures:
-            info = future.result()[0]
-            if info is not None:
-                results[split].shards.append(info)
-    except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)  # running shards finish and are recorded
-        raise
+        pool.finish(results)
+        cancel = False
     finally:
-        pool.shutdown(wait=True)
-        tmp.cleanup()
+        pool.close(cancel)
     for result in results.values():
         result.shards.sort(key=lambda s: s.name)
     return results

@@ -139,6 +139,12 @@ class SeaweedS3:
             "AWS_REGION": self.region,
         }
 
+    def _exit_message(self) -> str | None:
+        """Why weed is gone, or None while it runs."""
+        if self.process is None or self.process.poll() is None:
+            return None
+        return f"weed exited with {self.process.returncode}; see {self.folder / 'weed.log'}"
+
     def start(self) -> SeaweedS3:
         self.folder = Path(self.folder)
         data = self.folder / "data"
@@ -157,11 +163,7 @@ class SeaweedS3:
                 self.buckets,
                 self.endpoint,
                 self.startup_timeout,
-                exited=lambda: (
-                    None
-                    if self.process.poll() is None
-                    else f"weed exited with {self.process.returncode}; see {self.folder / 'weed.log'}"
-                ),
+                exited=self._exit_message,
             )
         except BaseException:
             self.stop()

@@ -69,7 +69,7 @@ def embed_split(
         model.train(was_training)
         if bar is not None:
             bar.close()
-    dim = getattr(model, "embedding_dim", None) or getattr(getattr(model, "module", None), "embedding_dim", 0)
+    dim = getattr(model, "embedding_dim", 0) or getattr(getattr(model, "module", None), "embedding_dim", 0)
     local = {
         "embeddings": torch.cat(embs) if embs else torch.zeros(0, dim, device=device),
         "labels": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device),

@@ -218,9 +218,9 @@ class _FaissIndex:
             return v[:, :k], i[:, :k]
         want = k + 1 + (1 if leave_one_out else 0)
         qa = np.ascontiguousarray(q.detach().cpu().numpy(), dtype=np.float32)
-        d, i = self.index.search(qa, want)
-        vals = torch.from_numpy(d).to(q.device, q.dtype)
-        idx = torch.from_numpy(i).to(q.device)
+        found_sims, found_idx = self.index.search(qa, want)
+        vals = torch.from_numpy(found_sims).to(q.device, q.dtype)
+        idx = torch.from_numpy(found_idx).to(q.device)
         if leave_one_out:
             # Drop the query itself; if faiss did not return it (ties with duplicates
             # pushed it out), drop the last candidate instead so every row keeps k+1.
@@ -263,6 +263,7 @@ def _iter_topk(
                 v, i = faiss_index.chunk_topk(q[start:stop], start, k, leave_one_out)
                 yield start, stop, v, i, None
             else:
+                assert buf is not None, "the torch backend has a similarity buffer"
                 block = _torch_chunk_sims(q[start:stop], g, start, leave_one_out, buf)
                 v, i = _topk_of_sims(block, max(k, 0), n_valid)
                 yield start, stop, v, i, block

@@ -7,6 +7,8 @@ those of :mod:`dmlray.evaluation.knn`; NMI's clustering is in :mod:`dmlray.evalu
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -96,6 +98,97 @@ def _first_hit_rank(
     return out
 
 
+def _checked_ks(ks: Sequence[int]) -> list[int]:
+    """The distinct Ks, ascending; an error naming any K below 1."""
+    out = sorted({int(k) for k in ks})
+    if any(k < 1 for k in out):
+        raise ValueError(f"every K must be >= 1, got {out}")
+    return out
+
+
+def _chunk_depth(a: int, b: int, *, r: torch.Tensor, need_r: bool, keep_top: int, counting: bool, max_k: int) -> int:
+    """How deep the neighbour table of queries a..b must go."""
+    # MAP@R needs each query's top R; asking per chunk keeps one large class from
+    # inflating k (and memory) for every other chunk.
+    k = max(int(r[a:b].max()) if need_r else 0, keep_top, 1)
+    return k if counting else max(k, max_k)
+
+
+def _first_correct(
+    match: torch.Tensor,
+    rr: torch.Tensor,
+    block: torch.Tensor | None,
+    start: int,
+    query_labels: torch.Tensor,
+    classes: _ClassIndex | None,
+) -> torch.Tensor:
+    """Rank (0-based) of each chunk query's first correct neighbour; recall@K counts first < K.
+
+    Not in the table: rank >= table depth >= max K (or no positive at all), so an
+    "infinite" rank marks a miss for every K, unless ``classes`` (the counting torch
+    backend) ranks it exactly from the chunk's similarity ``block``.
+    """
+    found = match.any(1)
+    first = torch.where(found, match.to(torch.uint8).argmax(1), _NO_HIT)
+    if classes is not None:
+        assert block is not None, "the counting (torch) backend yields similarity blocks"
+        deep = (~found & (rr > 0)).nonzero().flatten()
+        if deep.numel():
+            first[deep] = _first_hit_rank(block, deep, start, query_labels, classes)
+    return first
+
+
+def _precision_sums(match: torch.Tensor, rr: torch.Tensor) -> tuple[float, float, float]:
+    """(sum of AP@R, of R-precision, of P@1) over the chunk's queries with R > 0."""
+    if int(rr.max()) <= 0:
+        return 0.0, 0.0, 0.0
+    kr = min(match.shape[1], int(rr.max()))  # MAP@R never looks past rank R
+    ranks = torch.arange(1, kr + 1, device=match.device)
+    rel = (match[:, :kr] & (ranks[None, :] <= rr[:, None])).to(torch.float64)
+    prec = rel.cumsum(dim=1) / ranks  # precision at each rank
+    valid = rr > 0
+    denom = rr.clamp(min=1).to(torch.float64)
+    return (
+        float(((prec * rel).sum(1) / denom)[valid].sum()),
+        float((rel.sum(1) / denom)[valid].sum()),
+        float(match[:, 0][valid].sum()),
+    )
+
+
+@dataclass
+class _Sums:
+    """What one pass adds up over the query chunks."""
+
+    hits: dict[int, float]
+    """Queries whose first correct neighbour ranks below K, per K."""
+    precision: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    """Sums of AP@R, R-precision and P@1 (see ``_precision_sums``)."""
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    """(similarities, indices) of each chunk's first neighbours, when asked for."""
+
+    def add_precision(self, sums: tuple[float, float, float]) -> None:
+        self.precision = [a + b for a, b in zip(self.precision, sums, strict=True)]
+
+
+def _summary(sums: _Sums, r: torch.Tensor, need_r: bool, keep_top: int) -> dict[str, Any]:
+    """The metrics of a pass from its sums (see ``_score``)."""
+    n = r.shape[0]
+    n_with_match = int((r > 0).sum())
+    out: dict[str, Any] = {
+        "recall": {k: h / n for k, h in sums.hits.items()},
+        "n_queries": n,
+        "n_without_match": n - n_with_match,
+    }
+    if keep_top:
+        out["neighbour_sims"] = torch.cat([v for v, _ in sums.kept])
+        out["neighbours"] = torch.cat([i for _, i in sums.kept])
+    if need_r:
+        d = max(n_with_match, 1)
+        ap, rp, p1 = sums.precision
+        out.update(map_at_r=ap / d, r_precision=rp / d, precision_at_1=p1 / d)
+    return out
+
+
 @torch.no_grad()
 def _score(
     embeddings: ArrayLike,
@@ -114,69 +207,28 @@ def _score(
     similarities), for checks such as the benchmark's comparison with faiss.
     """
     q, ql, g, gl, loo = _prepare(embeddings, labels, gallery_embeddings, gallery_labels)
-    ks = sorted({int(k) for k in ks})
-    if any(k < 1 for k in ks):
-        raise ValueError(f"every K must be >= 1, got {ks}")
+    ks = _checked_ks(ks)
     r = _class_counts(ql, gl, loo)
     max_k = ks[-1] if ks else 0
-
     # The torch backend ranks the first correct neighbour by counting over the chunk's
     # similarity block, so a large K (SOP's 1000) needs no top-1000 selection: top-k only
     # has to reach R for MAP@R. faiss returns neighbour tables only, so it searches K deep.
     counting = resolve_backend(backend) == "torch" and max_k > _TOPK_FOR_RECALL
     classes = _ClassIndex(gl) if counting else None
-
-    def k_for_chunk(a: int, b: int) -> int:
-        # MAP@R needs each query's top R; asking per chunk keeps one large class from
-        # inflating k (and memory) for every other chunk.
-        k = max(int(r[a:b].max()) if need_r else 0, keep_top, 1)
-        return k if counting else max(k, max_k)
-
-    hits = {k: 0.0 for k in ks}
-    ap_sum = rp_sum = p1_sum = 0.0
-    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for a, b, sims, idx, block in _iter_topk(q, g, loo, k_for_chunk, chunk_size, backend):
+    depth = partial(_chunk_depth, r=r, need_r=need_r, keep_top=keep_top, counting=counting, max_k=max_k)
+    sums = _Sums(hits={k: 0.0 for k in ks})
+    for a, b, sims, idx, block in _iter_topk(q, g, loo, depth, chunk_size, backend):
         if keep_top:
-            kept.append((sims[:, :keep_top].clone(), idx[:, :keep_top].clone()))
+            sums.kept.append((sims[:, :keep_top].clone(), idx[:, :keep_top].clone()))
         if idx.shape[1] == 0:  # a single-item set: nothing to retrieve
             continue
-        rr = r[a:b]
         match = gl[idx] == ql[a:b, None]  # (chunk, k)
-        # Rank (0-based) of the first correct neighbour; recall@K counts first < K.
-        # Not in the table: rank >= table depth >= max K (or no positive at all), so an
-        # "infinite" rank marks a miss for every K, unless it is counted below.
-        found = match.any(1)
-        first = torch.where(found, match.to(torch.uint8).argmax(1), _NO_HIT)
-        if counting:
-            deep = (~found & (rr > 0)).nonzero().flatten()
-            if deep.numel():
-                first[deep] = _first_hit_rank(block, deep, a, ql, classes)
+        first = _first_correct(match, r[a:b], block, a, ql, classes)
         for k in ks:
-            hits[k] += float((first < k).sum())
-        if need_r and int(rr.max()) > 0:
-            kr = min(match.shape[1], int(rr.max()))  # MAP@R never looks past rank R
-            ranks = torch.arange(1, kr + 1, device=idx.device)
-            rel = (match[:, :kr] & (ranks[None, :] <= rr[:, None])).to(torch.float64)
-            prec = rel.cumsum(dim=1) / ranks  # precision at each rank
-            valid = rr > 0
-            denom = rr.clamp(min=1).to(torch.float64)
-            ap_sum += float(((prec * rel).sum(1) / denom)[valid].sum())
-            rp_sum += float((rel.sum(1) / denom)[valid].sum())
-            p1_sum += float(match[:, 0][valid].sum())
-    n = q.shape[0]
-    n_with_match = int((r > 0).sum())
-    out: dict[str, Any] = {
-        "recall": {k: hits[k] / n for k in ks},
-        "n_queries": n,
-        "n_without_match": n - n_with_match,
-    }
-    if keep_top:
-        out["neighbour_sims"] = torch.cat([v for v, _ in kept])
-        out["neighbours"] = torch.cat([i for _, i in kept])
-    if need_r:
-        d = max(n_with_match, 1)
-        out.update(map_at_r=ap_sum / d, r_precision=rp_sum / d, precision_at_1=p1_sum / d)
-    return out
+            sums.hits[k] += float((first < k).sum())
+        if need_r:
+            sums.add_precision(_precision_sums(match, r[a:b]))
+    return _summary(sums, r, need_r, keep_top)
 
 
 def recall_at_k(
@@ -265,9 +317,9 @@ def format_table(rows: dict[str, dict], ks: Sequence[int] = (1, 2, 4, 8)) -> str
     cols += [c for c in _COLUMNS if any(c[0] in r for r in rows.values())]
     name_w = max([len("method")] + [len(n) for n in rows])
     widths = [max(len(h), 5) for _, h in cols]
-    lines = ["  ".join([f"{'method':<{name_w}}"] + [f"{h:>{w}}" for (_, h), w in zip(cols, widths)])]
+    lines = ["  ".join([f"{'method':<{name_w}}"] + [f"{h:>{w}}" for (_, h), w in zip(cols, widths, strict=True)])]
     lines.append("-" * len(lines[0]))
     for name, r in rows.items():
         cells = [f"{100 * r[key]:.1f}" if r.get(key) is not None else "-" for key, _ in cols]
-        lines.append("  ".join([f"{name:<{name_w}}"] + [f"{c:>{w}}" for c, w in zip(cells, widths)]))
+        lines.append("  ".join([f"{name:<{name_w}}"] + [f"{c:>{w}}" for c, w in zip(cells, widths, strict=True)]))
     return "\n".join(lines)

@@ -170,7 +170,7 @@ def training_curves(
     ax_loss, ax_m = fig.subplots(1, 2)
     pts = [(h["step"], h["loss"]) for h in history if h.get("loss") is not None]
     if pts:
-        ax_loss.plot(*zip(*pts), lw=1, color="#555555")
+        ax_loss.plot(*zip(*pts, strict=True), lw=1, color="#555555")
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("loss")
     ax_loss.set_title("training loss")
@@ -179,7 +179,7 @@ def training_curves(
     for key in metrics:
         pts = [(h["step"], 100.0 * h[key]) for h in history if h.get(key) is not None]
         if pts:
-            ax_m.plot(*zip(*pts), marker="o", ms=3, label=key)
+            ax_m.plot(*zip(*pts, strict=True), marker="o", ms=3, label=key)
             drawn = True
     if drawn:
         ax_m.legend(fontsize=8)

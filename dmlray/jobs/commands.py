@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
 
+from dmlray import models
 from dmlray.config import Config, config_from_dict
 from dmlray.data import storage
 from dmlray.jobs.run_folder import RunFolder
@@ -91,84 +93,59 @@ def export_embeddings(run: str, name: str, embedded: dict) -> list[str]:
     return written + [storage.join(run, f"{name}.parquet")]
 
 
-def eval_and_report(path: str, data: str | None = None, split: str | None = None, export: bool = False) -> dict:
-    """Evaluate a checkpoint in this process: print the table, write eval.json, pictures and
-    (with ``export``) the embeddings beside it."""
-    from dmlray.data.shards import read_manifest
-    from dmlray.evaluation.embedding import embed_split, score
-    from dmlray.jobs.worker import build_model, build_transforms
-
-    checkpoint, run = find_checkpoint(path)
+def load_checkpoint_model(run: str, checkpoint: str, data: str | None) -> tuple[Config, dict, models.EmbeddingModel]:
+    """(config, checkpoint state, model with the checkpoint's weights) of a run; ``data``
+    replaces the config's shard root."""
     import yaml
+
+    from dmlray.jobs.worker import build_model
 
     cfg = config_from_dict(yaml.safe_load(storage.read_bytes(storage.join(run, "config.yaml"))))
     if data:
         cfg.data.url = data
-    split = split or cfg.data.test_split
     state = load_state_file(storage.join(checkpoint, STATE_FILE))  # tensors and plain values only
     model = build_model(cfg.model, cfg.data.channels)
     model.load_state_dict(state["model"])
-    manifest = read_manifest(cfg.data.url)
-    _, tf = build_transforms(cfg, model)
+    return cfg, state, model
+
+
+def eval_and_report(path: str, data: str | None = None, split: str | None = None, export: bool = False) -> dict:
+    """Evaluate a checkpoint in this process: print the table, write eval.json, pictures and
+    (with ``export``) the embeddings beside it."""
     import torch
 
-    device = torch.device("cpu")
-    query = embed_split(
-        model,
-        manifest.shard_urls(split),
-        tf,
-        cfg.data.eval_batch_size,
-        device,
-        expected=manifest.num_samples(split),
-        pixels=cfg.eval.baseline,
-        progress=True,
-        checksums=manifest.shard_checksums(split),
-    )
-    gallery = None
-    if cfg.data.gallery_split:
-        gallery = embed_split(
-            model,
-            manifest.shard_urls(cfg.data.gallery_split),
-            tf,
-            cfg.data.eval_batch_size,
-            device,
-            expected=manifest.num_samples(cfg.data.gallery_split),
-            pixels=cfg.eval.baseline,
-            progress=True,
-            checksums=manifest.shard_checksums(cfg.data.gallery_split),
-        )
+    from dmlray.data.shards import read_manifest
+    from dmlray.evaluation.report import evaluate_test, write_evaluation_pictures
+    from dmlray.jobs.worker import build_transforms, test_plan
+
+    checkpoint, run = find_checkpoint(path)
+    cfg, state, model = load_checkpoint_model(run, checkpoint, data)
+    split = split or cfg.data.test_split
+    manifest = read_manifest(cfg.data.url)
+    _, tf = build_transforms(cfg, model)
+    plan = dataclasses.replace(test_plan(cfg), test_split=split)
+    evaluation = evaluate_test(model, manifest, plan, tf, torch.device("cpu"), progress=True)
     result = {
         "run": cfg.run.name,
         "steps": state["step"],
         "test_split": split,
         "ks": cfg.eval.ks,
         "checkpoint": checkpoint,
-        "metrics": score(query, cfg.eval.ks, gallery),
+        "metrics": evaluation.metrics,
     }
-    if cfg.eval.baseline:
-        result["baseline_raw_pixels"] = score(query, cfg.eval.ks, gallery, key="pixels")
+    if evaluation.baseline is not None:
+        result["baseline_raw_pixels"] = evaluation.baseline
     storage.write_bytes(storage.join(run, "eval.json"), json.dumps(result, indent=1).encode())
-    from dmlray.evaluation.pictures import write_pictures
-
-    folder = RunFolder.at(run)
-    pictures = write_pictures(
-        folder,
-        query,
-        gallery,
-        manifest.shard_urls(split),
-        manifest.shard_urls(cfg.data.gallery_split) if cfg.data.gallery_split else None,
-        cfg.data.channels,
-        {"dmlray": result["metrics"], "raw pixels": result.get("baseline_raw_pixels") or {}},
-    )
+    pictures = write_evaluation_pictures(RunFolder.at(run), manifest, plan, evaluation)
     print(f"Retrieval on split {split!r} of {cfg.data.url} (checkpoint {checkpoint}, step {state['step']}):")
     print(results_table(result))
     print(f"wrote {storage.join(run, 'eval.json')}")
     for url in pictures:
         print(f"wrote {url}")
     if export:
-        for url in export_embeddings(run, f"embeddings-{split}", query):
+        for url in export_embeddings(run, f"embeddings-{split}", evaluation.query):
             print(f"wrote {url}")
-        if gallery is not None:
-            for url in export_embeddings(run, f"embeddings-{cfg.data.gallery_split}", gallery):
+        if evaluation.gallery is not None:
+            for url in export_embeddings(run, f"embeddings-{cfg.data.gallery_split}", evaluation.gallery):
                 print(f"wrote {url}")
     return result

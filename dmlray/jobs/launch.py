@@ -7,11 +7,13 @@ Train's local mode: no cluster, no fault tolerance) for quick runs and tests.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,7 +21,7 @@ import torch
 from dmlray.config import Config, ConfigError, config_from_dict, config_to_dict, validate
 from dmlray.data import storage
 from dmlray.data.shards import read_manifest
-from dmlray.jobs.run_folder import LOCK_FILE, MetricsWriter, RunFolder, RunLock, clear_run_folder
+from dmlray.jobs.run_folder import LOCK_FILE, MetricsWriter, RunFolder, RunLock, clear_run_folder, numeric_metrics
 from dmlray.jobs.worker import WorkerContext, check_training_data, run_worker
 from dmlray.telemetry.worker_metrics import WorkerMetrics
 from dmlray.training import preemption
@@ -36,84 +38,120 @@ def resolve_storage_path(path: str) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
-def train_function(config: dict) -> None:
-    """The per-worker entry point Ray Train calls (config arrives as a plain dict)."""
+def prepare_worker_process(cfg: Config) -> None:
+    """Logging, torch threads, the storage retry deadline and the preemption handler of a
+    worker process."""
     import ray
-    import ray.train
 
-    cfg = config_from_dict(config["config"])
-    trial = config.get("trial", "")
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(cfg.run.threads_per_worker)
     storage.set_retry_deadline(cfg.run.storage_retry_s)
     preemption.reset()
     if ray.is_initialized():  # local mode (num_workers=0) runs in the user's process: leave its signals alone
         install_preemption_handler()
-    device = torch.device("cpu")
-    if cfg.run.use_gpu and torch.cuda.is_available():
-        device = torch.device("cuda", context.get_local_rank())
-        torch.cuda.set_device(device)
 
-    restored = None
+
+def worker_device(use_gpu: bool, local_rank: int) -> torch.device:
+    """This worker's GPU when the run uses GPUs and one is there, else the CPU."""
+    if not (use_gpu and torch.cuda.is_available()):
+        return torch.device("cpu")
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    return device
+
+
+def restored_state(device: torch.device) -> dict | None:
+    """The state of the checkpoint Ray Train resumes this worker from, if any."""
+    import ray.train
+
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            # named by its place in storage (as_directory may be a local copy of an S3 folder)
-            restored = load_state(
-                (Path(folder) / STATE_FILE).read_bytes(), storage.join(checkpoint.path, STATE_FILE), device
-            )
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        # named by its place in storage (as_directory may be a local copy of an S3 folder)
+        return load_state((Path(folder) / STATE_FILE).read_bytes(), storage.join(checkpoint.path, STATE_FILE), device)
 
+
+@dataclass
+class RayReport:
+    """The worker's ``report``: gauges, metrics.jsonl and progress (rank 0), and at
+    checkpoints the state to Ray Train (one copy, from rank 0)."""
+
+    steps: int
+    rank: int
+    metrics: WorkerMetrics
+    folder: RunFolder | None
+    """The run folder on rank 0, else None."""
+    writer: MetricsWriter | None
+    """metrics.jsonl's background writer on rank 0, else None."""
+
+    def __call__(self, record: dict, history: list[dict], state: dict | None) -> None:
+        record["storage_retries"] = storage.retry_count()  # an S3 outage shows as a rise
+        self.metrics.record(record)
+        if self.writer is not None:
+            self.writer.submit(history)  # written in the background: S3 latency stays off the step
+            print(progress_line(record, self.steps), flush=True)  # rank 0 only
+        if state is None:
+            return
+        if self.writer is not None:
+            self.writer.flush()  # a checkpoint's metrics are stored before the checkpoint is
+        self.checkpoint(numeric_metrics(record), state)
+
+    def checkpoint(self, flat: dict, state: dict) -> None:
+        import ray
+        import ray.train
+
+        if self.folder is not None and not ray.is_initialized():
+            # local mode keeps Ray's checkpoints in a temporary folder: keep the latest
+            # one in the run folder too, so `dmlray eval RUN` finds it
+            storage.write_bytes(self.folder.file(f"{LOCAL_CHECKPOINT}/{STATE_FILE}"), state_bytes(state))
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if self.rank == 0:  # one copy of the state is enough: every rank holds the same
+                (Path(tmp) / STATE_FILE).write_bytes(state_bytes(state))
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(flat, checkpoint=ckpt)
+
+
+def wrap_ddp(model: torch.nn.Module, *, world_size: int, device: torch.device) -> torch.nn.Module:
+    """The model in DistributedDataParallel across ranks (itself in one process)."""
+    if world_size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def train_function(config: dict) -> None:
+    """The per-worker entry point Ray Train calls (config arrives as a plain dict)."""
+    import ray
+    import ray.train
+
+    cfg = config_from_dict(config["config"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    prepare_worker_process(cfg)
+    device = worker_device(cfg.run.use_gpu, context.get_local_rank())
+    restored = restored_state(device)
     backend = "ray" if ray.is_initialized() else "prometheus"
     metrics = WorkerMetrics(
         run=cfg.run.name,
         rank=rank,
-        trial=trial,
+        trial=config.get("trial", ""),
         backend=backend,
         port=cfg.run.metrics_port if backend == "prometheus" else 0,
     )
     folder = RunFolder(cfg.run.storage_path, cfg.run.name) if rank == 0 else None
     writer = MetricsWriter(folder) if folder is not None else None
-
-    def report(record: dict, history: list[dict], state: dict | None) -> None:
-        record["storage_retries"] = storage.retry_count()  # an S3 outage shows as a rise
-        metrics.record(record)
-        if writer is not None:
-            writer.submit(history)  # written in the background: S3 latency stays off the step
-            print(progress_line(record, cfg.train.steps), flush=True)  # rank 0 only
-        if state is None:
-            return
-        if writer is not None:
-            writer.flush()  # a checkpoint's metrics are stored before the checkpoint is
-        if folder is not None and not ray.is_initialized():
-            # local mode keeps Ray's checkpoints in a temporary folder: keep the latest
-            # one in the run folder too, so `dmlray eval RUN` finds it
-            storage.write_bytes(folder.file(f"{LOCAL_CHECKPOINT}/{STATE_FILE}"), state_bytes(state))
-        flat = {k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None}
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:  # one copy of the state is enough: every rank holds the same
-                (Path(tmp) / STATE_FILE).write_bytes(state_bytes(state))
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(flat, checkpoint=ckpt)
-
-    def wrap(model):
-        if world_size == 1:
-            return model
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
     final = run_worker(
         cfg,
         WorkerContext(
             rank=rank,
             world_size=world_size,
             device=device,
-            report=report,
+            report=RayReport(cfg.train.steps, rank, metrics, folder, writer),
             restored=restored,
-            wrap_model=wrap,
+            wrap_model=functools.partial(wrap_ddp, world_size=world_size, device=device),
             run_folder=folder,
         ),
     )
@@ -245,7 +283,7 @@ def storage_arguments(storage_path: str) -> dict:
     path = resolve_storage_path(storage_path)
     if not storage.is_s3(path):
         return {"storage_path": path}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = storage.configured_endpoint()
     if not endpoint:
         return {"storage_path": path}
     # pyarrow ignores AWS_ENDPOINT_URL (FIELD_NOTES): spell the endpoint out
@@ -253,7 +291,7 @@ def storage_arguments(storage_path: str) -> dict:
     fs = storage.arrow_s3_filesystem(  # an S3FileSystem that retries for storage.retry_deadline()
         endpoint_override=host,
         scheme=scheme or "https",
-        region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        region=storage.region(),
     )
     return {"storage_path": path[len("s3://") :], "storage_filesystem": fs}
 

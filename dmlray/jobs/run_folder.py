@@ -23,6 +23,17 @@ from dmlray.data import storage
 
 log = logging.getLogger(__name__)
 
+
+def is_number(value: object) -> bool:
+    """An int or float metric value (a bool is a flag, not a number)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def numeric_metrics(record: dict) -> dict[str, int | float]:
+    """The numeric values of a metrics record: what Ray Train and Tune can compare."""
+    return {k: v for k, v in record.items() if is_number(v)}
+
+
 LOCK_FILE = "run.lock"
 LEASE_S = 60.0
 """How long a lock stays valid without renewal: a crashed run's successor waits at most this long."""
@@ -236,8 +247,11 @@ class RunLock:
 
     def _renew(self) -> None:
         while not self._stop.wait(self.lease_s / 3):
+            held = self._version
+            if held is None:  # released meanwhile
+                return
             try:
-                version = storage.replace_if(self.url, lock_record(self.holder, self.lease_s, self.what), self._version)
+                version = storage.replace_if(self.url, lock_record(self.holder, self.lease_s, self.what), held)
             except OSError as exc:  # a store hiccup: the lease still runs; try again next period
                 log.warning("%s: renewing the lock failed: %s", self.url, exc)
                 continue

@@ -10,7 +10,7 @@ import inspect
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Set
 from dataclasses import dataclass, field
 
 import torch
@@ -21,10 +21,11 @@ from dmlray.config import Config, DataConfig, LossConfig, ModelConfig, OptimConf
 from dmlray.data.health import StreamStats
 from dmlray.data.partition import Eligibility, ShardLayout, check_fillable, eligible_classes
 from dmlray.data.pk_batches import PKBatches
-from dmlray.data.shards import read_manifest
+from dmlray.data.shards import Manifest, read_manifest
 from dmlray.data.stream import iter_shard, scan_layouts
 from dmlray.data.transforms import make_transform
 from dmlray.evaluation.embedding import embed_split, score
+from dmlray.evaluation.report import TestPlan, evaluate_test, write_evaluation_pictures
 from dmlray.training.memory import CrossBatchMemory
 from dmlray.training.schedules import build_scheduler
 from dmlray.training.trainer import Trainer
@@ -135,7 +136,7 @@ def training_batches(
     device: torch.device,
     start_batch: int = 0,
     stats: StreamStats | None = None,
-    held_out: set[int] = frozenset(),
+    held_out: Set[int] = frozenset(),
     remap: dict[int, int] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
     """This rank's P×K training batches ``(images, labels, keys)`` from batch ``start_batch``
@@ -216,124 +217,118 @@ def build_optimizer(cfg: OptimConfig, model: models.EmbeddingModel, loss_fn: nn.
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
 
 
-def run_worker(cfg: Config, ctx: WorkerContext) -> dict:
-    """Train per the config; returns the final metrics (on every rank)."""
-    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-    dtype = torch.float64 if cfg.train.dtype == "float64" else torch.float32
-    manifest = read_manifest(cfg.data.url)
-    train_classes, val_classes = split_validation(
-        manifest.classes(cfg.data.train_split), cfg.data.val_fraction, cfg.train.seed
-    )
-
-    model = build_model(cfg.model, cfg.data.channels).to(ctx.device, dtype)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    loss_fn = build_loss(cfg.loss, len(train_classes), cfg.model.embedding_dim, cfg.train.seed).to(ctx.device, dtype)
-    optimizer = build_optimizer(cfg.optim, model, loss_fn)
-    scheduler = build_scheduler(
+def build_lr_schedule(cfg: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    """The configured schedule (warm-up, step or cosine decay), or None for a constant rate."""
+    return build_scheduler(
         optimizer,
-        schedule=cfg.optim.schedule,
-        total_steps=cfg.train.steps,
-        milestones=cfg.optim.milestones,
-        gamma=cfg.optim.gamma,
-        warmup_steps=cfg.optim.warmup_steps,
-        warmup_start=cfg.optim.warmup_start,
-        cosine_floor=cfg.optim.cosine_floor,
+        schedule=cfg.schedule,
+        total_steps=total_steps,
+        milestones=cfg.milestones,
+        gamma=cfg.gamma,
+        warmup_steps=cfg.warmup_steps,
+        warmup_start=cfg.warmup_start,
+        cosine_floor=cfg.cosine_floor,
     )
-    memory = (
-        CrossBatchMemory(cfg.memory.size, cfg.model.embedding_dim, dtype=dtype, device=ctx.device)
-        if cfg.memory.size
-        else None
-    )
-    wrapped = ctx.wrap_model(model)
 
-    train_tf, eval_tf = build_transforms(cfg, model)
-    train_urls = manifest.shard_urls(cfg.data.train_split)
-    val_set = set(val_classes)
-    stats = StreamStats()
-    val_urls = [
-        u for u, s in zip(train_urls, manifest.split(cfg.data.train_split)["shards"]) if val_set & set(s["classes"])
-    ]
-    if losses.loss_class(cfg.loss.name).needs_classes:
+
+def build_memory(cfg: Config, dtype: torch.dtype, device: torch.device) -> CrossBatchMemory | None:
+    """The cross-batch memory, or None when ``memory.size`` is 0."""
+    if not cfg.memory.size:
+        return None
+    return CrossBatchMemory(cfg.memory.size, cfg.model.embedding_dim, dtype=dtype, device=device)
+
+
+def class_remap(loss_name: str, train_classes: list[int]) -> dict[int, int] | None:
+    """Dataset class id -> 0..C-1 for losses with per-class parameters, else None."""
+    if losses.loss_class(loss_name).needs_classes:
         # per-class parameters are indexed 0..C-1; shards carry the dataset's class ids
-        remap = {c: i for i, c in enumerate(train_classes)}
-    else:
-        remap = None
+        return {c: i for i, c in enumerate(train_classes)}
+    return None
 
-    layouts = training_layouts(manifest, cfg.data.train_split)
 
-    def batches(start_step: int):
+def validation_urls(manifest, split: str, val_classes: set[int]) -> list[str]:
+    """The split's shards holding any validation class."""
+    shards = manifest.split(split)["shards"]
+    return [u for u, s in zip(manifest.shard_urls(split), shards, strict=True) if val_classes & set(s["classes"])]
+
+
+def test_plan(cfg: Config) -> TestPlan:
+    """The config's test evaluation (shared by training's evaluations and ``dmlray eval``)."""
+    return TestPlan(
+        test_split=cfg.data.test_split,
+        gallery_split=cfg.data.gallery_split,
+        ks=cfg.eval.ks,
+        batch_size=cfg.data.eval_batch_size,
+        channels=cfg.data.channels,
+        baseline=cfg.eval.baseline,
+        nmi=cfg.eval.nmi,
+    )
+
+
+@dataclass
+class TrainingStream:
+    """The Trainer's ``batches(start_step)``: this rank's P×K batches from a step on."""
+
+    data: DataConfig
+    layouts: list[ShardLayout]
+    checksums: dict[str, str]
+    transform: Callable
+    seed: int
+    rank: int
+    world_size: int
+    device: torch.device
+    accumulate: int
+    stats: StreamStats
+    held_out: set[int]
+    remap: dict[int, int] | None
+
+    def __call__(self, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         return training_batches(
-            cfg.data,
-            layouts,
-            manifest.shard_checksums(cfg.data.train_split),
-            train_tf,
-            seed=cfg.train.seed,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            device=ctx.device,
-            start_batch=start_step * cfg.train.accumulate,
-            stats=stats,
-            held_out=val_set,
-            remap=remap,
+            self.data,
+            self.layouts,
+            self.checksums,
+            self.transform,
+            seed=self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            device=self.device,
+            start_batch=start_step * self.accumulate,
+            stats=self.stats,
+            held_out=self.held_out,
+            remap=self.remap,
         )
 
-    def evaluate(step: int) -> dict:
-        final = step >= cfg.train.steps
+
+@dataclass
+class WorkerEvaluation:
+    """The Trainer's ``evaluate(step)``: the test split, the validation classes when held
+    out, and at the last step the baseline, NMI and the run folder's pictures."""
+
+    model: nn.Module
+    """The unwrapped model: evaluation needs no DDP (no backward); every rank embeds its own shards."""
+    manifest: Manifest
+    plan: TestPlan
+    transform: Callable
+    device: torch.device
+    steps: int
+    rank: int
+    val_classes: set[int]
+    val_urls: list[str]
+    run_folder: object | None
+
+    def __call__(self, step: int) -> dict:
+        final = step >= self.steps
         t0 = time.perf_counter()
-        pixels = final and cfg.eval.baseline
-        query = embed_split(
-            wrapped_eval,
-            manifest.shard_urls(cfg.data.test_split),
-            eval_tf,
-            cfg.data.eval_batch_size,
-            ctx.device,
-            expected=manifest.num_samples(cfg.data.test_split),
-            pixels=pixels,
-            checksums=manifest.shard_checksums(cfg.data.test_split),
-        )
-        gallery = None
-        if cfg.data.gallery_split:
-            gallery = embed_split(
-                wrapped_eval,
-                manifest.shard_urls(cfg.data.gallery_split),
-                eval_tf,
-                cfg.data.eval_batch_size,
-                ctx.device,
-                expected=manifest.num_samples(cfg.data.gallery_split),
-                pixels=pixels,
-                checksums=manifest.shard_checksums(cfg.data.gallery_split),
-            )
-        metrics = score(query, cfg.eval.ks, gallery, nmi=final and cfg.eval.nmi)
-        out = {k: v for k, v in metrics.items()}
-        if val_set:
-            # model selection looks at these, never at the test split
-            val = embed_split(
-                wrapped_eval,
-                val_urls,
-                eval_tf,
-                cfg.data.eval_batch_size,
-                ctx.device,
-                read_shard=only_classes(iter_shard, val_set, keep=True),
-            )
-            out.update({f"val/{k}": v for k, v in score(val, cfg.eval.ks, nmi=False).items()})
-        if pixels:
-            out["baseline"] = score(query, cfg.eval.ks, gallery, key="pixels", nmi=cfg.eval.nmi)
-        if final and ctx.run_folder is not None:
-            from dmlray.evaluation.pictures import write_pictures
-
-            curves = {"dmlray": metrics, "raw pixels": out.get("baseline") or {}}
-            write_pictures(
-                ctx.run_folder,
-                query,
-                gallery,
-                manifest.shard_urls(cfg.data.test_split),
-                manifest.shard_urls(cfg.data.gallery_split) if cfg.data.gallery_split else None,
-                cfg.data.channels,
-                curves,
-            )
+        evaluation = evaluate_test(self.model, self.manifest, self.plan, self.transform, self.device, final=final)
+        out: dict = dict(evaluation.metrics)
+        if self.val_classes:
+            out.update(self.validation_metrics())
+        if evaluation.baseline is not None:
+            out["baseline"] = evaluation.baseline
+        if final and self.run_folder is not None:
+            write_evaluation_pictures(self.run_folder, self.manifest, self.plan, evaluation)
         out["eval_seconds"] = time.perf_counter() - t0
-        if ctx.rank == 0:
+        if self.rank == 0:
             log.info(
                 "step %d: Recall@1 %.4f MAP@R %.4f (%.1fs)",
                 step,
@@ -343,19 +338,92 @@ def run_worker(cfg: Config, ctx: WorkerContext) -> dict:
             )
         return out
 
-    wrapped_eval = model  # evaluation needs no DDP (no backward); every rank embeds its own shards
+    def validation_metrics(self) -> dict[str, float]:
+        """``val/``-prefixed metrics of the held-out classes: model selection looks at
+        these, never at the test split."""
+        val = embed_split(
+            self.model,
+            self.val_urls,
+            self.transform,
+            self.plan.batch_size,
+            self.device,
+            read_shard=only_classes(iter_shard, self.val_classes, keep=True),
+        )
+        return {f"val/{k}": v for k, v in score(val, self.plan.ks, nmi=False).items()}
 
-    trainer = Trainer(
-        model=wrapped,
+
+def training_stream(
+    cfg: Config,
+    ctx: WorkerContext,
+    manifest: Manifest,
+    transform: Callable,
+    stats: StreamStats,
+    train_classes: list[int],
+    val_classes: set[int],
+) -> TrainingStream:
+    """This rank's training batches of the config's train split, validation classes held out."""
+    return TrainingStream(
+        cfg.data,
+        training_layouts(manifest, cfg.data.train_split),
+        manifest.shard_checksums(cfg.data.train_split),
+        transform,
+        seed=cfg.train.seed,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        device=ctx.device,
+        accumulate=cfg.train.accumulate,
+        stats=stats,
+        held_out=val_classes,
+        remap=class_remap(cfg.loss.name, train_classes),
+    )
+
+
+def worker_evaluation(
+    cfg: Config, ctx: WorkerContext, manifest: Manifest, model: nn.Module, transform: Callable, val_classes: set[int]
+) -> WorkerEvaluation:
+    """The config's evaluation of ``model`` on this rank."""
+    return WorkerEvaluation(
+        model,
+        manifest,
+        test_plan(cfg),
+        transform,
+        ctx.device,
+        steps=cfg.train.steps,
+        rank=ctx.rank,
+        val_classes=val_classes,
+        val_urls=validation_urls(manifest, cfg.data.train_split, val_classes),
+        run_folder=ctx.run_folder,
+    )
+
+
+def build_trainer(cfg: Config, ctx: WorkerContext) -> Trainer:
+    """Model, loss, optimizer, data stream and evaluation wired into a Trainer."""
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+    dtype = torch.float64 if cfg.train.dtype == "float64" else torch.float32
+    manifest = read_manifest(cfg.data.url)
+    train_classes, val_classes = split_validation(
+        manifest.classes(cfg.data.train_split), cfg.data.val_fraction, cfg.train.seed
+    )
+    model = build_model(cfg.model, cfg.data.channels).to(ctx.device, dtype)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = build_loss(cfg.loss, len(train_classes), cfg.model.embedding_dim, cfg.train.seed).to(ctx.device, dtype)
+    optimizer = build_optimizer(cfg.optim, model, loss_fn)
+    train_tf, eval_tf = build_transforms(cfg, model)
+    stats = StreamStats()
+    batches = training_stream(cfg, ctx, manifest, train_tf, stats, train_classes, set(val_classes))
+    evaluate = worker_evaluation(cfg, ctx, manifest, model, eval_tf, set(val_classes))
+    return Trainer(
+        model=ctx.wrap_model(model),
         raw_model=model,
         loss_fn=loss_fn,
         optimizer=optimizer,
-        scheduler=scheduler,
+        scheduler=build_lr_schedule(cfg.optim, optimizer, cfg.train.steps),
         batches=batches,
         steps=cfg.train.steps,
         device=ctx.device,
         dtype=dtype,
-        memory=memory,
+        memory=build_memory(cfg, dtype, ctx.device),
         memory_start=cfg.memory.start,
         memory_weight=cfg.memory.weight,
         memory_ramp_steps=cfg.memory.ramp_steps,
@@ -369,8 +437,13 @@ def run_worker(cfg: Config, ctx: WorkerContext) -> dict:
         clip_grad_norm=cfg.train.clip_grad_norm,
         amp=cfg.train.amp,
         channels_last=cfg.train.channels_last,
-        extra_metrics=lambda: {"skipped_samples": stats.skipped, "bad_shards": stats.bad_shards},
+        extra_metrics=stats.as_metrics,
     )
+
+
+def run_worker(cfg: Config, ctx: WorkerContext) -> dict:
+    """Train per the config; returns the final metrics (on every rank)."""
+    trainer = build_trainer(cfg, ctx)
     if ctx.restored is not None:
         trainer.load_state_dict(ctx.restored)
         log.info("rank %d resumed at step %d", ctx.rank, trainer.step)

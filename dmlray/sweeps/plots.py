@@ -12,6 +12,7 @@ from typing import Any
 
 from dmlray.evaluation.plots import _new_figure as new_figure
 from dmlray.evaluation.plots import _save as save_png
+from dmlray.jobs.run_folder import is_number
 
 STYLE = {
     "finished": ("-", "o"),
@@ -35,7 +36,7 @@ def curves(path: str | Path, rows: list, metric: str) -> Path:
     for row in rows:
         if not row.history:
             continue
-        steps, values = zip(*row.history)
+        steps, values = zip(*row.history, strict=True)
         line, marker = STYLE.get(row.state, ("-", "o"))
         ax.plot(steps, values, linestyle=line, marker=marker, markersize=4, label=f"{row.trial} ({row.state})")
     ax.set_xlabel("step")
@@ -48,7 +49,7 @@ def curves(path: str | Path, rows: list, metric: str) -> Path:
 
 
 def _numeric(values: list) -> bool:
-    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    return all(is_number(v) for v in values)
 
 
 def params(path: str | Path, rows: list, settings: Any) -> Path:
@@ -78,7 +79,7 @@ def params(path: str | Path, rows: list, settings: Any) -> Path:
             ax.set_xticks(range(len(order)))
             ax.set_xticklabels(order, rotation=30)
         for state in sorted({p[2] for p in points}):
-            sel = [(x, p[1]) for x, p in zip(xs, points) if p[2] == state]
+            sel = [(x, p[1]) for x, p in zip(xs, points, strict=True) if p[2] == state]
             ax.scatter([s[0] for s in sel], [s[1] for s in sel], marker=STYLE.get(state, ("-", "o"))[1], label=state)
         ax.set_xlabel(key)
         ax.set_ylabel(f"final {settings.metric}")

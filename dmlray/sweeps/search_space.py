@@ -271,7 +271,7 @@ def check_combinations(params: list[Param], base: dict) -> None:
             len(combos),
         )
     for combo in combos:
-        sample = {p.key: v for p, v in zip(params, combo)}
+        sample = {p.key: v for p, v in zip(params, combo, strict=True)}
         try:
             _check_loss_combination(config_from_dict(apply_sample(base, sample)), sample)
         except ConfigError as exc:

@@ -22,7 +22,8 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from ray.tune.schedulers import ASHAScheduler
 from dmlray.config import Config, ConfigError, check_name, check_port, config_from_dict, config_to_dict, load_config
 from dmlray.data import storage
 from dmlray.jobs.launch import build_trainer, ensure_ray, resolve_storage_path, storage_arguments
-from dmlray.jobs.run_folder import RunFolder, RunLock
+from dmlray.jobs.run_folder import RunFolder, RunLock, is_number, numeric_metrics
 from dmlray.sweeps.search_space import Param, apply_sample, load_space, set_key, to_tune
 
 log = logging.getLogger(__name__)
@@ -53,18 +54,28 @@ METRICS_LINGER_S = 30.0
 class SweepSettings:
     """What defines a sweep; saved as sweep.yaml so a resumed sweep reports the same way."""
 
-    name: str
+    name: str = ""
+    """The sweep folder's name under run.storage_path; "" for ``<run.name>-sweep``."""
     metric: str = "recall@1"
+    """The metric trials are ranked and stopped by (e.g. recall@1, val/map@r)."""
     mode: str = "max"
+    """max or min: whether a larger metric is better."""
     num_samples: int = 4
+    """Trials sampled from the space."""
     scheduler: str = "asha"
+    """asha (stop poor trials at rungs) or none."""
     search: str = "random"
+    """random or optuna (TPE)."""
     grace_period: int = 0
     """ASHA: steps before a trial can be stopped (0 = the first evaluation)."""
     reduction_factor: int = 2
+    """ASHA: the fraction 1/reduction_factor of trials continues at each rung."""
     max_concurrent: int = 0
-    seed: int = 0
+    """Trials at once; 0 for as many as the cluster's resources fit."""
+    seed: int | None = None
+    """Seed of the search; None for the base config's train.seed."""
     space: dict = field(default_factory=dict)
+    """The resolved search space ({key: {kind: args}})."""
     base: dict = field(default_factory=dict)
     """The resolved base config."""
 
@@ -128,7 +139,7 @@ def sweep_trial(config: dict, base: dict, runs_url: str) -> None:
     if history and (history[-1].get("step") or 0) >= cfg.train.steps and storage.exists(folder.file("result.json")):
         # the run ended just before the sweep was interrupted, unheard by Tune: tell it
         # the final evaluation instead of training again
-        tune.report({k: v for k, v in history[-1].items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        tune.report(numeric_metrics(history[-1]))
         return
     folder.write_config(config_to_dict(cfg))
     log.info("trial %s: %s", name, ", ".join(f"{k}={v}" for k, v in config.items()))
@@ -253,10 +264,10 @@ class ResumableASHA(ASHAScheduler):
         rungs = [[float(m) for m, _ in b._rungs] for b in self._brackets]
         if [[float(m) for m, _ in b] for b in state["brackets"]] != rungs:
             raise ValueError(f"rungs {state['brackets']} do not match this scheduler's {rungs}")
-        for bracket, saved in zip(self._brackets, state["brackets"]):
+        for bracket, saved in zip(self._brackets, state["brackets"], strict=True):
             bracket._rungs = [
                 (milestone, {str(k): float(v) for k, v in recorded.items()})
-                for (milestone, _), (_, recorded) in zip(bracket._rungs, saved)
+                for (milestone, _), (_, recorded) in zip(bracket._rungs, saved, strict=True)
             ]
         self._trial_info = {str(t): self._brackets[int(i)] for t, i in state["trial_bracket"].items()}
         self._counter, self._num_stopped = int(state["counter"]), int(state["num_stopped"])
@@ -340,150 +351,181 @@ def _load_settings(url: str) -> SweepSettings | None:
     return SweepSettings(**yaml.safe_load(storage.read_bytes(_settings_url(url))))
 
 
-def run_sweep(
-    config: str,
-    space: str,
-    overrides: list[str] = (),
-    num_samples: int = 4,
-    scheduler: str = "asha",
-    search: str = "random",
-    max_concurrent: int = 0,
-    *,
-    metric: str = "recall@1",
-    mode: str = "max",
-    name: str | None = None,
-    grace_period: int = 0,
-    reduction_factor: int = 2,
-    seed: int | None = None,
-    metrics_port: int | None = None,
-    metrics_addr: str = "127.0.0.1",
-    metrics_port_auto: bool = False,
-    prometheus_dir: str | None = None,
-    top: int = 10,
-    num_cpus: int | None = None,
-) -> SweepResult:
-    """Sweep the base config (preset or YAML plus overrides) over a search-space file.
+@dataclass(frozen=True)
+class SweepMetricsEndpoint:
+    """Where the sweep driver serves its Prometheus metrics."""
 
-    The sweep lives in ``run.storage_path/name`` (name defaults to ``<run.name>-sweep``);
-    if it exists there, it is resumed with its original settings. ``max_concurrent=0``
-    derives the number of trials at once from the cluster's resources. ``metrics_port``
-    (0 = any free port, None = off) serves the sweep's Prometheus metrics, and writes its
-    file_sd entry and a prometheus.yml into ``prometheus_dir`` (default: the sweep folder
-    when it is local, ``./<name>-prometheus`` when it is on S3).
-    """
-    if scheduler not in ("asha", "none"):
-        raise ConfigError(f"scheduler must be asha or none, got {scheduler!r}")
-    if search not in ("random", "optuna"):
-        raise ConfigError(f"search must be random or optuna, got {search!r}")
-    if mode not in ("max", "min"):
-        raise ConfigError(f"mode must be max or min, got {mode!r}")
-    if num_samples < 1:
-        raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
-    if reduction_factor < 2:
-        raise ConfigError(f"reduction_factor must be >= 2, got {reduction_factor}")
-    check_port("--metrics-port", metrics_port)
-    cfg = load_config(config, list(overrides))
-    if cfg.run.num_workers < 1:
-        raise ConfigError("run.num_workers: a sweep trial trains with Ray Train workers; set it >= 1")
-    _check_metric(metric, cfg)
-    base = config_to_dict(cfg)
-    params = load_space(space, base)  # every problem in the space is reported before Ray starts
-    name = name or f"{cfg.run.name}-sweep"
+    port: int = 0
+    """TCP port; 0 asks the OS for any free port."""
+    addr: str = "127.0.0.1"
+    """Address to bind."""
+    auto: bool = False
+    """A port in use moves to the next free one upward instead of failing."""
+    prometheus_dir: str | None = None
+    """Where the file_sd entry and a prometheus.yml go (default: the sweep folder when it
+    is local, ``./<name>-prometheus`` when it is on S3)."""
+
+
+def check_settings(settings: SweepSettings) -> None:
+    """A ConfigError naming the first setting out of range."""
+    if settings.scheduler not in ("asha", "none"):
+        raise ConfigError(f"scheduler must be asha or none, got {settings.scheduler!r}")
+    if settings.search not in ("random", "optuna"):
+        raise ConfigError(f"search must be random or optuna, got {settings.search!r}")
+    if settings.mode not in ("max", "min"):
+        raise ConfigError(f"mode must be max or min, got {settings.mode!r}")
+    if settings.num_samples < 1:
+        raise ConfigError(f"num_samples must be >= 1, got {settings.num_samples}")
+    if settings.reduction_factor < 2:
+        raise ConfigError(f"reduction_factor must be >= 2, got {settings.reduction_factor}")
+
+
+def resolve_settings(requested: SweepSettings, cfg: Config, params: list[Param]) -> SweepSettings:
+    """The requested settings with their defaults taken from the base config, the space
+    and the base config filled in: what sweep.yaml stores."""
+    name = requested.name or f"{cfg.run.name}-sweep"
     check_name("--name (the sweep name)", name)
-    root = resolve_storage_path(cfg.run.storage_path)
-    url = storage.join(root, name)
-
-    settings = SweepSettings(
+    return replace(
+        requested,
         name=name,
-        metric=metric,
-        mode=mode,
-        num_samples=num_samples,
-        scheduler=scheduler,
-        search=search,
-        grace_period=grace_period or cfg.train.eval_every,
-        reduction_factor=reduction_factor,
-        max_concurrent=max_concurrent,
-        seed=cfg.train.seed if seed is None else seed,
+        grace_period=requested.grace_period or cfg.train.eval_every,
+        seed=cfg.train.seed if requested.seed is None else requested.seed,
         space={p.key: {p.kind: list(p.args)} for p in params},
-        base=base,
+        base=config_to_dict(cfg),
     )
+
+
+# what a resumed sweep keeps from its first run (a new value is ignored with a warning)
+_RESUMED_SETTINGS = (
+    "metric",
+    "mode",
+    "num_samples",
+    "scheduler",
+    "search",
+    "grace_period",
+    "reduction_factor",
+    "space",
+    "base",
+)
+
+
+def stored_or_new(url: str, settings: SweepSettings) -> tuple[SweepSettings, bool]:
+    """(settings, stored): an existing sweep's saved settings, or the new ones."""
     stored = _load_settings(url)
-    if stored is not None:
-        changed = [
-            k
-            for k in (
-                "metric",
-                "mode",
-                "num_samples",
-                "scheduler",
-                "search",
-                "grace_period",
-                "reduction_factor",
-                "space",
-                "base",
-            )
-            if getattr(stored, k) != getattr(settings, k)
-        ]
-        if changed:
-            log.warning(
-                "sweep %s exists: resuming it with its original settings (ignoring new %s)", url, ", ".join(changed)
-            )
-        settings = stored
-    base_cfg = config_from_dict(settings.base)
-    read_asha_state(storage.join(url, ASHA_STATE))  # a planted or broken state fails here, before Ray starts
+    if stored is None:
+        return settings, False
+    changed = [k for k in _RESUMED_SETTINGS if getattr(stored, k) != getattr(settings, k)]
+    if changed:
+        log.warning(
+            "sweep %s exists: resuming it with its original settings (ignoring new %s)", url, ", ".join(changed)
+        )
+    return stored, True
+
+
+def check_asha_state(url: str) -> None:
+    """Fail on a planted or broken ASHA state, and warn about an old pickled one, before Ray starts."""
+    read_asha_state(storage.join(url, ASHA_STATE))
     if storage.exists(storage.join(url, LEGACY_ASHA_STATE)):
         log.warning(
             "%s is a pickle from an older dmlray: not loaded (it could run code); ASHA resumes without its history",
             storage.join(url, LEGACY_ASHA_STATE),
         )
 
-    metrics, bound = None, None
-    if metrics_port is not None:  # a taken port fails here, before Ray starts
-        from dmlray.telemetry.sweep_metrics import SweepMetrics
 
-        metrics = SweepMetrics(name, settings.metric, settings.mode)
-        metrics.set_states({"pending": settings.num_samples})
-        bound = metrics.serve(metrics_port, metrics_addr, auto=metrics_port_auto)
-        _LIVE_METRICS[url] = metrics
-    files: dict[str, str] = {}
+def start_metrics(url: str, settings: SweepSettings, endpoint: SweepMetricsEndpoint) -> tuple[Any, int]:
+    """(the sweep's metrics, the port they are served on); a taken port fails here, before Ray starts."""
+    from dmlray.telemetry.sweep_metrics import SweepMetrics
+
+    metrics = SweepMetrics(settings.name, settings.metric, settings.mode)
+    metrics.set_states({"pending": settings.num_samples})
+    bound = metrics.serve(endpoint.port, endpoint.addr, auto=endpoint.auto)
+    _LIVE_METRICS[url] = metrics
+    return metrics, bound
+
+
+def trials_at_once(base_cfg: Config, settings: SweepSettings, url: str) -> int:
+    """How many trials run at once: ``max_concurrent``, or as many as the cluster fits."""
+    import ray
+
+    fits = derive_max_concurrent(base_cfg, ray.cluster_resources(), settings.num_samples)
+    concurrent = settings.max_concurrent or fits
+    if concurrent > fits:
+        # each trial driver holds its CPU while its Train workers wait: too many deadlock
+        log.warning(
+            "--max-concurrent %d: only %d trials fit on the cluster now; the others' workers will wait",
+            concurrent,
+            fits,
+        )
+    log.info(
+        "sweep %s: %d samples, up to %d at once, each holding %s",
+        url,
+        settings.num_samples,
+        concurrent,
+        trial_resources(base_cfg),
+    )
+    return concurrent
+
+
+def tune_and_collect(settings: SweepSettings, url: str, root: str, concurrent: int) -> SweepResult:
+    """Run (or resume) the Tune experiment, then read every trial's run folder."""
+    tuner, restored = _tuner(settings, config_from_dict(settings.base), url, root, concurrent)
+    t0 = time.monotonic()
+    tuner.fit()
+    log.info("sweep %s: tuning loop ended after %.0fs", url, time.monotonic() - t0)
+    result = collect(url, root, settings, restored)
+    result.files.update(write_reports(result, settings))
+    return result
+
+
+def run_sweep(
+    config: str,
+    space: str,
+    settings: SweepSettings,
+    overrides: Sequence[str] = (),
+    *,
+    metrics: SweepMetricsEndpoint | None = None,
+    top: int = 10,
+    num_cpus: int | None = None,
+) -> SweepResult:
+    """Sweep the base config (preset or YAML plus overrides) over a search-space file.
+
+    The sweep lives in ``run.storage_path/<settings.name>`` (the name defaults to
+    ``<run.name>-sweep``); if it exists there, it is resumed with its original settings.
+    ``settings.max_concurrent=0`` derives the number of trials at once from the cluster's
+    resources. With ``metrics`` the sweep serves its Prometheus metrics there and writes
+    their file_sd entry and a prometheus.yml.
+    """
+    check_settings(settings)
+    check_port("--metrics-port", None if metrics is None else metrics.port)
+    cfg = load_config(config, list(overrides))
+    if cfg.run.num_workers < 1:
+        raise ConfigError("run.num_workers: a sweep trial trains with Ray Train workers; set it >= 1")
+    _check_metric(settings.metric, cfg)
+    params = load_space(space, config_to_dict(cfg))  # every problem in the space is reported before Ray starts
+    settings = resolve_settings(settings, cfg, params)
+    root = resolve_storage_path(cfg.run.storage_path)
+    url = storage.join(root, settings.name)
+    settings, stored = stored_or_new(url, settings)
+    check_asha_state(url)
+    served, bound = start_metrics(url, settings, metrics) if metrics is not None else (None, None)
     lock = None
     try:
         lock = RunLock(url, what="sweep").acquire()  # one live sweep per name; its trials run under it
-        if stored is None:
+        if not stored:
             storage.write_bytes(_settings_url(url), yaml.safe_dump(asdict(settings), sort_keys=False).encode())
         ensure_ray(num_cpus=num_cpus)
-        import ray
-
-        fits = derive_max_concurrent(base_cfg, ray.cluster_resources(), settings.num_samples)
-        concurrent = settings.max_concurrent or fits
-        if concurrent > fits:
-            # each trial driver holds its CPU while its Train workers wait: too many deadlock
-            log.warning(
-                "--max-concurrent %d: only %d trials fit on the cluster now; the others' workers will wait",
-                concurrent,
-                fits,
-            )
-        log.info(
-            "sweep %s: %d samples, up to %d at once, each holding %s",
-            url,
-            settings.num_samples,
-            concurrent,
-            trial_resources(base_cfg),
-        )
-        if metrics is not None:
-            files.update(write_prometheus_files(prometheus_dir or _default_prometheus_dir(url, name), metrics.target))
-        tuner, restored = _tuner(settings, base_cfg, url, root, concurrent)
-        t0 = time.monotonic()
-        tuner.fit()
-        log.info("sweep %s: tuning loop ended after %.0fs", url, time.monotonic() - t0)
-        result = collect(url, root, settings, restored)
-        result.files.update(write_reports(result, settings))
+        concurrent = trials_at_once(config_from_dict(settings.base), settings, url)
+        files: dict[str, str] = {}
+        if metrics is not None and served is not None:
+            prometheus_dir = metrics.prometheus_dir or _default_prometheus_dir(url, settings.name)
+            files = write_prometheus_files(prometheus_dir, served.target)
+        result = tune_and_collect(settings, url, root, concurrent)
     finally:
         if lock is not None:
             lock.release()
-        if metrics is not None:
+        if served is not None:
             # let Prometheus read the final states before the endpoint goes away
-            metrics.close(wait_for_scrape=METRICS_LINGER_S)
+            served.close(wait_for_scrape=METRICS_LINGER_S)
             _LIVE_METRICS.pop(url, None)
     result.files.update(files)
     result.metrics_port = bound
@@ -543,7 +585,7 @@ def _tuner(settings: SweepSettings, base_cfg: Config, url: str, root: str, concu
         mode=settings.mode,
         num_samples=settings.num_samples,
         scheduler=scheduler,
-        search_alg=make_search_alg(settings.search, settings.seed, concurrent),
+        search_alg=make_search_alg(settings.search, settings.seed or 0, concurrent),  # resolved: never None
         max_concurrent_trials=None if settings.search == "random" else concurrent,
         reuse_actors=False,
         trial_name_creator=trial_name,
@@ -592,9 +634,7 @@ def collect(url: str, root: str, settings: SweepSettings, restored: bool) -> Swe
         numbers = {
             k: float(v)
             for k, v in final_eval.items()
-            if isinstance(v, (int, float))
-            and not isinstance(v, bool)
-            and ("@" in k or k in ("loss", "nmi", "r_precision"))
+            if is_number(v) and ("@" in k or k in ("loss", "nmi", "r_precision"))
         }
         rows.append(
             TrialRow(
@@ -647,8 +687,8 @@ def format_rows(rows: list[TrialRow], settings: SweepSettings) -> str:
         for i, r in enumerate(rows)
     ]
     widths = [max(len(h), *(len(line[j]) for line in lines)) if lines else len(h) for j, h in enumerate(header)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)), "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
     return "\n".join(out)
 
 
@@ -710,11 +750,11 @@ def write_prometheus_files(folder: str, target: str | None) -> dict[str, str]:
     """The driver's file_sd entry and a prometheus.yml scraping it and Ray's nodes, in a local folder."""
     from dmlray.telemetry.prometheus_config import DRIVER_JOB, write_file_sd, write_prometheus_config
 
-    folder = Path(folder)
+    out = Path(folder)
     # no "sweep" target label: the series carry it, and a target label would rename theirs
-    sd = write_file_sd(folder / "prometheus_sd.json", [target] if target else [], {"job": DRIVER_JOB})
-    yml = write_prometheus_config(folder / "prometheus.yml", driver_sd=sd, scrape_interval="5s")
-    log.info("Prometheus: prometheus --config.file=%s --storage.tsdb.path=%s", yml, folder / "prometheus-data")
+    sd = write_file_sd(out / "prometheus_sd.json", [target] if target else [], {"job": DRIVER_JOB})
+    yml = write_prometheus_config(out / "prometheus.yml", driver_sd=sd, scrape_interval="5s")
+    log.info("Prometheus: prometheus --config.file=%s --storage.tsdb.path=%s", yml, out / "prometheus-data")
     return {"file_sd": str(sd), "prometheus_yml": str(yml)}
 
 
@@ -722,9 +762,8 @@ def print_summary(result: SweepResult, settings: SweepSettings, top: int) -> Non
     counts = ", ".join(f"{n} {s}" for s, n in sorted(result.counts.items()))
     print()
     if result.complete:
-        print(
-            f"Sweep {settings.name}: {len(result.rows)} trials ({counts}); best by final {settings.metric} ({settings.mode}):"
-        )
+        best = f"best by final {settings.metric} ({settings.mode})"
+        print(f"Sweep {settings.name}: {len(result.rows)} trials ({counts}); {best}:")
     else:
         print(f"Sweep {settings.name} was interrupted ({counts}); run the same command again to resume it.")
     print(format_rows(result.rows[:top], settings))

@@ -14,7 +14,12 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +60,8 @@ class SweepMetrics:
         self.best_value: float | None = None
         self.last_scrape: float | None = None
         self.registry.register(_ScrapeClock(self))
-        self.server = None
-        self.thread = None
+        self.server: WSGIServer | None = None
+        self.thread: threading.Thread | None = None
         self.address: tuple[str, int] | None = None
         self.set_states({})
 
@@ -92,11 +97,12 @@ class SweepMetrics:
         last: OSError | None = None
         for candidate in candidates:
             try:
-                self.server, self.thread = start_http_server(candidate, addr=addr, registry=self.registry)
+                server, self.thread = start_http_server(candidate, addr=addr, registry=self.registry)
             except OSError as exc:
                 last = exc
                 continue
-            bound = self.server.server_address[1]
+            self.server = server
+            bound = server.server_address[1]
             self.address = (addr, bound)
             if candidate != port and port != 0:
                 log.warning("metrics port %d is in use: serving sweep metrics on %d instead", port, bound)
@@ -140,7 +146,8 @@ class SweepMetrics:
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
-            self.thread.join(timeout=5)
+            if self.thread is not None:
+                self.thread.join(timeout=5)
             self.server = self.thread = None
             self.address = None
 
