@@ -269,6 +269,8 @@ def cpu_overrides(name: str, url: str) -> list[str]:
         out += ["memory.size=16", "memory.start=2"] + (["memory.ramp_steps=2"] if cfg.memory.ramp_steps else [])
     if "img_size" in cfg.model.backbone_args:
         out.append("model.backbone_args.img_size=64")
+    if cfg.optim.warmup_steps:
+        out.append("optim.warmup_steps=2")  # the warm-up, then its schedule, within the 5 steps
     return out
 
 
