@@ -25,6 +25,7 @@ from dmlray.data.shards import read_manifest
 from dmlray.data.stream import iter_shard, scan_layouts
 from dmlray.data.transforms import make_transform
 from dmlray.evaluation.embedding import embed_split, score
+from dmlray.jobs import elastic
 from dmlray.training.memory import CrossBatchMemory
 from dmlray.training.trainer import Trainer
 
@@ -217,6 +218,8 @@ def build_optimizer(cfg: OptimConfig, model: models.EmbeddingModel, loss_fn: nn.
 
 def run_worker(cfg: Config, ctx: WorkerContext) -> dict:
     """Train per the config; returns the final metrics (on every rank)."""
+    cfg = elastic.rank_share(cfg, ctx.world_size)  # an elastic run's ranks split the global batch
+    rows = elastic.BatchRows()
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     dtype = torch.float64 if cfg.train.dtype == "float64" else torch.float32
     manifest = read_manifest(cfg.data.url)
@@ -345,7 +348,7 @@ def run_worker(cfg: Config, ctx: WorkerContext) -> dict:
         loss_fn=loss_fn,
         optimizer=optimizer,
         scheduler=scheduler,
-        batches=batches,
+        batches=lambda start_step: rows.count(batches(start_step)),
         steps=cfg.train.steps,
         device=ctx.device,
         dtype=dtype,
@@ -361,7 +364,12 @@ def run_worker(cfg: Config, ctx: WorkerContext) -> dict:
         accumulate=cfg.train.accumulate,
         amp=cfg.train.amp,
         channels_last=cfg.train.channels_last,
-        extra_metrics=lambda: {"skipped_samples": stats.skipped, "bad_shards": stats.bad_shards},
+        extra_metrics=lambda: {
+            "skipped_samples": stats.skipped,
+            "bad_shards": stats.bad_shards,
+            "world_size": ctx.world_size,
+            "global_batch": rows.global_rows(),
+        },
     )
     if ctx.restored is not None:
         trainer.load_state_dict(ctx.restored)
