@@ -176,6 +176,9 @@ class RunConfig:
     of w ranks takes 1/w of its classes, so w must divide it."""
     resize_check_s: float = 60.0
     """Elastic runs: seconds between Ray Train's checks for room to grow the worker group."""
+    worker_labels: dict[str, str] = field(default_factory=dict)
+    """Ray node labels a worker's node must carry (e.g. a spot worker group's, see
+    docs/DEPLOY.md); empty = any node."""
     use_gpu: bool = False
     """One GPU per worker (nccl) instead of CPU (gloo)."""
     cpus_per_worker: float = 1.0

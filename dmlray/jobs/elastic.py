@@ -30,10 +30,13 @@ def scaling_workers(run: RunConfig) -> int | tuple[int, int]:
 
 
 def scaling_arguments(run: RunConfig) -> dict:
-    """The worker-count arguments of Ray Train's ``ScalingConfig``."""
-    if not is_elastic(run):
-        return {"num_workers": run.num_workers}
-    return {"num_workers": scaling_workers(run), "elastic_resize_monitor_interval_s": run.resize_check_s}
+    """The worker-count and placement arguments of Ray Train's ``ScalingConfig``."""
+    out: dict = {"num_workers": scaling_workers(run)}
+    if is_elastic(run):
+        out["elastic_resize_monitor_interval_s"] = run.resize_check_s
+    if run.worker_labels and run.num_workers > 0:
+        out["label_selector"] = dict(run.worker_labels)  # one selector for every worker
+    return out
 
 
 def global_classes(cfg: Config) -> int:
