@@ -26,9 +26,19 @@ import pytest
 from test_deploy import local_cluster
 from test_faults import driver_env, environ, node_raylet, wait_for
 
-# a tiny run: 2 x 3 classes of K=4 per global batch, a memory of 6 global batches
-STEPS, LOG_EVERY, CHECKPOINT_EVERY = 100, 2, 4
-P_PER_RANK, K, WORKERS, MEMORY = 3, 4, 2, 144
+# a tiny run: 2 x 3 classes of K=4 per global batch, a memory of 12 global batches (more
+# than a log interval: a memory restarted empty cannot be full at the first record). ~25
+# steps/s here: enough steps to outlast a node's loss and return (~30-40 s at one worker).
+STEPS, LOG_EVERY, CHECKPOINT_EVERY = 1500, 10, 20
+P_PER_RANK, K, WORKERS, MEMORY = 3, 4, 2, 288
+# a lost node is declared dead within ~3 s (GCS health checks), and a worker group that
+# Ray Train tried to start on it gives up after 15 s (60 s by default)
+CLUSTER_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_failure_threshold": "3",
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15",
+}
 GLOBAL_BATCH = P_PER_RANK * WORKERS * K
 RESUMED = re.compile(r"rank 0 resumed at step (\d+)")
 
@@ -177,6 +187,15 @@ def elastic_driver(state: dict, data: Path, runs: Path, log: Path):
             proc.wait(timeout=30)
 
 
+def registered_step(run: Path) -> int:
+    """Step of the latest checkpoint Ray Train registered (it registers reported ones
+    asynchronously, and a worker group lost before that resumes from an earlier one)."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+        return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
+    return 0
+
+
 def first_record(records: list[dict], after_step: int, world_size: int) -> dict | None:
     return next((r for r in records if r["step"] > after_step and r["world_size"] == world_size), None)
 
@@ -192,7 +211,7 @@ def test_lost_node_shrinks_the_run_and_a_new_node_grows_it_back(tmp_path):
     data, runs, log = tmp_path / "glyphs40", tmp_path / "runs", tmp_path / "driver.log"
     pack(RECIPE_40, str(data), progress=False)
     folder = tmp_path / "cluster"
-    with environ({"RAY_USAGE_STATS_ENABLED": "0"}):
+    with environ(CLUSTER_ENV):
         state = local_cluster.up(folder, workers=2, cpus=1, head_cpus=0, s3=False, timeout=300)
     t_up = time.monotonic()
     try:
@@ -200,8 +219,8 @@ def test_lost_node_shrinks_the_run_and_a_new_node_grows_it_back(tmp_path):
         with elastic_driver(state, data, runs, log) as proc:
             alive = lambda: proc.poll() is None  # noqa: E731
             wait_for(
-                "two workers past a checkpoint",
-                lambda: any(r["step"] >= 2 * CHECKPOINT_EVERY for r in history(run)),
+                "a registered checkpoint of two workers with a full memory",
+                lambda: registered_step(run) >= 2 * CHECKPOINT_EVERY,
                 300,
                 alive,
                 every=0.2,
