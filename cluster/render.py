@@ -183,42 +183,44 @@ def _walk(doc: Any, parts: list[str], path: str) -> Any:
     return node
 
 
+def _remove(parent: Any, last: str, kind: str, path: str) -> Any:
+    """Take ``parent[last]`` out (a JSON6902 remove); ``kind`` and ``path`` name the op in errors."""
+    if isinstance(parent, dict):
+        if last not in parent:
+            raise RenderError(f"JSON6902 {kind}: {path!r} does not exist")
+        return parent.pop(last)
+    if not last.isdigit() or int(last) >= len(parent):
+        raise RenderError(f"JSON6902 {kind}: {path!r} does not exist")
+    return parent.pop(int(last))
+
+
+def _add(into: Any, at: str, value: Any, kind: str, path: str) -> None:
+    """Put a copy of ``value`` at ``into[at]`` (a JSON6902 add: ``-`` appends to a list)."""
+    if isinstance(into, dict):
+        into[at] = copy.deepcopy(value)
+    elif at == "-":
+        into.append(copy.deepcopy(value))
+    elif at.isdigit() and int(at) <= len(into):
+        into.insert(int(at), copy.deepcopy(value))
+    else:
+        raise RenderError(f"JSON6902 {kind}: bad list index in {path!r}")
+
+
 def _json6902(doc: dict, ops: list[dict]) -> dict:
     doc = copy.deepcopy(doc)
     for op in ops:
-        kind, path = op.get("op"), op.get("path", "")
+        kind, path = str(op.get("op")), str(op.get("path", ""))
         parts = _pointer(path)
         if not parts:
             raise RenderError("JSON6902: whole-document operations are not supported")
         parent, last = _walk(doc, parts[:-1], path), parts[-1]
-
-        def remove() -> Any:
-            if isinstance(parent, dict):
-                if last not in parent:
-                    raise RenderError(f"JSON6902 {kind}: {path!r} does not exist")
-                return parent.pop(last)
-            if not last.isdigit() or int(last) >= len(parent):
-                raise RenderError(f"JSON6902 {kind}: {path!r} does not exist")
-            return parent.pop(int(last))
-
-        def add(value: Any, into: Any = None, at: str | None = None) -> None:
-            into, at = (parent, last) if into is None else (into, at)
-            if isinstance(into, dict):
-                into[at] = copy.deepcopy(value)
-            elif at == "-":
-                into.append(copy.deepcopy(value))
-            elif at.isdigit() and int(at) <= len(into):
-                into.insert(int(at), copy.deepcopy(value))
-            else:
-                raise RenderError(f"JSON6902 {kind}: bad list index in {path!r}")
-
         if kind == "add":
-            add(op["value"])
+            _add(parent, last, op["value"], kind, path)
         elif kind == "remove":
-            remove()
+            _remove(parent, last, kind, path)
         elif kind == "replace":
-            remove()
-            add(op["value"])
+            _remove(parent, last, kind, path)
+            _add(parent, last, op["value"], kind, path)
         elif kind == "test":
             if _walk(doc, parts, path) != op["value"]:
                 raise RenderError(f"JSON6902 test failed at {path!r}: {_walk(doc, parts, path)!r} != {op['value']!r}")
@@ -231,7 +233,7 @@ def _json6902(doc: dict, ops: list[dict]) -> dict:
                     src_parent.pop(src_parts[-1])
                 else:
                     src_parent.pop(int(src_parts[-1]))
-            add(value)
+            _add(parent, last, value, kind, path)
         else:
             raise RenderError(f"JSON6902: unknown op {kind!r}")
     return doc

@@ -187,7 +187,18 @@ class RunConfig:
     storage_path: str = "runs"
     """Local folder or s3:// URL holding run folders."""
     num_workers: int = 2
-    """Ray Train workers (DDP ranks); 0 runs in-process without Ray workers."""
+    """Ray Train workers (DDP ranks); 0 runs in-process without Ray workers. The most
+    workers of an elastic run (see min_workers)."""
+    min_workers: int = 0
+    """Fewest workers of an elastic run (Ray Train resizes between min_workers and
+    num_workers as nodes come and go); 0 or num_workers = fixed size. The global batch
+    stays data.classes_per_batch x num_workers classes of K samples at every size: each
+    of w ranks takes 1/w of its classes, so w must divide it."""
+    resize_check_s: float = 60.0
+    """Elastic runs: seconds between Ray Train's checks for room to grow the worker group."""
+    worker_labels: dict[str, str] = field(default_factory=dict)
+    """Ray node labels a worker's node must carry (e.g. a spot worker group's, see
+    docs/DEPLOY.md); empty = any node."""
     use_gpu: bool = False
     """One GPU per worker (nccl) instead of CPU (gloo)."""
     cpus_per_worker: float = 1.0
@@ -439,6 +450,7 @@ def validate(cfg: Config) -> None:
     need(cfg.train.log_every >= 1, "train.log_every must be >= 1")
     need(len(cfg.eval.ks) > 0 and all(k >= 1 for k in cfg.eval.ks), "eval.ks must be positive integers")
     need(cfg.run.num_workers >= 0, "run.num_workers must be >= 0")
+    _check_worker_bounds(cfg.run, cfg.data.classes_per_batch)
     need(cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
     need(cfg.run.storage_retry_s > 0, "run.storage_retry_s must be > 0 seconds")
     need(cfg.run.max_failures >= -1, "run.max_failures must be >= -1 (-1 = retry forever)")
@@ -473,6 +485,41 @@ def _check_choices(cfg: Config) -> None:
         for name, tp in typing.get_type_hints(type(part)).items():
             if typing.get_origin(tp) is Literal:
                 _coerce_literal(getattr(part, name), tp, f"{section.name}.{name}")
+
+
+def splitting_world_sizes(global_classes: int, low: int, high: int) -> list[int]:
+    """World sizes in ``low..high`` whose ranks can each take an equal share of the global classes."""
+    return [w for w in range(max(1, low), high + 1) if global_classes % w == 0]
+
+
+def _check_worker_bounds(run: RunConfig, classes_per_batch: int) -> None:
+    """An elastic run's bounds: min <= max, every size in them splits the global batch, and
+    a retry budget to survive losing a worker."""
+    if run.min_workers in (0, run.num_workers):
+        return
+    if not 0 < run.min_workers < run.num_workers:
+        raise ConfigError(
+            f"run.min_workers={run.min_workers} must be between 1 and run.num_workers={run.num_workers} "
+            "(the elastic bounds min <= max), or 0 for a fixed size"
+        )
+    global_classes = classes_per_batch * run.num_workers
+    fits = splitting_world_sizes(global_classes, run.min_workers, run.num_workers)
+    if len(fits) < run.num_workers - run.min_workers + 1:
+        refused = sorted(set(range(run.min_workers, run.num_workers + 1)) - set(fits))
+        raise ConfigError(
+            f"run.min_workers={run.min_workers}, run.num_workers={run.num_workers}: the global batch of "
+            f"data.classes_per_batch x run.num_workers = {classes_per_batch} x {run.num_workers} = "
+            f"{global_classes} classes cannot be split evenly over {', '.join(map(str, refused))} worker(s); "
+            f"world sizes in the bounds that can: {', '.join(map(str, fits))} (narrow the bounds to sizes "
+            f"that divide {global_classes}, or change data.classes_per_batch)"
+        )
+    if run.max_failures == 0:
+        raise ConfigError(
+            f"run.min_workers={run.min_workers} (elastic) needs run.max_failures != 0: a lost worker "
+            "fails the worker group, which then restarts smaller"
+        )
+    if not (_finite(run.resize_check_s) and run.resize_check_s >= 0):
+        raise ConfigError(f"run.resize_check_s must be finite and >= 0, got {run.resize_check_s}")
 
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")

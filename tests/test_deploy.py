@@ -175,11 +175,14 @@ def test_renderer_semantics(tmp_path):
                 "patches": [
                     {
                         "target": {"kind": "RayJob", "name": "job"},
-                        "patch": "- {op: test, path: /spec/list/1/name, value: b}\n- {op: remove, path: /spec/list/0}\n"
-                        "- {op: add, path: /spec/list/-, value: {name: c}}\n- {op: replace, path: /spec/entrypoint, value: f}",
+                        "patch": "- {op: test, path: /spec/list/1/name, value: b}\n"
+                        "- {op: remove, path: /spec/list/0}\n"
+                        "- {op: add, path: /spec/list/-, value: {name: c}}\n"
+                        "- {op: replace, path: /spec/entrypoint, value: f}",
                     },
                     {
-                        "patch": "apiVersion: ray.io/v1\nkind: RayJob\nmetadata: {name: job}\nspec: {drop: null, extra: {k: v}}"
+                        "patch": "apiVersion: ray.io/v1\nkind: RayJob\nmetadata: {name: job}\n"
+                        "spec: {drop: null, extra: {k: v}}"
                     },
                 ],
             }
@@ -395,7 +398,7 @@ def test_credentials_come_from_the_secret_only(kustomization):
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             assert "secretKeyRef" in env[key]["valueFrom"], f"{key} must come from the Secret"
     for obj in resources:
-        for where, template in pod_templates(obj):
+        for _where, template in pod_templates(obj):
             for container in template["spec"]["containers"]:
                 for env in container.get("env", []):
                     assert not (SENSITIVE.search(env["name"]) and "value" in env), f"{env['name']} is inline"
@@ -889,3 +892,50 @@ def test_local_cluster_up_and_down(local_ray_cluster, tmp_path):
         assert not local_cluster._alive(proc), f"{proc['name']} (pid {proc['pid']}) survived down"
     assert not (folder / local_cluster.STATE_FILE).exists()
     assert not Path(state["ray"]["temp_dir"]).exists()
+
+
+# ------------------------------------------------------------------ elastic runs on spot GPUs
+
+
+def _job_config(resources: list[dict], job: dict):
+    """The Config a RayJob's `dmlray train` entrypoint runs with."""
+    from dmlray.config import load_config
+
+    argv = expand_entrypoint(job, by_name(resources, "ConfigMap"))
+    if argv[:3] == ["python", "-m", "dmlray"]:
+        argv = ["dmlray"] + argv[3:]
+    overrides = [t for t in argv[3:] if not t.startswith("-")]
+    return load_config(argv[2], overrides)
+
+
+def test_gpu_overlay_worker_groups_hold_the_elastic_runs_bounds():
+    """The overlay's elastic RayJob selects the spot worker group by its Ray node labels, and
+    that group scales between exactly the run's bounds; fixed-size runs select the other
+    group. The bounds split the global batch (the config validates)."""
+    from dmlray.jobs import elastic
+
+    resources = rendered("overlays/gpu")
+    (cluster,) = of_kind(resources, "RayCluster")
+    groups = cluster["spec"]["workerGroupSpecs"]
+    jobs = of_kind(resources, "RayJob")
+    elastic_jobs = []
+    for job in jobs:
+        if job["spec"]["entrypoint"].split()[1] != "train":
+            continue
+        cfg = _job_config(resources, job)
+        selected = [g for g in groups if cfg.run.worker_labels.items() <= g.get("labels", {}).items()]
+        name = job["metadata"]["name"]
+        assert len(selected) == 1, f"RayJob/{name}: run.worker_labels={cfg.run.worker_labels} select {selected}"
+        (group,) = selected
+        if elastic.is_elastic(cfg.run):
+            elastic_jobs.append(name)
+            assert (group["minReplicas"], group["maxReplicas"]) == (cfg.run.min_workers, cfg.run.num_workers), name
+            assert cfg.run.max_failures != 0 and cfg.train.checkpoint_every > 0, name
+            # the paper's global batch, whatever the world size
+            assert elastic.global_classes(cfg) * cfg.data.samples_per_class == 80
+            tolerated = {t["key"] for t in group["template"]["spec"].get("tolerations", [])}
+            assert "cloud.google.com/gke-spot" in tolerated, group["groupName"]
+        else:
+            assert group["minReplicas"] == 0, f"RayJob/{name}: a fixed-size run's group scales to zero"
+            assert group["maxReplicas"] >= cfg.run.num_workers, name
+    assert elastic_jobs == ["dmlray-train-elastic"]

@@ -21,6 +21,7 @@ import torch
 from dmlray.config import Config, ConfigError, config_from_dict, config_to_dict, validate
 from dmlray.data import storage
 from dmlray.data.shards import read_manifest
+from dmlray.jobs import elastic
 from dmlray.jobs.run_folder import LOCK_FILE, MetricsWriter, RunFolder, RunLock, clear_run_folder, numeric_metrics
 from dmlray.jobs.worker import WorkerContext, check_training_data, run_worker
 from dmlray.telemetry.worker_metrics import WorkerMetrics
@@ -105,12 +106,36 @@ class RayReport:
             # local mode keeps Ray's checkpoints in a temporary folder: keep the latest
             # one in the run folder too, so `dmlray eval RUN` finds it
             storage.write_bytes(self.folder.file(f"{LOCAL_CHECKPOINT}/{STATE_FILE}"), state_bytes(state))
+        # one copy of the state is enough: every rank holds the same
+        report_checkpoint(flat, state if self.rank == 0 else None, background=ray.is_initialized())
+
+
+def report_checkpoint(metrics: dict, state: dict | None, background: bool) -> None:
+    """``ray.train.report`` with a checkpoint of ``state`` (rank 0) or none (other ranks).
+
+    ``background`` (Ray workers): the state is written to a local folder and Ray Train's
+    upload thread copies it to storage and deletes it (``CheckpointUploadMode.ASYNC``) while
+    the next steps run; Ray registers it once uploaded, and waits for pending uploads when
+    the train function returns. Local mode (no Ray workers) uploads nothing: it reports synchronously.
+    """
+    import ray.train
+    from ray.train import CheckpointUploadMode
+
+    if not background:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
-            if self.rank == 0:  # one copy of the state is enough: every rank holds the same
+            if state is not None:
                 (Path(tmp) / STATE_FILE).write_bytes(state_bytes(state))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(flat, checkpoint=ckpt)
+            ray.train.report(metrics, checkpoint=ckpt)
+        return
+    ckpt = None
+    if state is not None:
+        folder = tempfile.mkdtemp(prefix="dmlray-checkpoint-")  # Ray deletes it after the upload
+        (Path(folder) / STATE_FILE).write_bytes(state_bytes(state))
+        ckpt = ray.train.Checkpoint.from_directory(folder)
+    # every rank reports in the same mode: the reports stay in step
+    ray.train.report(metrics, checkpoint=ckpt, checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
 
 
 def wrap_ddp(model: torch.nn.Module, *, world_size: int, device: torch.device) -> torch.nn.Module:
@@ -302,7 +327,7 @@ def build_trainer(cfg: Config, trial: str = "", callbacks: list | None = None):
     from ray.train.torch import TorchTrainer
 
     scaling = ScalingConfig(
-        num_workers=cfg.run.num_workers,
+        **elastic.scaling_arguments(cfg.run),
         use_gpu=cfg.run.use_gpu,
         resources_per_worker=None
         if cfg.run.num_workers == 0
@@ -330,7 +355,7 @@ def cluster_shortfall(cfg: Config, total: dict[str, float], node_totals: list[di
     Every worker's bundle (``cpus_per_worker`` CPUs, one GPU with ``use_gpu``) must fit on
     one node, and all of them in the cluster's total.
     """
-    n = cfg.run.num_workers
+    n = cfg.run.min_workers if elastic.is_elastic(cfg.run) else cfg.run.num_workers  # an elastic run starts at min
     bundle = {"CPU": cfg.run.cpus_per_worker, **({"GPU": 1.0} if cfg.run.use_gpu else {})}
     problems = []
     for resource, per_worker in bundle.items():
@@ -342,8 +367,9 @@ def cluster_shortfall(cfg: Config, total: dict[str, float], node_totals: list[di
             problems.append(f"{per_worker:g} {resource} on one node per worker but the largest node has {biggest:g}")
     if not problems:
         return None
+    workers = f"run.min_workers={n}" if elastic.is_elastic(cfg.run) else f"run.num_workers={n}"
     return (
-        f"run.num_workers={n}, run.cpus_per_worker={cfg.run.cpus_per_worker:g}, run.use_gpu={cfg.run.use_gpu}: "
+        f"{workers}, run.cpus_per_worker={cfg.run.cpus_per_worker:g}, run.use_gpu={cfg.run.use_gpu}: "
         f"the run needs {'; '.join(problems)}"
     )
 

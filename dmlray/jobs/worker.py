@@ -6,6 +6,7 @@ It knows the rank and how to report, nothing else of Ray: ``launch.py`` supplies
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import random
@@ -26,6 +27,7 @@ from dmlray.data.stream import iter_shard, scan_layouts
 from dmlray.data.transforms import make_transform
 from dmlray.evaluation.embedding import embed_split, score
 from dmlray.evaluation.report import TestPlan, evaluate_test, write_evaluation_pictures
+from dmlray.jobs import elastic
 from dmlray.training.memory import CrossBatchMemory
 from dmlray.training.schedules import build_scheduler
 from dmlray.training.trainer import Trainer
@@ -398,6 +400,8 @@ def worker_evaluation(
 
 def build_trainer(cfg: Config, ctx: WorkerContext) -> Trainer:
     """Model, loss, optimizer, data stream and evaluation wired into a Trainer."""
+    cfg = elastic.rank_share(cfg, ctx.world_size)  # an elastic run's ranks split the global batch
+    rows = elastic.BatchRows()
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     dtype = torch.float64 if cfg.train.dtype == "float64" else torch.float32
     manifest = read_manifest(cfg.data.url)
@@ -419,7 +423,7 @@ def build_trainer(cfg: Config, ctx: WorkerContext) -> Trainer:
         loss_fn=loss_fn,
         optimizer=optimizer,
         scheduler=build_lr_schedule(cfg.optim, optimizer, cfg.train.steps),
-        batches=batches,
+        batches=functools.partial(counted_batches, rows, batches),
         steps=cfg.train.steps,
         device=ctx.device,
         dtype=dtype,
@@ -437,8 +441,18 @@ def build_trainer(cfg: Config, ctx: WorkerContext) -> Trainer:
         clip_grad_norm=cfg.train.clip_grad_norm,
         amp=cfg.train.amp,
         channels_last=cfg.train.channels_last,
-        extra_metrics=stats.as_metrics,
+        extra_metrics=functools.partial(step_metrics, stats, rows, ctx.world_size),
     )
+
+
+def counted_batches(rows: elastic.BatchRows, batches: Callable, start_step: int) -> Iterator[tuple]:
+    """The stream from ``start_step`` on, its rows counted (the global batch is recorded, not derived)."""
+    return rows.count(batches(start_step))
+
+
+def step_metrics(stats: StreamStats, rows: elastic.BatchRows, world_size: int) -> dict:
+    """What every logged step records beside the loss: stream health, world size, global batch rows."""
+    return {**stats.as_metrics(), "world_size": world_size, "global_batch": rows.global_rows()}
 
 
 def run_worker(cfg: Config, ctx: WorkerContext) -> dict:

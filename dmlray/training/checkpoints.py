@@ -82,7 +82,9 @@ def registered_checkpoints(run_url: str) -> list[str] | None:
         snapshot = json.loads(storage.read_bytes(url))
         results = snapshot.get("checkpoint_results") or []
         indices = snapshot.get("checkpoint_report_indices") or list(range(len(results)))
-        names = [r["checkpoint_dir_name"] for _, r in sorted(zip(indices, results), key=lambda pair: pair[0])]
+        names = [
+            r["checkpoint_dir_name"] for _, r in sorted(zip(indices, results, strict=True), key=lambda pair: pair[0])
+        ]
         latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         log.warning("%s is unreadable (%s): ordering checkpoints by modification time", url, exc)
