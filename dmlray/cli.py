@@ -40,6 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help="split to evaluate (default: the run's test split)")
     p.add_argument("--export", action="store_true", help="also write the embeddings and labels (.npz and .parquet)")
 
+    p = sub.add_parser("index", help="embed a split with a run's model and write a gallery index into the run")
+    p.add_argument("run", help="run folder or checkpoint folder (path or s3://)")
+    p.add_argument("--data", default=None, help="dataset root (default: the run's data.url)")
+    p.add_argument("--split", default=None, help="split to index (default: the run's gallery split, else test split)")
+    p.add_argument("--kind", choices=["exact", "ivf", "hnsw"], default="exact", help="exact, or a faiss index")
+    p.add_argument("--nlist", type=int, default=0, help="ivf: k-means cells (0 = automatic)")
+    p.add_argument("--nprobe", type=int, default=0, help="ivf: cells scanned per query (0 = nlist/16)")
+    p.add_argument("--ef-search", type=int, default=128, help="hnsw: search candidate list size")
+    p.add_argument("--out", default=None, help="index folder (default: <run>/index-<split>-<kind>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     p = sub.add_parser("demo", help="the built-in demo: glyphs on a local S3 → Ray Train → Recall@K")
     p.add_argument("--out", default="demo-out", help="folder for the object store and runs")
     p.add_argument("overrides", nargs="*", help="overrides of the demo preset, e.g. train.steps=200")
@@ -127,6 +138,20 @@ def _dispatch(args) -> int:
         from dmlray.jobs.commands import eval_and_report
 
         eval_and_report(args.checkpoint, data=args.data, split=args.split, export=args.export)
+        return 0
+    if args.command == "index":
+        from dmlray.evaluation.index import IndexParams
+        from dmlray.jobs.index import index_and_report
+
+        index_and_report(
+            args.run,
+            data=args.data,
+            split=args.split,
+            kind=args.kind,
+            params=IndexParams(nlist=args.nlist, nprobe=args.nprobe, ef_search=args.ef_search),
+            out=args.out,
+            progress=not args.no_progress,
+        )
         return 0
     if args.command == "demo":
         from dmlray.jobs.demo import run_demo
