@@ -91,7 +91,9 @@ def export_embeddings(run: str, name: str, embedded: dict) -> list[str]:
     return written + [storage.join(run, f"{name}.parquet")]
 
 
-def eval_and_report(path: str, data: str | None = None, split: str | None = None, export: bool = False) -> dict:
+def eval_and_report(
+    path: str, data: str | None = None, split: str | None = None, export: bool = False, rerank: str | None = None
+) -> dict:
     """Evaluate a checkpoint in this process: print the table, write eval.json, pictures and
     (with ``export``) the embeddings beside it."""
     from dmlray.data.shards import read_manifest
@@ -147,6 +149,20 @@ def eval_and_report(path: str, data: str | None = None, split: str | None = None
     }
     if cfg.eval.baseline:
         result["baseline_raw_pixels"] = score(query, cfg.eval.ks, gallery, key="pixels")
+    if rerank:
+        from dmlray.evaluation.rerank import reranked_metrics
+
+        result["reranked"] = {
+            "method": rerank,
+            "metrics": reranked_metrics(
+                rerank,
+                query["embeddings"],
+                query["labels"],
+                None if gallery is None else gallery["embeddings"],
+                None if gallery is None else gallery["labels"],
+                cfg.eval.ks,
+            ),
+        }
     storage.write_bytes(storage.join(run, "eval.json"), json.dumps(result, indent=1).encode())
     from dmlray.evaluation.pictures import write_pictures
 
@@ -162,6 +178,11 @@ def eval_and_report(path: str, data: str | None = None, split: str | None = None
     )
     print(f"Retrieval on split {split!r} of {cfg.data.url} (checkpoint {checkpoint}, step {state['step']}):")
     print(results_table(result))
+    if rerank:
+        from dmlray.evaluation.metrics import format_table
+
+        print(f"re-ranked ({rerank}):")
+        print(format_table({f"dmlray + {rerank}": result["reranked"]["metrics"]}, ks=cfg.eval.ks))
     print(f"wrote {storage.join(run, 'eval.json')}")
     for url in pictures:
         print(f"wrote {url}")
