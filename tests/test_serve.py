@@ -190,8 +190,11 @@ def test_concurrent_searches_are_all_answered_batched_and_agree_with_eval(servic
         batches.append(body["batch"])
         assert len(body["results"]) == len(group)
         for (key, label, _), hits in zip(group, body["results"], strict=True):
-            assert hits[0]["key"] == key and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)  # itself
-            top1_same.append(hits[1]["label"] == label)  # its nearest other item
+            # the query itself is among its top 3 (first, unless an identical glyph ties with
+            # it); without it, the ranking is the evaluation's leave-one-out one
+            assert key in [h["key"] for h in hits] and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+            others = [h for h in hits if h["key"] != key]
+            top1_same.append(others[0]["label"] == label)
     assert len(top1_same) == len(samples)
     accuracy = sum(top1_same) / len(top1_same)
     assert accuracy > 0.5 and accuracy == pytest.approx(result["metrics"]["recall@1"], abs=2 / len(samples))
@@ -274,7 +277,7 @@ def test_the_page_finds_results_in_headless_chromium(service, tmp_path):
         wait.until(lambda d: all(i.get_property("naturalWidth") > 0 for i in d.find_elements(By.CSS_SELECTOR, "img")))
         labels = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#results .result .label")]
         assert all(text.startswith("class ") for text in labels)
-        assert driver.find_element(By.CSS_SELECTOR, "#results .result .key").text == key  # itself first
+        assert key in [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#results .result .key")]  # itself
         driver.find_element(By.ID, "random").click()
         wait.until(lambda d: "query, class" in d.find_element(By.CSS_SELECTOR, "#query .label").text)
         wait.until(lambda d: d.find_element(By.ID, "status").text == "8 results")

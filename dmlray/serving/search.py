@@ -62,7 +62,9 @@ def check_image(data: bytes, name: str = "image") -> bytes:
         raise BadRequest(413, f"{name} is {len(data)} bytes, more than the {MAX_IMAGE_BYTES} byte limit")
     try:
         image = Image.open(io.BytesIO(data))
-    except Exception as exc:  # PIL raises several types for unreadable data
+    except Image.UnidentifiedImageError:
+        raise BadRequest(400, f"{name} is not an image (no image format recognises its bytes)") from None
+    except Exception as exc:  # PIL raises several types for unreadable headers
         raise BadRequest(400, f"{name} is not an image ({type(exc).__name__}: {exc})") from None
     if image.format not in FORMATS:
         raise BadRequest(415, f"{name} is a {image.format} image; accepted formats: {', '.join(FORMATS)}")
