@@ -95,3 +95,22 @@ def test_engine_ranks_a_gallery_image_first_and_matches_the_index():
     scores, idx = index.search(got, 4)
     assert [h.key for h in hits[0]] == [keys[j] for j in idx[0]]
     assert refused(engine.random_query, random.Random(0)).status == 404  # no test images held
+
+
+def test_the_deployment_carries_urls_only_and_no_runtime_env(monkeypatch):
+    pytest.importorskip("ray.serve", reason="needs ray[serve]")
+    from dmlray.serving.app import app_builder, build_app
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-leak-this")
+    for app in (
+        build_app("s3://b/runs/r", "s3://b/runs/r/index-test-exact", replicas="auto"),
+        app_builder({"run": "s3://b/runs/r", "index": "s3://b/runs/r/index-test-exact"}),
+    ):
+        deployment = app._bound_deployment
+        assert deployment.init_args[:2] == ("s3://b/runs/r", "s3://b/runs/r/index-test-exact")
+        assert "runtime_env" not in (deployment.ray_actor_options or {})
+        assert "do-not-leak-this" not in repr(
+            (deployment.init_args, deployment.init_kwargs, deployment.ray_actor_options)
+        )
+    with pytest.raises(ValueError, match="args.index"):
+        app_builder({"run": "s3://b/runs/r"})

@@ -53,7 +53,8 @@ def build_engine(run: str, index_url: str) -> SearchEngine:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_run_model(run, device)
     index = load_index(index_url, gpu=device.type == "cuda")
-    if index.meta.get("model") is not None and index.meta["model"] != asdict(loaded.cfg.model):
+    model_config = json.loads(json.dumps(asdict(loaded.cfg.model)))  # as index.json holds it
+    if index.meta.get("model") is not None and index.meta["model"] != model_config:
         raise ValueError(f"{index_url} was built with another model than {loaded.run}: {index.meta['model']}")
     data_url, split = index.meta.get("data_url", loaded.cfg.data.url), index.meta.get("split", "")
     images, items = load_split_images(data_url, split, PAGE_IMAGE_BYTES) if split else ({}, [])
