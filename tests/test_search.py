@@ -95,6 +95,13 @@ def test_engine_ranks_a_gallery_image_first_and_matches_the_index():
     scores, idx = index.search(got, 4)
     assert [h.key for h in hits[0]] == [keys[j] for j in idx[0]]
     assert refused(engine.random_query, random.Random(0)).status == 404  # no test images held
+    # with α-query expansion the ranking is rerank("aqe")'s over the same gallery
+    from dmlray.evaluation.rerank import rerank
+
+    expanded = engine.search(got, 12, rerank="aqe")
+    order = rerank("aqe", torch.from_numpy(got), torch.from_numpy(emb))
+    assert [[h.key for h in row] for row in expanded] == [[keys[j] for j in row] for row in order.tolist()]
+    assert refused(engine.search, got, 3, "dba").status == 400
 
 
 def test_the_deployment_carries_urls_only_and_no_runtime_env(monkeypatch):

@@ -235,6 +235,7 @@ BAD_INPUTS = {
     "bad base64": (b'{"images": ["***"]}', "application/json", "", 400, "images[0] is not valid base64"),
     "bad k": (tiny_png(), "image/png", "?k=0", 400, "k must be between"),
     "k not a number": (tiny_png(), "image/png", "?k=many", 400, "k must be an integer"),
+    "unknown re-ranking": (tiny_png(), "image/png", "?rerank=dba", 400, "rerank must be 'aqe'"),
 }
 
 
@@ -245,6 +246,13 @@ def test_bad_input_is_a_4xx_with_a_message_and_the_replica_lives_on(service, cas
     assert got == status and message in answer["error"], (case, got, answer)
     ok, answer = post(f"{service}/search?k=2", tiny_png(), "image/png")
     assert ok == 200 and len(answer["results"][0]) == 2
+
+
+def test_search_with_query_expansion_answers_k_items(service):
+    ok, answer = post(f"{service}/search?k=4&rerank=aqe", tiny_png(), "image/png")
+    assert ok == 200 and len(answer["results"][0]) == 4
+    scores = [h["score"] for h in answer["results"][0]]
+    assert scores == sorted(scores, reverse=True)
 
 
 def test_the_page_finds_results_in_headless_chromium(service, tmp_path):

@@ -7,7 +7,7 @@ embedded together (``@serve.batch``), on the replica's GPU when it has one.
 
 Routes
     GET  /                 the search page
-    POST /search?k=5       image bytes, or JSON {"images": [base64, ...]}
+    POST /search?k=5       image bytes, or JSON {"images": [base64, ...]}; &rerank=aqe: α-query expansion
                            -> {"results": [[{"key", "label", "score"}, ...], ...], "batch": n}
     GET  /random           a random test image: {"key", "label"}
     GET  /image/<key>      a gallery or test image
@@ -87,11 +87,14 @@ class SearchReplica:
 
     async def search(self, request: Request) -> Response:
         k = parse_k(request.query_params.get("k"), self.default_k)
+        rerank = request.query_params.get("rerank", "")
+        if rerank not in ("", "aqe"):
+            raise BadRequest(400, f"rerank must be 'aqe' (or absent), got {rerank!r}")
         body = await request.body()
         images = images_of_request(body, request.headers.get("content-type", ""))
         inputs = [self.engine.to_tensor(data, f"images[{n}]") for n, data in enumerate(images)]
         embedded = await asyncio.gather(*(self.embed_batch(t) for t in inputs))
-        hits = self.engine.search(np.stack([e for e, _ in embedded]), k)
+        hits = self.engine.search(np.stack([e for e, _ in embedded]), k, rerank)
         return JSONResponse(
             {"results": [[asdict(h) for h in row] for row in hits], "batch": max(n for _, n in embedded)}
         )

@@ -152,7 +152,16 @@ class SearchEngine:
         batch = torch.stack(inputs).to(self.device, self._dtype)
         return self.model(batch).float().cpu().numpy()
 
-    def search(self, embeddings: np.ndarray, k: int) -> list[list[Hit]]:
+    def search(self, embeddings: np.ndarray, k: int, rerank: str = "") -> list[list[Hit]]:
+        """The top k of each query; ``rerank="aqe"`` searches with the α-query-expanded
+        queries (``dmlray.evaluation.rerank``; scores are then the expanded queries')."""
+        if rerank == "aqe":
+            from dmlray.evaluation.rerank import alpha_query_expansion
+
+            expanded = alpha_query_expansion(torch.from_numpy(embeddings), torch.from_numpy(self.index.embeddings))
+            embeddings = expanded.numpy()
+        elif rerank:
+            raise BadRequest(400, f"rerank must be 'aqe' (or absent), got {rerank!r}")
         scores, idx = self.index.search(embeddings, k)
         return [
             [
