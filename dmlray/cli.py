@@ -39,6 +39,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="dataset root (default: the run's data.url)")
     p.add_argument("--split", default=None, help="split to evaluate (default: the run's test split)")
     p.add_argument("--export", action="store_true", help="also write the embeddings and labels (.npz and .parquet)")
+    p.add_argument(
+        "--rerank", choices=["aqe", "kreciprocal"], default=None, help="also score after re-ranking (αQE, k-reciprocal)"
+    )
+
+    p = sub.add_parser("index", help="embed a split with a run's model and write a gallery index into the run")
+    p.add_argument("run", help="run folder or checkpoint folder (path or s3://)")
+    p.add_argument("--data", default=None, help="dataset root (default: the run's data.url)")
+    p.add_argument("--split", default=None, help="split to index (default: the run's gallery split, else test split)")
+    p.add_argument("--kind", choices=["exact", "ivf", "hnsw"], default="exact", help="exact, or a faiss index")
+    p.add_argument("--nlist", type=int, default=0, help="ivf: k-means cells (0 = automatic)")
+    p.add_argument("--nprobe", type=int, default=0, help="ivf: cells scanned per query (0 = nlist/16)")
+    p.add_argument("--ef-search", type=int, default=128, help="hnsw: search candidate list size")
+    p.add_argument("--out", default=None, help="index folder (default: <run>/index-<split>-<kind>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("serve", help="Ray Serve search service over a run's index, with a search page")
+    p.add_argument("run", help="run folder or checkpoint folder (path or s3://)")
+    p.add_argument("--index", required=True, help="index folder written by `dmlray index`")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP address (0.0.0.0 to serve other machines)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--replicas", default="1", help="replicas, or 'auto' (1 to 4 on load)")
+    p.add_argument("--gpus", type=float, default=0, help="GPUs per replica")
 
     p = sub.add_parser("demo", help="the built-in demo: glyphs on a local S3 → Ray Train → Recall@K")
     p.add_argument("--out", default="demo-out", help="folder for the object store and runs")
@@ -126,7 +148,26 @@ def _dispatch(args) -> int:
     if args.command == "eval":
         from dmlray.jobs.commands import eval_and_report
 
-        eval_and_report(args.checkpoint, data=args.data, split=args.split, export=args.export)
+        eval_and_report(args.checkpoint, data=args.data, split=args.split, export=args.export, rerank=args.rerank)
+        return 0
+    if args.command == "index":
+        from dmlray.evaluation.index import IndexParams
+        from dmlray.jobs.index import index_and_report
+
+        index_and_report(
+            args.run,
+            data=args.data,
+            split=args.split,
+            kind=args.kind,
+            params=IndexParams(nlist=args.nlist, nprobe=args.nprobe, ef_search=args.ef_search),
+            out=args.out,
+            progress=not args.no_progress,
+        )
+        return 0
+    if args.command == "serve":
+        from dmlray.serving.app import serve_forever
+
+        serve_forever(args.run, args.index, args.host, args.port, args.replicas, args.gpus)
         return 0
     if args.command == "demo":
         from dmlray.jobs.demo import run_demo

@@ -109,7 +109,9 @@ def load_checkpoint_model(run: str, checkpoint: str, data: str | None) -> tuple[
     return cfg, state, model
 
 
-def eval_and_report(path: str, data: str | None = None, split: str | None = None, export: bool = False) -> dict:
+def eval_and_report(
+    path: str, data: str | None = None, split: str | None = None, export: bool = False, rerank: str | None = None
+) -> dict:
     """Evaluate a checkpoint in this process: print the table, write eval.json, pictures and
     (with ``export``) the embeddings beside it."""
     import torch
@@ -135,10 +137,17 @@ def eval_and_report(path: str, data: str | None = None, split: str | None = None
     }
     if evaluation.baseline is not None:
         result["baseline_raw_pixels"] = evaluation.baseline
+    if rerank:
+        result["reranked"] = {"method": rerank, "metrics": reranked_scores(rerank, evaluation, cfg.eval.ks)}
     storage.write_bytes(storage.join(run, "eval.json"), json.dumps(result, indent=1).encode())
     pictures = write_evaluation_pictures(RunFolder.at(run), manifest, plan, evaluation)
     print(f"Retrieval on split {split!r} of {cfg.data.url} (checkpoint {checkpoint}, step {state['step']}):")
     print(results_table(result))
+    if rerank:
+        from dmlray.evaluation.metrics import format_table
+
+        print(f"re-ranked ({rerank}):")
+        print(format_table({f"dmlray + {rerank}": result["reranked"]["metrics"]}, ks=cfg.eval.ks))
     print(f"wrote {storage.join(run, 'eval.json')}")
     for url in pictures:
         print(f"wrote {url}")
@@ -149,3 +158,18 @@ def eval_and_report(path: str, data: str | None = None, split: str | None = None
             for url in export_embeddings(run, f"embeddings-{cfg.data.gallery_split}", evaluation.gallery):
                 print(f"wrote {url}")
     return result
+
+
+def reranked_scores(method: str, evaluation, ks: list[int]) -> dict[str, float]:
+    """The test evaluation's metrics after re-ranking (α-query expansion or k-reciprocal)."""
+    from dmlray.evaluation.rerank import reranked_metrics
+
+    query, gallery = evaluation.query, evaluation.gallery
+    return reranked_metrics(
+        method,
+        query["embeddings"],
+        query["labels"],
+        None if gallery is None else gallery["embeddings"],
+        None if gallery is None else gallery["labels"],
+        ks,
+    )
