@@ -8,11 +8,14 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from dmlray.cli import parse
+from dmlray.jobs.output import ProgressPrinter
+from dmlray.jobs.run_folder import MetricsWriter, RunFolder
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, EVAL_EVERY, LOG_EVERY = 30, 15, 5
@@ -36,6 +39,32 @@ def test_verbose_is_an_option_of_every_subcommand():
     assert args.verbose and args.config == "demo" and args.overrides == ["train.steps=3"]
     assert parse(["tune", "demo", "--space", "s.yaml", "--verbose", "a.b=1"]).verbose
     assert parse(["eval", "runs/x", "--verbose"]).verbose and parse(["presets", "-v"]).verbose
+
+
+def record(step: int, **extra) -> dict:
+    return {"step": step, "loss": 1.0 / step, **extra}
+
+
+def test_the_driver_prints_each_logged_step_once_while_the_run_writes_them(tmp_path, capsys):
+    """The worker side's MetricsWriter rewrites metrics.jsonl as it grows; a restart replays
+    steps 15-20 from a checkpoint at 10; the steps of an earlier driver are not printed again."""
+    folder = RunFolder(str(tmp_path), "run")
+    writer = MetricsWriter(folder)
+    history = [record(5)]
+    writer.submit(history)
+    writer.flush()
+    with ProgressPrinter(folder, lambda r: f"[dmlray] step {r['step']}", interval_s=0.02) as printer:
+        assert printer.last_step == 5  # printed by the driver of an earlier attempt
+        for step in (10, 15, 20):
+            history.append(record(step, **({"recall@1": 0.5} if step == 10 else {})))
+            writer.submit(history)
+            writer.flush()
+            time.sleep(0.05)
+        history = history[:2] + [record(15), record(20), record(25)]  # resumed at 10
+        writer.submit(history)
+        writer.close()
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[dmlray] step")]
+    assert printed == [f"[dmlray] step {s}" for s in (10, 15, 20, 25)]
 
 
 @pytest.mark.slow
