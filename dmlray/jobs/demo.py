@@ -24,6 +24,8 @@ from dmlray.data.shards import read_manifest
 from dmlray.data.storage import split_s3
 from dmlray.devtools.seaweed import SeaweedS3
 
+SUBSET_SHARD_BYTES = 16 * 1024  # a 60-class subset: ~18 shards per split
+
 
 def say(line: str) -> None:
     print(line, flush=True)
@@ -58,6 +60,9 @@ def run_demo(out: str = "demo-out", overrides: Sequence[str] = (), max_classes: 
             recipe = load_recipe("glyphs")
             if max_classes:
                 recipe.options["max_classes"] = max_classes
+                # smaller shards, so that a subset's splits still give every worker some to
+                # read (a worker with no evaluation shard fails the raw-pixel gather)
+                recipe.shard_bytes = min(recipe.shard_bytes, SUBSET_SHARD_BYTES)
             manifest = pack(recipe, cfg.data.url, progress=sys.stderr.isatty())
             say(f"      {describe_dataset(cfg)}; manifest {manifest}")
             set_up = time.monotonic() - t0
