@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import functools
 import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmlray", description="Distributed deep metric learning on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
+    # every subcommand takes it, after its name: `dmlray demo --verbose`
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="also show Ray's and the libraries' output (worker logs, Ray Train's reports, boto's INFO lines)",
+    )
+    add_parser = functools.partial(sub.add_parser, parents=[common])
 
-    p = sub.add_parser("pack", help="pack a raw dataset into WebDataset shards + manifest")
+    p = add_parser("pack", help="pack a raw dataset into WebDataset shards + manifest")
     p.add_argument("recipe", help="recipe file (shards/*.yaml) or dataset name (e.g. glyphs)")
     p.add_argument("--dst", required=True, help="destination: path, file:// or s3://bucket/prefix")
     p.add_argument("--src", default=None, help="raw dataset folder (not needed for glyphs)")
@@ -30,11 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace a complete dataset already at --dst (its manifest is removed first)",
     )
 
-    p = sub.add_parser("train", help="train from a preset or YAML config with key=value overrides")
+    p = add_parser("train", help="train from a preset or YAML config with key=value overrides")
     p.add_argument("config", help="preset name (see --list-presets) or YAML path")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=100")
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint or run folder")
+    p = add_parser("eval", help="evaluate a checkpoint or run folder")
     p.add_argument("checkpoint", help="run folder or checkpoint folder (path or s3://)")
     p.add_argument("--data", default=None, help="dataset root (default: the run's data.url)")
     p.add_argument("--split", default=None, help="split to evaluate (default: the run's test split)")
@@ -62,11 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", default="1", help="replicas, or 'auto' (1 to 4 on load)")
     p.add_argument("--gpus", type=float, default=0, help="GPUs per replica")
 
-    p = sub.add_parser("demo", help="the built-in demo: glyphs on a local S3 → Ray Train → Recall@K")
+    p = add_parser("demo", help="the built-in demo: glyphs on a local S3 → Ray Train → Recall@K")
     p.add_argument("--out", default="demo-out", help="folder for the object store and runs")
+    p.add_argument(
+        "--classes", type=int, default=0, help="render only this many of the glyph classes (a quicker look; 0 = all)"
+    )
     p.add_argument("overrides", nargs="*", help="overrides of the demo preset, e.g. train.steps=200")
 
-    p = sub.add_parser("tune", help="hyper-parameter sweep with Ray Tune")
+    p = add_parser("tune", help="hyper-parameter sweep with Ray Tune")
     p.add_argument("config", help="preset name or YAML path")
     p.add_argument("--space", required=True, help="search space YAML")
     p.add_argument("--num-samples", type=int, default=4)
@@ -96,24 +108,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("overrides", nargs="*", help="section.key=value overrides of the base config")
 
-    sub.add_parser("presets", help="list the presets shipped with dmlray")
+    add_parser("presets", help="list the presets shipped with dmlray")
     return parser
 
 
+# subcommands with overrides after a positional: their options may come between the two
+INTERMIXED = ("tune", "train", "demo")
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
-    """Parse a command line; `tune` also takes its options between CONFIG and the overrides."""
+    """Parse a command line; `tune`, `train` and `demo` also take their options (``--verbose``)
+    between CONFIG and the overrides."""
     parser = build_parser()
-    if argv and argv[0] == "tune":
+    if argv and argv[0] in INTERMIXED:
         subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        args = subparsers.choices["tune"].parse_intermixed_args(argv[1:])
-        args.command = "tune"
+        args = subparsers.choices[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
         return args
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else list(argv))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dmlray.jobs.output import configure_logging
+
+    configure_logging(args.verbose)
     from dmlray.config import ConfigError
     from dmlray.data.storage import StorageError
 
@@ -172,7 +191,7 @@ def _dispatch(args) -> int:
     if args.command == "demo":
         from dmlray.jobs.demo import run_demo
 
-        run_demo(args.out, args.overrides)
+        run_demo(args.out, args.overrides, max_classes=args.classes)
         return 0
     if args.command == "tune":
         from dmlray.sweeps.tune import SweepMetricsEndpoint, SweepSettings, run_sweep
@@ -202,3 +221,7 @@ def _dispatch(args) -> int:
         print("\n".join(preset_names()))
         return 0
     raise AssertionError(args.command)
+
+
+if __name__ == "__main__":  # `python -m dmlray.cli`, like `python -m dmlray`
+    sys.exit(main())

@@ -191,7 +191,11 @@ def _gather_worker(rank, world_size, init_file, results):
         weights = torch.arange(gathered.numel(), dtype=torch.float64).view_as(gathered)
         (gathered * weights * (rank + 1)).sum().backward()
         variable = all_gather_variable(torch.full((rank + 1, 2), float(rank)))
-        torch.save({"gathered": gathered.detach(), "grad": x.grad, "variable": variable}, f"{results}.{rank}")
+        # an empty evaluation share that does not know the others' row width (zeros(0, 1))
+        share = torch.zeros(0, 1) if rank == 1 else torch.full((2, 5), float(rank))
+        uneven = all_gather_variable(share)
+        saved = {"gathered": gathered.detach(), "grad": x.grad, "variable": variable, "uneven": uneven}
+        torch.save(saved, f"{results}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -208,6 +212,7 @@ def test_gather_orders_by_rank_and_routes_summed_gradients_to_the_owner(tmp_path
         assert out["gathered"][:, 0].tolist() == [1, 1, 2, 2, 3, 3]
         torch.testing.assert_close(out["grad"], weights[2 * rank : 2 * rank + 2] * total_scale)
         assert out["variable"][:, 0].tolist() == [0, 1, 1, 2, 2, 2]
+        assert out["uneven"].shape == (4, 5) and out["uneven"][:, 0].tolist() == [0, 0, 2, 2]
 
 
 def test_gather_is_identity_without_a_process_group():

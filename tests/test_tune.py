@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import struct
 import threading
 import time
 import urllib.request
@@ -188,18 +187,17 @@ def test_a_bad_space_or_metric_fails_before_ray_starts(tmp_path, capsys):
 # ----------------------------------------------------------------------------- a real sweep
 
 
-def tensorboard_tags(path: Path) -> set[str]:
-    """Scalar tags in a TensorBoard event file (TFRecord framing, Event protos)."""
-    from tensorboardX.proto import event_pb2
+def tensorboard_recall_curve(trial_dir: Path) -> list[tuple[int, float]]:
+    """(training step, Recall@1) as TensorBoard shows a trial: read with TensorBoard's own
+    reader, Tune's iteration axis mapped to the step logged beside it."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
-    data, tags, i = path.read_bytes(), set(), 0
-    while i < len(data):
-        (n,) = struct.unpack("<Q", data[i : i + 8])
-        event = event_pb2.Event()
-        event.ParseFromString(data[i + 12 : i + 12 + n])
-        tags |= {v.tag for v in event.summary.value}
-        i += 12 + n + 4
-    return tags
+    events = EventAccumulator(str(trial_dir), size_guidance={SCALARS: 0})  # 0: keep every point
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"ray/tune/recall_1", "ray/tune/step"} <= tags, (trial_dir.name, sorted(tags))
+    step_at = {e.step: int(e.value) for e in events.Scalars("ray/tune/step")}
+    return [(step_at[e.step], e.value) for e in events.Scalars("ray/tune/recall_1")]
 
 
 class Interrupter(threading.Thread):
@@ -327,11 +325,16 @@ def test_a_sweep_prunes_bad_trials_survives_an_interruption_and_reports(glyphs_s
         assert (sweep / "runs" / run / "metrics.jsonl").stat().st_mtime == mtime, run
     for name in ("sweep_curves.png", "sweep_params.png"):
         assert (sweep / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (sweep / name).stat().st_size > 5000
-    # Tune's per-trial TensorBoard files carry the evaluation metrics
+    # `tensorboard --logdir SWEEP` (the summary's suggestion) shows every trial's Recall@1 curve:
+    # one series per trial, a point at each evaluation the trial's run logged, with its value
     for r in rows:
-        events = list((sweep / f"trial_{r['trial']}").glob("events.out.tfevents.*"))
-        assert events, f"no TensorBoard file for {r['trial']}"
-        assert {"ray/tune/recall_1", "ray/tune/step"} <= set().union(*(tensorboard_tags(e) for e in events))
+        assert list((sweep / f"trial_{r['trial']}").glob("events.out.tfevents.*")), f"no TensorBoard file: {r}"
+        history = [json.loads(line) for line in (sweep / "runs" / f"trial_{r['trial']}" / "metrics.jsonl").open()]
+        logged = [(h["step"], h["recall@1"]) for h in history if "recall@1" in h]
+        assert [s for s, _ in logged] == [10, 20] if r["state"] == "finished" else [10], (r, logged)
+        curve = tensorboard_recall_curve(sweep / f"trial_{r['trial']}")
+        assert [s for s, _ in curve] == [s for s, _ in logged], (r["trial"], curve, logged)
+        assert [v for _, v in curve] == pytest.approx([v for _, v in logged], abs=1e-6), (r["trial"], curve, logged)
     # each trial is a run folder named after the trial, with the sampled values in its config
     cfg = (sweep / "runs" / f"trial_{best['trial']}" / "config.yaml").read_text()
     assert f"name: trial_{best['trial']}" in cfg and "lr: 0.001" in cfg

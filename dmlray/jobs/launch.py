@@ -21,7 +21,7 @@ import torch
 from dmlray.config import Config, ConfigError, config_from_dict, config_to_dict, validate
 from dmlray.data import storage
 from dmlray.data.shards import read_manifest
-from dmlray.jobs import elastic
+from dmlray.jobs import elastic, output
 from dmlray.jobs.run_folder import LOCK_FILE, MetricsWriter, RunFolder, RunLock, clear_run_folder, numeric_metrics
 from dmlray.jobs.worker import WorkerContext, check_training_data, run_worker
 from dmlray.telemetry.worker_metrics import WorkerMetrics
@@ -39,12 +39,13 @@ def resolve_storage_path(path: str) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
-def prepare_worker_process(cfg: Config) -> None:
+def prepare_worker_process(cfg: Config, verbose: bool) -> None:
     """Logging, torch threads, the storage retry deadline and the preemption handler of a
     worker process."""
     import ray
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    output.quiet_library_loggers(verbose)
     torch.set_num_threads(cfg.run.threads_per_worker)
     storage.set_retry_deadline(cfg.run.storage_retry_s)
     preemption.reset()
@@ -91,7 +92,7 @@ class RayReport:
         self.metrics.record(record)
         if self.writer is not None:
             self.writer.submit(history)  # written in the background: S3 latency stays off the step
-            print(progress_line(record, self.steps), flush=True)  # rank 0 only
+            output.write_line(progress_line(record, self.steps))  # rank 0 only
         if state is None:
             return
         if self.writer is not None:
@@ -155,7 +156,7 @@ def train_function(config: dict) -> None:
     cfg = config_from_dict(config["config"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    prepare_worker_process(cfg)
+    prepare_worker_process(cfg, config.get("verbose", False))
     device = worker_device(cfg.run.use_gpu, context.get_local_rank())
     restored = restored_state(device)
     backend = "ray" if ray.is_initialized() else "prometheus"
@@ -254,6 +255,19 @@ def keep_credentials_out_of_tune_runtime_envs() -> None:
     class_cache.ENV_VARS_TO_PROPAGATE = set(propagated) - CREDENTIAL_ENV
 
 
+# (Ray job id, log_to_driver) of the ray.init made by ensure_ray
+_forwarding: tuple[str, bool] = ("", True)
+
+
+def worker_logs_forwarded() -> bool:
+    """Whether the workers' output reaches this driver: as ensure_ray set it, and Ray's
+    default (yes) for a ray.init made elsewhere."""
+    import ray
+
+    job, forwarded = _forwarding
+    return forwarded or job != ray.get_runtime_context().get_job_id()
+
+
 def ensure_ray(
     num_cpus: int | None = None, metrics_export_port: int | None = None, metrics_interval_ms: int | None = None
 ) -> None:
@@ -278,23 +292,29 @@ def ensure_ray(
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    global _forwarding
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        forward = output.forward_worker_logs(existing_cluster=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=forward, logging_level=output.ray_logging_level())
+        _forwarding = (ray.get_runtime_context().get_job_id(), forward)
         return
     extra: dict = {}
     if metrics_export_port:
         extra["_metrics_export_port"] = metrics_export_port
     if metrics_interval_ms:
         extra["_system_config"] = {"metrics_report_interval_ms": metrics_interval_ms}
+    forward = output.forward_worker_logs(existing_cluster=False)
     # a local cluster talks over loopback only
     ray.init(
         num_cpus=num_cpus or max(4, os.cpu_count() or 1),
         _node_ip_address="127.0.0.1",
         dashboard_host="127.0.0.1",
         dashboard_port=free_ports(1)[0],
-        log_to_driver=True,
+        log_to_driver=forward,
+        logging_level=output.ray_logging_level(),
         **extra,
     )
+    _forwarding = (ray.get_runtime_context().get_job_id(), forward)
 
 
 def storage_arguments(storage_path: str) -> dict:
@@ -343,7 +363,7 @@ def build_trainer(cfg: Config, trial: str = "", callbacks: list | None = None):
     )
     return TorchTrainer(
         train_function,
-        train_loop_config={"config": config_to_dict(cfg), "trial": trial},
+        train_loop_config={"config": config_to_dict(cfg), "trial": trial, "verbose": output.verbose()},
         scaling_config=scaling,
         run_config=run,
     )
@@ -442,7 +462,11 @@ def launch(cfg: Config) -> dict:
                 log.info("%s exists: resuming from its latest checkpoint (run.fresh=true starts over)", folder.url)
         folder.write_config(config_to_dict(cfg))
         log.info("run folder: %s", folder.url)
-        build_trainer(cfg).fit()
+        if cfg.run.num_workers > 0 and not worker_logs_forwarded():  # the workers' lines stay in Ray's logs
+            with output.ProgressPrinter(folder, lambda record: progress_line(record, cfg.train.steps)):
+                build_trainer(cfg).fit()
+        else:
+            build_trainer(cfg).fit()
         result = folder.read_result()
     result["run_folder"] = folder.url
     return result

@@ -69,8 +69,16 @@ def all_gather_variable(x: torch.Tensor) -> torch.Tensor:
     _, world_size = world()
     if world_size == 1:
         return x
-    count = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
-    counts = all_gather_no_grad(count).tolist()
+    # every rank's whole shape: a rank with no rows may not know the trailing dimensions
+    # (an empty evaluation share), and gloo needs equal-sized buffers on every rank
+    shape = torch.tensor([list(x.shape)], dtype=torch.long, device=x.device)
+    shapes = all_gather_no_grad(shape).tolist()
+    counts = [s[0] for s in shapes]
+    trailing = {tuple(s[1:]) for s in shapes if s[0] > 0}
+    if len(trailing) > 1:
+        raise ValueError(f"all_gather_variable: ranks hold rows of different shapes {sorted(trailing)}")
+    if trailing and x.shape[0] == 0:
+        x = x.new_zeros((0, *trailing.pop()))
     longest = max(counts)
     padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype, device=x.device)
     padded[: x.shape[0]] = x
