@@ -7,6 +7,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from recipes import TINY_RUN
 
 from dmlray.cli import build_parser, main
 from dmlray.data.glyphs import glyph_classes
@@ -38,16 +39,10 @@ def test_train_in_local_mode_then_eval_the_run(glyphs_small, tmp_path, capsys):
             f"data.url={glyphs_small}",
             f"run.storage_path={tmp_path}",
             "run.name=cli",
-            "run.num_workers=0",
             f"run.metrics_port={port}",
-            "train.steps=30",
             "train.eval_every=15",
             "train.log_every=5",
-            "data.classes_per_batch=8",
-            "data.class_buffer=16",
-            "memory.size=128",
-            "memory.start=10",
-            "optim.milestones=[]",
+            *TINY_RUN,
         ]
     )
     assert rc == 0

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from recipes import PML_CHECKED_PAIR_LOSSES
 
 from dmlray import losses
 from dmlray.losses.miners import distance_weighted_triplets
@@ -346,20 +347,6 @@ def test_pair_loss_matches_loop(key, case_name):
         assert torch.isfinite(value) and torch.isfinite(grad).all(), engine
         torch.testing.assert_close(value, expected_value, rtol=1e-9, atol=1e-10, msg=f"{engine} value")
         torch.testing.assert_close(grad, expected_grad, rtol=1e-7, atol=1e-9, msg=f"{engine} grad")
-
-
-# pair losses of issue #17, checked against pytorch-metric-learning (values and gradients,
-# with and without references) in test_losses_pml_new.py instead of a loop here
-PML_CHECKED_PAIR_LOSSES = {
-    "tuplet_margin",
-    "ntxent",
-    "generalized_lifted_structure",
-    "intra_pair_variance",
-    "snr_contrastive",
-    "threshold_consistent_margin",
-    "triplet_margin",
-    "fast_ap",
-}
 
 
 def test_pair_losses_cover_the_registry():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dmlray.training.schedules import build_scheduler
+from dmlray.training.schedules import ScheduleSettings, build_scheduler
 
 
 def _optimizer(lrs=(0.1,)):
@@ -28,7 +28,7 @@ def _rates(optimizer, scheduler, steps: int) -> list[list[float]]:
 def test_step_schedule_with_warmup_equals_torch_linear_then_multistep():
     ours = _optimizer((0.1, 10.0))
     sched = build_scheduler(
-        ours, schedule="step", total_steps=60, milestones=[20, 40], gamma=0.5, warmup_steps=8, warmup_start=0.1
+        ours, ScheduleSettings("step", 60, milestones=(20, 40), gamma=0.5, warmup_steps=8, warmup_start=0.1)
     )
     theirs = _optimizer((0.1, 10.0))
     chained = torch.optim.lr_scheduler.ChainedScheduler(
@@ -45,7 +45,7 @@ def test_step_schedule_with_warmup_equals_torch_linear_then_multistep():
 
 def test_cosine_without_warmup_equals_torch_cosine_annealing():
     ours = _optimizer()
-    sched = build_scheduler(ours, schedule="cosine", total_steps=30, cosine_floor=0.2)
+    sched = build_scheduler(ours, ScheduleSettings(schedule="cosine", total_steps=30, cosine_floor=0.2))
     theirs = _optimizer()
     annealing = torch.optim.lr_scheduler.CosineAnnealingLR(theirs, T_max=30, eta_min=0.02)
     for a, b in zip(_rates(ours, sched, 30), _rates(theirs, annealing, 30), strict=True):
@@ -54,7 +54,7 @@ def test_cosine_without_warmup_equals_torch_cosine_annealing():
 
 def test_cosine_after_warmup_follows_the_closed_form():
     ours = _optimizer()
-    sched = build_scheduler(ours, schedule="cosine", total_steps=25, warmup_steps=5, warmup_start=0.0)
+    sched = build_scheduler(ours, ScheduleSettings(schedule="cosine", total_steps=25, warmup_steps=5, warmup_start=0.0))
     rates = [r[0] for r in _rates(ours, sched, 25)]
     for t, rate in enumerate(rates):
         if t < 5:
@@ -67,21 +67,21 @@ def test_cosine_after_warmup_follows_the_closed_form():
 
 def test_resumed_scheduler_continues_identically():
     a = _optimizer()
-    sa = build_scheduler(a, schedule="cosine", total_steps=40, warmup_steps=6, warmup_start=0.25)
+    sa = build_scheduler(a, ScheduleSettings(schedule="cosine", total_steps=40, warmup_steps=6, warmup_start=0.25))
     _rates(a, sa, 17)
     state = sa.state_dict()
     b = _optimizer()
-    sb = build_scheduler(b, schedule="cosine", total_steps=40, warmup_steps=6, warmup_start=0.25)
+    sb = build_scheduler(b, ScheduleSettings(schedule="cosine", total_steps=40, warmup_steps=6, warmup_start=0.25))
     sb.load_state_dict(state)
     b.param_groups[0]["lr"] = a.param_groups[0]["lr"]  # the optimiser's state travels in its own checkpoint
     assert _rates(a, sa, 10) == _rates(b, sb, 10)
 
 
 def test_constant_rate_needs_no_scheduler_and_bad_settings_are_named():
-    assert build_scheduler(_optimizer(), schedule="step", total_steps=10) is None
+    assert build_scheduler(_optimizer(), ScheduleSettings(schedule="step", total_steps=10)) is None
     with pytest.raises(ValueError, match="warm-up of -1 steps"):
-        build_scheduler(_optimizer(), schedule="cosine", total_steps=10, warmup_steps=-1)
+        build_scheduler(_optimizer(), ScheduleSettings(schedule="cosine", total_steps=10, warmup_steps=-1))
     with pytest.raises(ValueError, match="cosine_floor=1.5"):
-        build_scheduler(_optimizer(), schedule="cosine", total_steps=10, cosine_floor=1.5)
+        build_scheduler(_optimizer(), ScheduleSettings(schedule="cosine", total_steps=10, cosine_floor=1.5))
     with pytest.raises(ValueError, match="optim.schedule='linear'"):
-        build_scheduler(_optimizer(), schedule="linear", total_steps=10, warmup_steps=2)  # type: ignore[arg-type]
+        build_scheduler(_optimizer(), ScheduleSettings(schedule="linear", total_steps=10, warmup_steps=2))  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from recipes import TINY_RUN
 
 from dmlray.cli import main
 from dmlray.data import storage
@@ -37,16 +38,10 @@ def tiny_run(s3_module, glyphs_s3):
             f"data.url={glyphs_s3}",
             f"run.storage_path={RUNS}",
             "run.name=tiny",
-            "run.num_workers=0",
             f"run.metrics_port={free_ports(1)[0]}",
-            "train.steps=30",
             "train.eval_every=30",
             "train.log_every=10",
-            "data.classes_per_batch=8",
-            "data.class_buffer=16",
-            "memory.size=128",
-            "memory.start=10",
-            "optim.milestones=[]",
+            *TINY_RUN,
         ]
     )
     assert rc == 0

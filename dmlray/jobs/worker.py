@@ -29,7 +29,7 @@ from dmlray.evaluation.embedding import embed_split, score
 from dmlray.evaluation.report import TestPlan, evaluate_test, write_evaluation_pictures
 from dmlray.jobs import elastic
 from dmlray.training.memory import CrossBatchMemory
-from dmlray.training.schedules import build_scheduler
+from dmlray.training.schedules import ScheduleSettings, build_scheduler
 from dmlray.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -221,16 +221,16 @@ def build_optimizer(cfg: OptimConfig, model: models.EmbeddingModel, loss_fn: nn.
 
 def build_lr_schedule(cfg: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int):
     """The configured schedule (warm-up, step or cosine decay), or None for a constant rate."""
-    return build_scheduler(
-        optimizer,
+    settings = ScheduleSettings(
         schedule=cfg.schedule,
         total_steps=total_steps,
-        milestones=cfg.milestones,
+        milestones=tuple(cfg.milestones),
         gamma=cfg.gamma,
         warmup_steps=cfg.warmup_steps,
         warmup_start=cfg.warmup_start,
         cosine_floor=cfg.cosine_floor,
     )
+    return build_scheduler(optimizer, settings)
 
 
 def build_memory(cfg: Config, dtype: torch.dtype, device: torch.device) -> CrossBatchMemory | None:

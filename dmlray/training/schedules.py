@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -37,62 +38,58 @@ def cosine_factor(step: int, warmup_steps: int, total_steps: int, floor: float) 
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def lr_factor(
-    step: int,
-    *,
-    schedule: Schedule,
-    total_steps: int,
-    milestones: Sequence[int] = (),
-    gamma: float = 0.1,
-    warmup_steps: int = 0,
-    warmup_start: float = 0.0,
-    cosine_floor: float = 0.0,
-) -> float:
-    """The multiplier of every base learning rate at ``step`` (0-based: the step about to run)."""
-    if schedule == "step":
-        decay = step_factor(step, milestones, gamma)
-    elif schedule == "cosine":
-        decay = cosine_factor(step, warmup_steps, total_steps, cosine_floor)
-    else:
-        raise ValueError(f"optim.schedule={schedule!r}: expected 'step' or 'cosine'")
-    return warmup_factor(step, warmup_steps, warmup_start) * decay
+@dataclass(frozen=True)
+class ScheduleSettings:
+    """One run's learning-rate schedule (the optim.* fields of the config)."""
+
+    schedule: Schedule
+    """step: ×gamma at each milestone; cosine: half a cosine down to cosine_floor."""
+    total_steps: int
+    """The run's optimisation steps (the cosine ends at the last)."""
+    milestones: tuple[int, ...] = ()
+    """Steps at which a step schedule multiplies the rate by gamma."""
+    gamma: float = 0.1
+    """The step schedule's factor per milestone."""
+    warmup_steps: int = 0
+    """Linear warm-up over this many first steps (any schedule); 0 = none."""
+    warmup_start: float = 0.0
+    """Fraction of each rate at step 0 of the warm-up."""
+    cosine_floor: float = 0.0
+    """Fraction of each rate left at the last step of a cosine schedule."""
+
+    def check(self) -> None:
+        """Refuse settings that make no schedule, naming them."""
+        if self.schedule not in ("step", "cosine"):
+            raise ValueError(f"optim.schedule={self.schedule!r}: expected 'step' or 'cosine'")
+        if self.warmup_steps < 0 or not 0.0 <= self.warmup_start <= 1.0:
+            raise ValueError(
+                f"warm-up of {self.warmup_steps} steps from {self.warmup_start}: need steps >= 0, start in [0, 1]"
+            )
+        if not 0.0 <= self.cosine_floor <= 1.0:
+            raise ValueError(f"optim.cosine_floor={self.cosine_floor}: expected a fraction in [0, 1]")
+
+    def constant(self) -> bool:
+        """True where the rate never changes (no scheduler needed)."""
+        return self.schedule == "step" and not self.milestones and self.warmup_steps <= 0
+
+    def __call__(self, step: int) -> float:
+        """The multiplier of every base learning rate at ``step`` (0-based: the step about to run)."""
+        if self.schedule == "cosine":
+            decay = cosine_factor(step, self.warmup_steps, self.total_steps, self.cosine_floor)
+        else:
+            decay = step_factor(step, self.milestones, self.gamma)
+        return warmup_factor(step, self.warmup_steps, self.warmup_start) * decay
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer,
-    *,
-    schedule: Schedule,
-    total_steps: int,
-    milestones: Sequence[int] = (),
-    gamma: float = 0.1,
-    warmup_steps: int = 0,
-    warmup_start: float = 0.0,
-    cosine_floor: float = 0.0,
+    optimizer: torch.optim.Optimizer, settings: ScheduleSettings
 ) -> torch.optim.lr_scheduler.LambdaLR | None:
-    """A scheduler stepping once per optimisation step, or None where the rate never changes."""
-    if schedule == "step" and not milestones and warmup_steps <= 0:
+    """A scheduler stepping once per optimisation step, or None where the rate never changes.
+
+    The settings object is the scheduler's factor function: a frozen dataclass pickles, and a
+    resumed run's factor is recomputed from the step alone.
+    """
+    settings.check()
+    if settings.constant():
         return None
-    if warmup_steps < 0 or not 0.0 <= warmup_start <= 1.0:
-        raise ValueError(f"warm-up of {warmup_steps} steps from {warmup_start}: need steps >= 0, start in [0, 1]")
-    if not 0.0 <= cosine_floor <= 1.0:
-        raise ValueError(f"optim.cosine_floor={cosine_floor}: expected a fraction in [0, 1]")
-    settings = {
-        "schedule": schedule,
-        "total_steps": total_steps,
-        "milestones": tuple(milestones),
-        "gamma": gamma,
-        "warmup_steps": warmup_steps,
-        "warmup_start": warmup_start,
-        "cosine_floor": cosine_floor,
-    }
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, _Factor(settings))
-
-
-class _Factor:
-    """``lr_factor`` with fixed settings, as a picklable callable (a lambda would not be)."""
-
-    def __init__(self, settings: dict) -> None:
-        self.settings = settings
-
-    def __call__(self, step: int) -> float:
-        return lr_factor(step, **self.settings)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, settings)
