@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help="split to evaluate (default: the run's test split)")
     p.add_argument("--export", action="store_true", help="also write the embeddings and labels (.npz and .parquet)")
     p.add_argument(
+        "--html", action="store_true", help="also write report.html: worst queries, per-class recall, the grid"
+    )
+    p.add_argument(
         "--rerank", choices=["aqe", "kreciprocal"], default=None, help="also score after re-ranking (αQE, k-reciprocal)"
     )
 
@@ -167,7 +170,9 @@ def _dispatch(args) -> int:
     if args.command == "eval":
         from dmlray.jobs.commands import eval_and_report
 
-        eval_and_report(args.checkpoint, data=args.data, split=args.split, export=args.export, rerank=args.rerank)
+        eval_and_report(
+            args.checkpoint, data=args.data, split=args.split, export=args.export, rerank=args.rerank, html=args.html
+        )
         return 0
     if args.command == "index":
         from dmlray.evaluation.index import IndexParams

@@ -61,10 +61,14 @@ def test_train_in_local_mode_then_eval_the_run(glyphs_small, tmp_path, capsys):
     for picture in ("retrieval_grid.png", "recall_at_k.png"):
         assert (run / picture).stat().st_size > 1000, picture  # drawn at the final evaluation
         (run / picture).unlink()
-    assert main(["eval", str(run), "--export"]) == 0
+    assert main(["eval", str(run), "--export", "--html"]) == 0
     out = capsys.readouterr().out
-    assert "R@1" in out and "retrieval_grid.png" in out
+    assert "R@1" in out and "retrieval_grid.png" in out and "report.html" in out
     assert (run / "retrieval_grid.png").exists() and (run / "recall_at_k.png").exists()
+    page = (run / "report.html").read_text()
+    # self-contained: 12 worst queries with 5 neighbours each, inlined, plus the grid; no script, no links out
+    assert page.count("<div class='query'>") == 12 and page.count("data:image/png;base64,") >= 12 * 6 + 1
+    assert "<script" not in page and "http" not in page
     import numpy as np
 
     exported = np.load(run / "embeddings-test.npz")
@@ -80,6 +84,7 @@ def test_train_in_local_mode_then_eval_the_run(glyphs_small, tmp_path, capsys):
     # both go through dmlray.evaluation.report: every metric and the raw-pixel baseline agree
     assert evaluated["metrics"] == pytest.approx(result["metrics"])
     assert evaluated["baseline_raw_pixels"] == pytest.approx(result["baseline_raw_pixels"])
+    assert f"{evaluated['metrics']['recall@1']:.4f}" in page  # the page shows the evaluated numbers
 
 
 def test_eval_of_a_folder_without_checkpoints_is_a_clear_error(tmp_path, capsys):

@@ -110,7 +110,12 @@ def load_checkpoint_model(run: str, checkpoint: str, data: str | None) -> tuple[
 
 
 def eval_and_report(
-    path: str, data: str | None = None, split: str | None = None, export: bool = False, rerank: str | None = None
+    path: str,
+    data: str | None = None,
+    split: str | None = None,
+    export: bool = False,
+    rerank: str | None = None,
+    html: bool = False,
 ) -> dict:
     """Evaluate a checkpoint in this process: print the table, write eval.json, pictures and
     (with ``export``) the embeddings beside it."""
@@ -141,6 +146,8 @@ def eval_and_report(
         result["reranked"] = {"method": rerank, "metrics": reranked_scores(rerank, evaluation, cfg.eval.ks)}
     storage.write_bytes(storage.join(run, "eval.json"), json.dumps(result, indent=1).encode())
     pictures = write_evaluation_pictures(RunFolder.at(run), manifest, plan, evaluation)
+    if html:
+        pictures.append(write_report_page(run, cfg, manifest, plan, evaluation, result, pictures))
     print(f"Retrieval on split {split!r} of {cfg.data.url} (checkpoint {checkpoint}, step {state['step']}):")
     print(results_table(result))
     if rerank:
@@ -172,4 +179,26 @@ def reranked_scores(method: str, evaluation, ks: list[int]) -> dict[str, float]:
         None if gallery is None else gallery["embeddings"],
         None if gallery is None else gallery["labels"],
         ks,
+    )
+
+
+def write_report_page(run: str, cfg: Config, manifest, plan, evaluation, result: dict, pictures: list[str]) -> str:
+    """report.html beside the PNG pictures: metrics, the worst queries, per-class Recall@1, the grid."""
+    from dmlray.evaluation.html_report import write_html_report
+
+    metrics = {"dmlray": result["metrics"]}
+    if result.get("baseline_raw_pixels"):
+        metrics["raw pixels"] = result["baseline_raw_pixels"]
+    if result.get("reranked"):
+        metrics[f"dmlray + {result['reranked']['method']}"] = result["reranked"]["metrics"]
+    return write_html_report(
+        storage.join(run, "report.html"),
+        title=f"{cfg.run.name}: retrieval on {plan.test_split} (step {result['steps']})",
+        metrics=metrics,
+        query=evaluation.query,
+        gallery=evaluation.gallery,
+        query_urls=manifest.shard_urls(plan.test_split),
+        gallery_urls=manifest.shard_urls(plan.gallery_split) if plan.gallery_split else None,
+        channels=plan.channels,
+        grid_url=next((url for url in pictures if url.endswith("retrieval_grid.png")), None),
     )
