@@ -97,9 +97,9 @@ class RayReport:
             return
         if self.writer is not None:
             self.writer.flush()  # a checkpoint's metrics are stored before the checkpoint is
-        self.checkpoint(numeric_metrics(record), state)
+        self.checkpoint(numeric_metrics(record), state, last=bool(record.get("preempted")))
 
-    def checkpoint(self, flat: dict, state: dict) -> None:
+    def checkpoint(self, flat: dict, state: dict, last: bool) -> None:
         import ray
         import ray.train
 
@@ -107,8 +107,11 @@ class RayReport:
             # local mode keeps Ray's checkpoints in a temporary folder: keep the latest
             # one in the run folder too, so `dmlray eval RUN` finds it
             storage.write_bytes(self.folder.file(f"{LOCAL_CHECKPOINT}/{STATE_FILE}"), state_bytes(state))
-        # one copy of the state is enough: every rank holds the same
-        report_checkpoint(flat, state if self.rank == 0 else None, background=ray.is_initialized())
+        # one copy of the state is enough: every rank holds the same. A preemption checkpoint
+        # (every rank stops at the same step) is uploaded before the worker exits: an upload
+        # still in flight when the group is torn down is lost, and the restart would redo the step
+        background = ray.is_initialized() and not last
+        report_checkpoint(flat, state if self.rank == 0 else None, background=background)
 
 
 def report_checkpoint(metrics: dict, state: dict | None, background: bool) -> None:
