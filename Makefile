@@ -20,7 +20,7 @@ demo: setup
 	$(BIN)/dmlray demo
 
 test: setup
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=25
 
 # ruff (lint and format check) and mypy, configured in pyproject.toml; `make format` rewrites
 lint: setup

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rerank", choices=["aqe", "kreciprocal"], default=None, help="also score after re-ranking (αQE, k-reciprocal)"
     )
 
-    p = sub.add_parser("index", help="embed a split with a run's model and write a gallery index into the run")
+    p = add_parser("index", help="embed a split with a run's model and write a gallery index into the run")
     p.add_argument("run", help="run folder or checkpoint folder (path or s3://)")
     p.add_argument("--data", default=None, help="dataset root (default: the run's data.url)")
     p.add_argument("--split", default=None, help="split to index (default: the run's gallery split, else test split)")
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="index folder (default: <run>/index-<split>-<kind>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("serve", help="Ray Serve search service over a run's index, with a search page")
+    p = add_parser("serve", help="Ray Serve search service over a run's index, with a search page")
     p.add_argument("run", help="run folder or checkpoint folder (path or s3://)")
     p.add_argument("--index", required=True, help="index folder written by `dmlray index`")
     p.add_argument("--host", default="127.0.0.1", help="HTTP address (0.0.0.0 to serve other machines)")

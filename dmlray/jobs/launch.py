@@ -295,11 +295,10 @@ def ensure_ray(
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    global _forwarding
     if os.environ.get("RAY_ADDRESS"):
         forward = output.forward_worker_logs(existing_cluster=True)
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=forward, logging_level=output.ray_logging_level())
-        _forwarding = (ray.get_runtime_context().get_job_id(), forward)
+        remember_forwarding(forward)
         return
     extra: dict = {}
     if metrics_export_port:
@@ -317,7 +316,16 @@ def ensure_ray(
         logging_level=output.ray_logging_level(),
         **extra,
     )
-    _forwarding = (ray.get_runtime_context().get_job_id(), forward)
+    remember_forwarding(forward)
+
+
+def remember_forwarding(forward: bool) -> None:
+    """Record, for this driver's Ray job, whether ensure_ray forwards the workers' output."""
+    import ray
+
+    global _forwarding
+    if ray.is_initialized():  # a ray.init stand-in (tests) starts no job
+        _forwarding = (ray.get_runtime_context().get_job_id(), forward)
 
 
 def storage_arguments(storage_path: str) -> dict:
