@@ -22,20 +22,14 @@ def index_url(run: str, split: str, kind: str) -> str:
 def embed_gallery(loaded: RunModel, data_url: str, split: str, device: torch.device, progress: bool) -> dict:
     """{'embeddings', 'labels', 'keys'} of every sample of ``split``, checked against its manifest."""
     from dmlray.data.shards import read_manifest
-    from dmlray.evaluation.embedding import embed_split
+    from dmlray.evaluation.report import embed_manifest_split
 
     manifest = read_manifest(data_url)
     if split not in manifest.splits:
         raise ValueError(f"{data_url} has no split {split!r} (it has {', '.join(manifest.splits)})")
-    return embed_split(
-        loaded.model,
-        manifest.shard_urls(split),
-        loaded.transform,
-        loaded.cfg.data.eval_batch_size,
-        device,
-        expected=manifest.num_samples(split),
-        progress=progress,
-        checksums=manifest.shard_checksums(split),
+    batch_size = loaded.cfg.data.eval_batch_size
+    return embed_manifest_split(
+        loaded.model, manifest, split, loaded.transform, batch_size, device, pixels=False, progress=progress
     )
 
 
