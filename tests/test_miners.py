@@ -212,3 +212,29 @@ def test_pair_losses_take_every_miner(name, method):
                 s_n = float(sim[i, negative[i]])
                 total += s_n if s_n > 0.5 else 0.0
         assert math.isclose(float(value.detach()), total / 14, rel_tol=1e-12)
+
+
+def test_hdc_cut_does_not_flip_between_the_two_halves_of_a_symmetric_pair():
+    """A self-block's d_ij and d_ji are equal up to their last bits, which differ between two
+    computations of one step (a batch embedded whole or per rank): the cut must keep the
+    same pairs in both, as the rank-exactness of whole-batch mining relies on."""
+    from dmlray.losses.miners import HDCMiner
+
+    g = torch.Generator().manual_seed(3)
+    x = F.normalize(torch.randn(12, D, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.arange(12) % 3
+    dist = torch.cdist(x, x)
+    dist = (dist + dist.T) / 2  # exactly symmetric
+    pos = (labels[:, None] == labels[None, :]) & ~torch.eye(12, dtype=torch.bool)
+    neg = labels[:, None] != labels[None, :]
+    miner = HDCMiner(0.3)  # ⌈0.3·36⌉ = 11 positives, ⌈0.3·96⌉ = 29 negatives: odd, so a cut splits a pair
+    reference = miner.mine(dist, pos, neg)
+    nudged = dist.clone()
+    upper = torch.triu(torch.ones_like(dist, dtype=torch.bool), diagonal=1)
+    nudged[upper] = torch.nextafter(nudged[upper], torch.full_like(nudged[upper], 3.0))  # one ulp up
+    selected = miner.mine(nudged, pos, neg)
+    assert torch.equal(reference.pos, selected.pos) and torch.equal(reference.neg, selected.neg)
+    # and the cut still keeps ⌈p·count⌉ of each, the farthest positives
+    assert int(reference.pos.sum()) == math.ceil(0.3 * int(pos.sum()))
+    kept, dropped = dist[reference.pos], dist[pos & ~reference.pos]
+    assert kept.min() >= dropped.max() - 1e-12

@@ -362,7 +362,13 @@ class HDCMiner(Miner):
 
     def _top(self, values: torch.Tensor, mask: torch.Tensor, largest: bool) -> torch.Tensor:
         """mask restricted to its ⌈p·count⌉ largest / smallest values, without a host sync."""
-        flat = torch.where(mask, values, torch.full_like(values, float("-inf") if largest else float("inf")))
+        # order by the value on a grid of 4096 ulps, ties by position: the pairs (i, j) and
+        # (j, i) of a self-block are equal but may differ in their last bits between two
+        # computations of the same step (a batch embedded at once or per rank), and without
+        # the grid the cut could keep one in one computation and the other in the other
+        grid = torch.finfo(values.dtype).eps * 4096
+        coarse = torch.round(values / grid)
+        flat = torch.where(mask, coarse, torch.full_like(values, float("-inf") if largest else float("inf")))
         order = torch.argsort(flat.flatten(), descending=largest, stable=True)
         rank = torch.empty_like(order)
         rank[order] = torch.arange(order.numel(), device=order.device)
