@@ -19,8 +19,9 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/dmlray demo
 
+# two workers: the real-part tests one after another on one of them (tests/conftest.py), the rest on both
 test: setup
-	$(BIN)/python -m pytest -q -ra --durations=25
+	$(BIN)/python -m pytest -q -ra --durations=25 -n 2 --dist loadgroup
 
 # ruff (lint and format check) and mypy, configured in pyproject.toml; `make format` rewrites
 lint: setup
@@ -34,7 +35,7 @@ format: setup
 
 # skips the slow real-part tests (SeaweedFS, Ray clusters, Prometheus); CI runs them all
 test-fast: setup
-	$(BIN)/python -m pytest -q -ra -m "not slow"
+	$(BIN)/python -m pytest -q -ra -m "not slow" -n 2
 
 bench: setup
 	@for f in bench/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done

@@ -54,6 +54,20 @@ def glyphs_s3(seaweed):
     return url
 
 
+# modules whose fast tests start Ray in-process (a second Ray beside a cluster test breaks both)
+SERIAL_MODULES = {"test_secrets"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs two workers with --dist loadgroup), every test
+    that starts a Ray cluster, SeaweedFS, Prometheus or a browser runs on one worker, one
+    after another: two Ray clusters on one host take each other's nodes. The other tests
+    spread over both workers."""
+    for item in items:
+        if item.get_closest_marker("slow") or item.module.__name__ in SERIAL_MODULES:
+            item.add_marker(pytest.mark.xdist_group("real-parts"))
+
+
 def pytest_unconfigure(config):
     """Leave with pytest's own status: Ray/torch teardown at interpreter exit can segfault
     after every test has passed, which would turn a green run red."""
