@@ -56,15 +56,25 @@ def glyphs_s3(seaweed):
 
 # modules whose fast tests start Ray in-process (a second Ray beside a cluster test breaks both)
 SERIAL_MODULES = {"test_secrets"}
+# modules whose slow tests start SeaweedFS or read large data but never Ray: either worker
+NO_RAY_MODULES = {
+    "test_data_s3",
+    "test_datasets",
+    "test_loss_training",
+    "test_models",
+    "test_pk_stream",
+    "test_stream_robustness",
+}
 
 
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`make test` runs two workers with --dist loadgroup), every test
-    that starts a Ray cluster, SeaweedFS, Prometheus or a browser runs on one worker, one
-    after another: two Ray clusters on one host take each other's nodes. The other tests
-    spread over both workers."""
+    that starts Ray (a cluster, Serve, Tune, with Prometheus or a browser beside it) runs
+    on one worker, one after another: two Ray clusters on one host take each other's
+    nodes. The other tests spread over both workers."""
     for item in items:
-        if item.get_closest_marker("slow") or item.module.__name__ in SERIAL_MODULES:
+        module = item.module.__name__
+        if module in SERIAL_MODULES or (item.get_closest_marker("slow") and module not in NO_RAY_MODULES):
             item.add_marker(pytest.mark.xdist_group("real-parts"))
 
 
