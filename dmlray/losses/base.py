@@ -224,3 +224,30 @@ class PairLoss(nn.Module):
             f"{type(self).__name__} does not pair anchors with references (memory or gathered "
             "batch); call it with embeddings and labels only"
         )
+
+
+class WithinBatchLoss(PairLoss):
+    """A loss that pairs anchors only with its own parameters (proxies, class weights,
+    centres) or with the batch itself: ``supports_references = False``.
+
+    ``forward`` refuses references and runs ``batch_loss`` with autocast off, so the
+    subclass computes in the embeddings' compute dtype (float32 under bf16 autocast).
+    """
+
+    supports_references = False
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        ref_embeddings: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+        self_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        self.reject_references(embeddings, ref_embeddings)
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            return self.batch_loss(embeddings, labels)
+
+    def batch_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """The loss of the batch (embeddings (B, D), labels (B,)), autocast off."""
+        raise NotImplementedError

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmlray.losses.base import PairLoss, class_logits_inputs
+from dmlray.losses.base import WithinBatchLoss, class_logits_inputs
 from dmlray.losses.registry import register
 
 
 @register("cross_entropy")
-class NormalizedSoftmaxLoss(PairLoss):
+class NormalizedSoftmaxLoss(WithinBatchLoss):
     """L_i = −log softmax_c(x_i·ŵ_c / T)[y_i]; mean over anchors (ŵ_c: normalised class weights).
 
     Paper: "Classification is a Strong Baseline for Deep Metric Learning", Zhai & Wu,
@@ -25,7 +25,6 @@ class NormalizedSoftmaxLoss(PairLoss):
     """
 
     needs_classes = True
-    supports_references = False
 
     def __init__(self, num_classes: int, embedding_dim: int, temperature: float = 0.05):
         super().__init__()
@@ -37,24 +36,15 @@ class NormalizedSoftmaxLoss(PairLoss):
         x, weight = class_logits_inputs(embeddings, self.weight)
         return x @ F.normalize(weight, dim=1).T / self.temperature
 
-    def forward(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        ref_embeddings: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-        self_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        self.reject_references(embeddings, ref_embeddings)
-        with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            logits = self.logits(embeddings)
-            if logits.shape[0] == 0:
-                return logits.sum() * 0.0
-            return F.cross_entropy(logits, labels.long())
+    def batch_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(embeddings)
+        if logits.shape[0] == 0:
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits, labels.long())
 
 
 @register("center")
-class CenterLoss(PairLoss):
+class CenterLoss(WithinBatchLoss):
     """L_i = ‖x_i − c_{y_i}‖²; mean over anchors (learnable centres c).
 
     Paper: "A Discriminative Feature Learning Approach for Deep Face Recognition", Wen et
@@ -64,22 +54,12 @@ class CenterLoss(PairLoss):
     """
 
     needs_classes = True
-    supports_references = False
 
     def __init__(self, num_classes: int, embedding_dim: int):
         super().__init__()
         self.centers = nn.Parameter(torch.randn(num_classes, embedding_dim))
 
-    def forward(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        ref_embeddings: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-        self_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        self.reject_references(embeddings, ref_embeddings)
-        with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            x, centers = class_logits_inputs(embeddings, self.centers)
-            diff = x - centers[labels.long()]
-            return (diff * diff).sum() / max(x.shape[0], 1)
+    def batch_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x, centers = class_logits_inputs(embeddings, self.centers)
+        diff = x - centers[labels.long()]
+        return (diff * diff).sum() / max(x.shape[0], 1)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from dmlray.losses.base import PairLoss, compute_dtype
+from dmlray.losses.base import WithinBatchLoss, compute_dtype
 from dmlray.losses.registry import register
 
 
 @register("cluster")
-class ClusterLoss(PairLoss):
+class ClusterLoss(WithinBatchLoss):
     """L = mean over classes c of [max_{i∈c} ‖μ_c − x_i‖ − min_{c'≠c} ‖μ_c − μ_{c'}‖ + m]_+.
 
     μ_c is the batch mean of class c. Classes are found with masks (no unique(), no host
@@ -20,40 +20,30 @@ class ClusterLoss(PairLoss):
     so ``supports_references = False``.
     """
 
-    supports_references = False
     rank_decomposable = False  # clusters the global batch as a whole
 
     def __init__(self, margin: float = 10.0):
         super().__init__()
         self.margin = margin
 
-    def forward(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        ref_embeddings: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-        self_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        self.reject_references(embeddings, ref_embeddings)
-        with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            x = embeddings.to(compute_dtype(embeddings))
-            if x.shape[0] == 0:
-                return x.sum() * 0.0
-            same = labels.unsqueeze(1) == labels.unsqueeze(0)
-            weights = same.to(x.dtype)
-            size = weights.sum(dim=1)  # samples in my class (≥ 1: myself)
-            centre = weights @ x / size.unsqueeze(1)  # (B, D): my class's centre
-            to_members = _dist(centre, x)  # ‖μ_{c(i)} − x_j‖
-            intra = torch.where(same, to_members, torch.zeros_like(to_members)).amax(dim=1)
-            between = _dist(centre, centre)
-            inter = torch.where(~same, between, torch.full_like(between, float("inf"))).amin(dim=1)
-            per_sample = torch.relu(intra - inter + self.margin)
-            has_other = (~same).any(dim=1)
-            per_sample = torch.where(has_other, per_sample, torch.zeros_like(per_sample))
-            # each class counts once: its samples share its value, weighted 1/size
-            num_classes = (1.0 / size).sum()
-            return (per_sample / size).sum() / num_classes
+    def batch_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x = embeddings.to(compute_dtype(embeddings))
+        if x.shape[0] == 0:
+            return x.sum() * 0.0
+        same = labels.unsqueeze(1) == labels.unsqueeze(0)
+        weights = same.to(x.dtype)
+        size = weights.sum(dim=1)  # samples in my class (≥ 1: myself)
+        centre = weights @ x / size.unsqueeze(1)  # (B, D): my class's centre
+        to_members = _dist(centre, x)  # ‖μ_{c(i)} − x_j‖
+        intra = torch.where(same, to_members, torch.zeros_like(to_members)).amax(dim=1)
+        between = _dist(centre, centre)
+        inter = torch.where(~same, between, torch.full_like(between, float("inf"))).amin(dim=1)
+        per_sample = torch.relu(intra - inter + self.margin)
+        has_other = (~same).any(dim=1)
+        per_sample = torch.where(has_other, per_sample, torch.zeros_like(per_sample))
+        # each class counts once: its samples share its value, weighted 1/size
+        num_classes = (1.0 / size).sum()
+        return (per_sample / size).sum() / num_classes
 
 
 def _dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

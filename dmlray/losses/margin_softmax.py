@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmlray.losses.base import PairLoss, class_logits_inputs
+from dmlray.losses.base import WithinBatchLoss, class_logits_inputs
 
 
 def class_cosines(embeddings: torch.Tensor, weight: torch.Tensor, sub_centers: int = 1) -> torch.Tensor:
@@ -30,7 +30,7 @@ def class_cosines(embeddings: torch.Tensor, weight: torch.Tensor, sub_centers: i
     return cos.view(cos.shape[0], -1, sub_centers).amax(dim=2)
 
 
-class MarginSoftmaxLoss(PairLoss):
+class MarginSoftmaxLoss(WithinBatchLoss):
     """Base class: L_i = −log softmax_c(scale(ψ(cos θ_{i,c}) if c = y_i else cos θ_{i,c}))[y_i].
 
     Subclasses define ψ (``target_logit``) and may rescale the logits (``scale_logits``);
@@ -38,7 +38,6 @@ class MarginSoftmaxLoss(PairLoss):
     """
 
     needs_classes = True
-    supports_references = False
 
     def __init__(self, num_classes: int, embedding_dim: int, margin: float, scale: float, sub_centers: int = 1):
         super().__init__()
@@ -80,16 +79,7 @@ class MarginSoftmaxLoss(PairLoss):
             return logits.sum() * 0.0
         return F.cross_entropy(logits, labels.long())
 
-    def forward(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        ref_embeddings: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-        self_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        self.reject_references(embeddings, ref_embeddings)
+    def batch_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if labels.shape != (embeddings.shape[0],):
             raise ValueError(f"labels must be ({embeddings.shape[0]},) to match embeddings, got {tuple(labels.shape)}")
-        with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            return self.objective(self.logits(embeddings, labels), labels)
+        return self.objective(self.logits(embeddings, labels), labels)

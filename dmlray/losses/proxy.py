@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmlray.losses.base import PairLoss, class_logits_inputs, masked_logsumexp_plus_one
+from dmlray.losses.base import WithinBatchLoss, class_logits_inputs, masked_logsumexp_plus_one
 from dmlray.losses.registry import register
 
 
 @register("proxy_nca")
-class ProxyNCALoss(PairLoss):
+class ProxyNCALoss(WithinBatchLoss):
     """L_i = −Σ_c T_ic log softmax_c(−‖s_x x_i − s_p p̂_c‖²); mean over anchors.
 
     T is the one-hot label smoothed to 1 − ε on the class and ε/(C−1) elsewhere; p̂ the
@@ -29,7 +29,6 @@ class ProxyNCALoss(PairLoss):
     """
 
     needs_classes = True
-    supports_references = False
 
     def __init__(
         self,
@@ -46,23 +45,14 @@ class ProxyNCALoss(PairLoss):
         self.smoothing = smoothing
         self.proxies = nn.Parameter(torch.randn(num_classes, embedding_dim) / 8)
 
-    def forward(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        ref_embeddings: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-        self_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        self.reject_references(embeddings, ref_embeddings)
-        with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            x, proxies = class_logits_inputs(embeddings, self.proxies)
-            p = F.normalize(proxies, dim=-1)
-            # ‖a x − b p‖² of unit vectors = a² + b² − 2ab·cos: no (B, C, D) difference tensor
-            sq_dist = self.scaling_x**2 + self.scaling_p**2 - 2 * self.scaling_x * self.scaling_p * (x @ p.T)
-            log_prob = F.log_softmax(-sq_dist, dim=1)
-            target = self._smoothed_targets(labels, log_prob)
-            return -(target * log_prob).sum(dim=1).mean() if x.shape[0] else log_prob.sum() * 0.0
+    def batch_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x, proxies = class_logits_inputs(embeddings, self.proxies)
+        p = F.normalize(proxies, dim=-1)
+        # ‖a x − b p‖² of unit vectors = a² + b² − 2ab·cos: no (B, C, D) difference tensor
+        sq_dist = self.scaling_x**2 + self.scaling_p**2 - 2 * self.scaling_x * self.scaling_p * (x @ p.T)
+        log_prob = F.log_softmax(-sq_dist, dim=1)
+        target = self._smoothed_targets(labels, log_prob)
+        return -(target * log_prob).sum(dim=1).mean() if x.shape[0] else log_prob.sum() * 0.0
 
     def _smoothed_targets(self, labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         off = self.smoothing / (self.num_classes - 1) if self.num_classes > 1 else 0.0
@@ -72,7 +62,7 @@ class ProxyNCALoss(PairLoss):
 
 
 @register("proxy_anchor")
-class ProxyAnchorLoss(PairLoss):
+class ProxyAnchorLoss(WithinBatchLoss):
     """L = 1/|P⁺| Σ_{c∈P⁺} log(1 + Σ_{x∈X_c⁺} e^{−α(s(x,c)−δ)}) + 1/C Σ_c log(1 + Σ_{x∈X_c⁻} e^{α(s(x,c)+δ)}).
 
     s is the cosine with the proxy of class c, X_c⁺ / X_c⁻ the batch's embeddings of /
@@ -82,7 +72,6 @@ class ProxyAnchorLoss(PairLoss):
     """
 
     needs_classes = True
-    supports_references = False
     rank_decomposable = False  # a mean over proxies of sums over the whole batch
 
     def __init__(self, num_classes: int, embedding_dim: int, margin: float = 0.1, alpha: float = 32.0):
@@ -93,20 +82,11 @@ class ProxyAnchorLoss(PairLoss):
         self.proxies = nn.Parameter(torch.empty(num_classes, embedding_dim))
         nn.init.kaiming_normal_(self.proxies, mode="fan_out")
 
-    def forward(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        ref_embeddings: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-        self_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        self.reject_references(embeddings, ref_embeddings)
-        with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            x, proxies = class_logits_inputs(embeddings, self.proxies)
-            cos = F.normalize(proxies, dim=-1) @ x.T  # (C, B): one row per proxy
-            member = labels.long().unsqueeze(0) == torch.arange(self.num_classes, device=labels.device).unsqueeze(1)
-            pos_term = masked_logsumexp_plus_one(-self.alpha * (cos - self.margin), member)
-            neg_term = masked_logsumexp_plus_one(self.alpha * (cos + self.margin), ~member)
-            num_present = member.any(dim=1).sum().clamp(min=1)
-            return pos_term.sum() / num_present + neg_term.sum() / max(self.num_classes, 1)
+    def batch_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x, proxies = class_logits_inputs(embeddings, self.proxies)
+        cos = F.normalize(proxies, dim=-1) @ x.T  # (C, B): one row per proxy
+        member = labels.long().unsqueeze(0) == torch.arange(self.num_classes, device=labels.device).unsqueeze(1)
+        pos_term = masked_logsumexp_plus_one(-self.alpha * (cos - self.margin), member)
+        neg_term = masked_logsumexp_plus_one(self.alpha * (cos + self.margin), ~member)
+        num_present = member.any(dim=1).sum().clamp(min=1)
+        return pos_term.sum() / num_present + neg_term.sum() / max(self.num_classes, 1)

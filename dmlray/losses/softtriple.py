@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmlray.losses.base import PairLoss, class_logits_inputs
+from dmlray.losses.base import WithinBatchLoss, class_logits_inputs
 from dmlray.losses.registry import register
 
 
 @register("softtriple")
-class SoftTripleLoss(PairLoss):
+class SoftTripleLoss(WithinBatchLoss):
     """L = CE(λ(S_i,c − δ·[c = y_i]), y_i) + τ·R,  S_i,c = Σ_k softmax_k(x_i·w_c^k / γ) x_i·w_c^k.
 
     R = Σ_c Σ_{k<k'} sqrt(2 + 1e-5 − 2 w_c^k·w_c^{k'}) / (C·K·(K−1)) pulls a class's
@@ -28,7 +28,6 @@ class SoftTripleLoss(PairLoss):
     """
 
     needs_classes = True
-    supports_references = False
 
     def __init__(
         self,
@@ -50,28 +49,17 @@ class SoftTripleLoss(PairLoss):
         self.fc = nn.Parameter(torch.empty(embedding_dim, num_classes * centers_per_class))
         nn.init.kaiming_uniform_(self.fc, a=math.sqrt(5))
 
-    def forward(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        ref_embeddings: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-        self_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        self.reject_references(embeddings, ref_embeddings)
-        with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            x, fc = class_logits_inputs(embeddings, self.fc)
-            centers = F.normalize(fc, dim=0)
-            per_center = (x @ centers).view(-1, self.num_classes, self.centers_per_class)
-            weight = F.softmax(per_center / self.gamma, dim=2)
-            per_class = (weight * per_center).sum(dim=2)
-            margin = F.one_hot(labels.long(), self.num_classes).to(per_class.dtype) * self.margin
-            loss = (
-                F.cross_entropy(self.la * (per_class - margin), labels.long()) if x.shape[0] else per_class.sum() * 0.0
-            )
-            if self.tau > 0 and self.centers_per_class > 1:
-                loss = loss + self.tau * self._center_spread(centers)
-            return loss
+    def batch_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x, fc = class_logits_inputs(embeddings, self.fc)
+        centers = F.normalize(fc, dim=0)
+        per_center = (x @ centers).view(-1, self.num_classes, self.centers_per_class)
+        weight = F.softmax(per_center / self.gamma, dim=2)
+        per_class = (weight * per_center).sum(dim=2)
+        margin = F.one_hot(labels.long(), self.num_classes).to(per_class.dtype) * self.margin
+        loss = F.cross_entropy(self.la * (per_class - margin), labels.long()) if x.shape[0] else per_class.sum() * 0.0
+        if self.tau > 0 and self.centers_per_class > 1:
+            loss = loss + self.tau * self._center_spread(centers)
+        return loss
 
     def _center_spread(self, centers: torch.Tensor) -> torch.Tensor:
         k = self.centers_per_class
