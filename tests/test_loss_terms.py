@@ -444,3 +444,33 @@ def test_mic_trains_the_class_head_beyond_the_untrained_network(glyphs_small):
     assert pseudo["generation"] == MIC_STEPS // MIC_EVERY  # refreshed before steps 0, 20 and 40
     assert pseudo["assignments"].numel() == manifest.num_samples("train")
     assert len(set(pseudo["assignments"].tolist())) == 10
+
+
+@pytest.mark.slow
+def test_a_resumed_mic_run_continues_with_its_checkpointed_clusters(glyphs_small):
+    """Resumed from the checkpoint of step 10 (clustered at step 0), a MIC run looks the same
+    labels up until its next refresh and ends where the uninterrupted run ends."""
+    import copy
+
+    from dmlray.jobs.worker import WorkerContext, build_trainer
+
+    torch.set_num_threads(1)
+    cfg = mic_config(glyphs_small)
+    cfg.train.steps, cfg.train.eval_every, cfg.train.checkpoint_every = 30, 30, 10
+    states: dict[int, dict] = {}
+
+    def keep(record, history, state):
+        if state is not None:
+            states[record["step"]] = copy.deepcopy(state)  # the live tensors go on training
+
+    whole = build_trainer(cfg, WorkerContext(report=keep))
+    whole.train()
+    resumed = build_trainer(cfg, WorkerContext(restored=states[10]))
+    resumed.load_state_dict(states[10])
+    assert resumed.pseudo_labels is not None and resumed.pseudo_labels.labels.generation == 1
+    resumed.train()
+    assert resumed.pseudo_labels.labels.generation == 2  # refreshed again before step 20, as the whole run
+    assert torch.equal(states[30]["pseudo_labels"]["assignments"], resumed.state_dict()["pseudo_labels"]["assignments"])
+    for (name, a), b in zip(whole.raw_model.state_dict().items(), resumed.raw_model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+    assert resumed.history[-1]["recall@1"] == pytest.approx(whole.history[-1]["recall@1"], abs=1e-6)
