@@ -474,3 +474,28 @@ def test_a_resumed_mic_run_continues_with_its_checkpointed_clusters(glyphs_small
     for (name, a), b in zip(whole.raw_model.state_dict().items(), resumed.raw_model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
     assert resumed.history[-1]["recall@1"] == pytest.approx(whole.history[-1]["recall@1"], abs=1e-6)
+
+
+@pytest.mark.parametrize("eval_head", ["", "aux"])
+def test_a_checkpoint_of_a_two_head_run_embeds_with_its_eval_head(tmp_path, eval_head):
+    """``dmlray eval``/``index``/serving load a run through load_checkpoint_model: a
+    two-head model comes back as the view of ``model.eval_head`` (the first by default)."""
+    import yaml
+
+    from dmlray.config import config_to_dict
+    from dmlray.jobs.commands import load_checkpoint_model
+    from dmlray.jobs.worker import build_model
+    from dmlray.training.checkpoints import STATE_FILE, state_bytes
+
+    cfg = config_from_dict({"model": {**TWO_HEADS, "eval_head": eval_head}})
+    torch.manual_seed(1)
+    model = build_model(cfg.model, cfg.data.channels).eval()
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / STATE_FILE).write_bytes(state_bytes({"model": model.state_dict(), "step": 3}))
+    _, state, loaded = load_checkpoint_model(str(tmp_path), str(tmp_path / "checkpoint"), None)
+    assert state["step"] == 3
+    x = torch.randn(4, 1, 32, 32)
+    columns = slice(0, 16) if eval_head == "" else slice(16, 24)
+    assert loaded.embedding_dim == columns.stop - columns.start
+    torch.testing.assert_close(loaded.eval()(x), model(x)[:, columns])
