@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dmlray.evaluation.clustering import kmeans, nmi_score
-from dmlray.training.pseudo_labels import PseudoLabels, gather_keys_and_embeddings
+from dmlray.training.pseudo_labels import PseudoLabels, center_by_class, gather_keys_and_embeddings
 
 # non-ASCII keys: the state stores utf-8 bytes, and sorting is by code point
 PREFIXES = ["cub/001", "cars/ü", "sop/日本", "x"]
@@ -70,6 +70,44 @@ def test_well_separated_blobs_are_recovered():
         assert nmi_score(truth, labels.lookup(keys)) == pytest.approx(1.0)
 
 
+def test_center_by_class_subtracts_each_class_mean():
+    keys, x = make_data(n=30)
+    classes = torch.tensor([7, 3, 3, 9, 7] * 6)
+    expected = x.clone()
+    for c in classes.unique():
+        rows = [i for i in range(len(x)) if classes[i] == c]
+        expected[rows] = x[rows] - x[rows].mean(0)
+    torch.testing.assert_close(center_by_class(x, classes), expected, rtol=0, atol=1e-12)
+
+
+def test_class_centering_clusters_what_classes_share():
+    """MIC's point: classes far apart, the same 3 'shared' modes inside each; centred k-means finds the modes."""
+    gen = torch.Generator().manual_seed(6)
+    n_classes, modes, per = 4, 3, 10
+    cls = torch.arange(n_classes).repeat_interleave(modes * per)
+    mode = torch.arange(modes).repeat_interleave(per).repeat(n_classes)
+    x = (
+        100.0 * torch.eye(n_classes, 8)[cls]
+        + 5.0 * torch.eye(8)[4 + mode]
+        + 0.1 * torch.randn(len(cls), 8, generator=gen)
+    )
+    keys = [f"k{i:03d}" for i in torch.randperm(len(cls), generator=gen).tolist()]
+    plain, centred = PseudoLabels(modes), PseudoLabels(modes)
+    plain.refresh(keys, x, seed=0)
+    centred.refresh(keys, x, seed=0, class_labels=cls)
+    assert nmi_score(mode, centred.lookup(keys)) == pytest.approx(1.0)
+    assert nmi_score(mode, plain.lookup(keys)) < 0.5  # uncentred, the classes dominate
+
+    # and it is the project's kmeans on the key-sorted, loop-centred rows
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    ref = x[order].double()
+    for c in range(n_classes):
+        rows = [i for i, j in enumerate(order) if cls[j] == c]
+        ref[rows] -= ref[rows].mean(0)
+    expected = kmeans(ref.float(), modes, seed=0)
+    assert centred.lookup([keys[j] for j in order]).tolist() == expected.tolist()
+
+
 def test_lookup_follows_the_keys_onto_the_device_asked_for():
     keys, x = make_data(n=20)
     labels = PseudoLabels(3)
@@ -97,6 +135,8 @@ def test_bad_refresh_inputs_are_errors_naming_them():
         labels.refresh([*keys[:-1], keys[0]], x, seed=0)
     with pytest.raises(ValueError, match="19 keys"):
         labels.refresh(keys[:-1], x, seed=0)
+    with pytest.raises(ValueError, match="19 class labels for 20 keys"):
+        labels.refresh(keys, x, seed=0, class_labels=torch.zeros(19, dtype=torch.long))
     with pytest.raises(ValueError, match="at least as many samples"):
         PseudoLabels(21).refresh(keys, x, seed=0)
     assert not labels.ready

@@ -20,10 +20,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from dmlray.evaluation.clustering import kmeans
+# the deterministic per-group sums k-means itself uses (index_add_ is not, on CUDA)
+from dmlray.evaluation.clustering import _cluster_sums, kmeans
 from dmlray.training.distributed import all_gather_list, all_gather_variable, broadcast_object, world
 
-__all__ = ["PseudoLabels", "gather_keys_and_embeddings"]
+__all__ = ["PseudoLabels", "center_by_class", "gather_keys_and_embeddings"]
 
 
 def gather_keys_and_embeddings(keys: Sequence[str], embeddings: torch.Tensor) -> tuple[list[str], torch.Tensor]:
@@ -36,6 +37,21 @@ def gather_keys_and_embeddings(keys: Sequence[str], embeddings: torch.Tensor) ->
     if len(keys) != embeddings.shape[0]:
         raise ValueError(f"{len(keys)} keys for {embeddings.shape[0]} embeddings")
     return all_gather_list(list(keys)), all_gather_variable(embeddings.detach())
+
+
+def center_by_class(embeddings: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+    """Each row minus the mean of its class (MIC's ``cluster_mode='mean'``).
+
+    MIC centres its first clustering this way: with the class means gone, k-means groups
+    what is shared across classes (pose, colour, background) instead of the classes.
+    Deterministic on any device.
+    """
+    labels = torch.as_tensor(class_labels, device=embeddings.device).reshape(-1)
+    if labels.numel() != embeddings.shape[0]:
+        raise ValueError(f"{labels.numel()} class labels for {embeddings.shape[0]} embeddings")
+    classes, inverse = torch.unique(labels, return_inverse=True)
+    sums, counts = _cluster_sums(embeddings, inverse, classes.numel())
+    return embeddings - (sums / counts[:, None]).to(embeddings.dtype)[inverse]
 
 
 def _keys_digest(sorted_keys: Sequence[str]) -> str:
@@ -96,11 +112,19 @@ class PseudoLabels:
     def __len__(self) -> int:
         return len(self._keys)
 
-    def refresh(self, keys: Sequence[str], embeddings: torch.Tensor, seed: int) -> None:
+    def refresh(
+        self,
+        keys: Sequence[str],
+        embeddings: torch.Tensor,
+        seed: int,
+        class_labels: torch.Tensor | None = None,
+    ) -> None:
         """Cluster ``embeddings`` (row i belongs to ``keys[i]``; the whole split) into new labels.
 
-        k-means runs on the embeddings' device over the rows sorted by key, so any order of
-        the same (key, embedding) pairs gives the same map. Vary ``seed`` per refresh (e.g.
+        With ``class_labels`` (row i's class) each row first loses its class mean
+        (``center_by_class``; MIC does this for its first clustering). k-means runs on the
+        embeddings' device over the rows sorted by key, so any order of the same
+        (key, embedding) pairs gives the same map. Vary ``seed`` per refresh (e.g.
         run seed + generation) for fresh k-means starts. Under an initialised process group
         this is a collective: every rank must call it with the same keys (checked) and
         ends with rank 0's assignments.
@@ -116,7 +140,13 @@ class PseudoLabels:
             if a == b:
                 raise ValueError(f"refresh: sample key {a!r} appears more than once")
         index = torch.tensor(order, dtype=torch.long, device=embeddings.device)
-        assignments = kmeans(embeddings.detach()[index], self.num_clusters, max_iter=self.max_iter, seed=seed).cpu()
+        x = embeddings.detach()[index]
+        if class_labels is not None:
+            classes = torch.as_tensor(class_labels, device=x.device).reshape(-1)
+            if classes.numel() != n:
+                raise ValueError(f"refresh: {classes.numel()} class labels for {n} keys")
+            x = center_by_class(x, classes[index])
+        assignments = kmeans(x, self.num_clusters, max_iter=self.max_iter, seed=seed).cpu()
         assignments = self._agree_across_ranks(sorted_keys, assignments)
         self._set(sorted_keys, assignments)
         self.generation += 1
