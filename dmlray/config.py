@@ -144,6 +144,9 @@ class PseudoLabelConfig:
     """k of the k-means over the training split (MIC on CUB: 30)."""
     every: int = 100
     """Re-embed and re-cluster the training split every this many steps (and at step 0)."""
+    center_by_class: bool = False
+    """Subtract each class's mean embedding before every clustering (MIC's cluster_mode
+    'mean'), so the clusters group what classes share rather than the classes."""
 
 
 @dataclass(kw_only=True)

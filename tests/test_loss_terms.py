@@ -499,3 +499,37 @@ def test_a_checkpoint_of_a_two_head_run_embeds_with_its_eval_head(tmp_path, eval
     columns = slice(0, 16) if eval_head == "" else slice(16, 24)
     assert loaded.embedding_dim == columns.stop - columns.start
     torch.testing.assert_close(loaded.eval()(x), model(x)[:, columns])
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_pseudo_labels_are_the_clusters_of_the_training_split_by_the_named_head(glyphs_small, center):
+    """The worker's pseudo-label source embeds the whole train split with pseudo_labels.head
+    (optionally minus each class's mean) and k-means it with the run seed; it refreshes
+    before step 0 and every ``every`` steps, not in between."""
+    from dmlray.data.shards import read_manifest
+    from dmlray.data.transforms import ImageTransform
+    from dmlray.evaluation.clustering import kmeans
+    from dmlray.evaluation.embedding import embed_split
+    from dmlray.jobs.worker import build_model, pseudo_label_source
+
+    cfg = mic_config(glyphs_small)
+    cfg.pseudo_labels.center_by_class = center
+    manifest = read_manifest(glyphs_small)
+    model = build_model(cfg.model, cfg.data.channels)
+    transform = ImageTransform(32, 1, train=False)
+    source = pseudo_label_source(cfg, manifest, model, transform, torch.device("cpu"), set())
+    assert source is not None
+    source.update(0)
+    split = embed_split(model.view("aux"), manifest.shard_urls("train"), transform, 256, torch.device("cpu"))
+    order = sorted(range(len(split["keys"])), key=split["keys"].__getitem__)
+    x, labels = split["embeddings"][order], split["labels"][order]
+    if center:
+        x = x.clone()
+        for c in labels.unique():
+            x[labels == c] -= split["embeddings"][order][labels == c].mean(dim=0)
+    expected = kmeans(x, cfg.pseudo_labels.clusters, seed=cfg.train.seed)
+    assert torch.equal(source.lookup([split["keys"][i] for i in order]), expected)
+    source.update(MIC_EVERY - 1)
+    assert source.labels.generation == 1
+    source.update(MIC_EVERY)
+    assert source.labels.generation == 2

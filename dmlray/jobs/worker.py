@@ -464,13 +464,20 @@ class PseudoLabelRefresh:
     seed: int
     held_out: set[int]
     """Validation classes: never clustered (they never enter a batch)."""
+    center_by_class: bool = False
+    """Cluster the embeddings minus their class means."""
 
     def update(self, step: int) -> None:
         if self.labels.ready and step % self.every:
             return
         read = only_classes(iter_shard, self.held_out, keep=False) if self.held_out else iter_shard
         split = embed_split(self.model, self.shard_urls, self.transform, self.batch_size, self.device, read_shard=read)
-        self.labels.refresh(split["keys"], split["embeddings"], seed=self.seed + self.labels.generation)
+        self.labels.refresh(
+            split["keys"],
+            split["embeddings"],
+            seed=self.seed + self.labels.generation,
+            class_labels=split["labels"] if self.center_by_class else None,
+        )
 
     def lookup(self, keys) -> torch.Tensor:
         return self.labels.lookup(keys, self.device)
@@ -504,6 +511,7 @@ def pseudo_label_source(
         section.every,
         cfg.train.seed,
         held_out,
+        section.center_by_class,
     )
 
 
