@@ -63,8 +63,20 @@ class DataConfig:
 
 
 @dataclass(kw_only=True)
+class HeadConfig:
+    """One embedding head of a model with several (``model.heads``)."""
+
+    name: str = "embedding"
+    """Head name, as loss terms and ``model.eval_head`` refer to it."""
+    dim: int = 64
+    """Size of this head's L2-normalised embedding."""
+    hidden_dim: int = 0
+    """Hidden width of an MLP head; 0 = linear head."""
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
-    """Backbone and embedding head."""
+    """Backbone and embedding head(s)."""
 
     backbone: str = "glyph_cnn"
     """Registered backbone name (see dmlray.models.backbone_names())."""
@@ -78,16 +90,63 @@ class ModelConfig:
     """Hidden width of an MLP head; 0 = linear head."""
     batchnorm: Literal["train", "frozen", "sync"] = "train"
     """BatchNorm layers: train (per-rank statistics), frozen (eval mode, no grad; the seed recipes) or sync."""
+    heads: list[HeadConfig] = field(default_factory=list)
+    """Several embedding heads on one backbone (each L2-normalised; MIC's class and
+    auxiliary heads); empty = one head named "embedding" of embedding_dim and hidden_dim."""
+    eval_head: str = ""
+    """The head that evaluation, indexing and serving embed with; empty = the first."""
+
+
+@dataclass(kw_only=True)
+class LossTermConfig:
+    """One weighted term of a combined loss (``loss.terms``)."""
+
+    name: str = "multi_similarity"
+    """Registered loss name (see dmlray.losses.names())."""
+    weight: float = 1.0
+    """Weight of the term in the sum."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the loss (its defaults otherwise)."""
+    id: str = ""
+    """The term's name in metrics (``loss/<id>``) and checkpoints; empty = the loss name."""
+    head: str = ""
+    """The embedding head the term reads (``model.heads``); empty = the first."""
+    other_head: str = ""
+    """Second head of a two-branch term (adversarial: the auxiliary head); empty = none."""
+    memory: bool = False
+    """Also pair against a cross-batch memory of this head (sized by the memory section)."""
+    labels: Literal["class", "pseudo"] = "class"
+    """class: the dataset's labels; pseudo: cluster labels of the auxiliary head (MIC,
+    refreshed per the pseudo_labels section)."""
 
 
 @dataclass(kw_only=True)
 class LossConfig:
-    """The metric-learning loss."""
+    """The metric-learning loss: one loss (name, params) or a weighted sum of terms."""
 
     name: str = "multi_similarity"
-    """Registered loss name (see dmlray.losses.names())."""
+    """Registered loss name (see dmlray.losses.names()); unused when terms are given."""
     params: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments of the loss (its defaults otherwise)."""
+    """Keyword arguments of the loss (its defaults otherwise); unused when terms are given."""
+    terms: list[LossTermConfig] = field(default_factory=list)
+    """Weighted loss terms, each on its head, its labels, with or without memory; empty =
+    the single loss above (name, params, and the memory when memory.size > 0)."""
+
+
+@dataclass(kw_only=True)
+class PseudoLabelConfig:
+    """Cluster pseudo-labels for loss terms with ``labels: pseudo`` (MIC)."""
+
+    head: str = ""
+    """The head whose embeddings of the training split are clustered; empty = the first
+    head that a pseudo-label term reads."""
+    clusters: int = 30
+    """k of the k-means over the training split (MIC on CUB: 30)."""
+    every: int = 100
+    """Re-embed and re-cluster the training split every this many steps (and at step 0)."""
+    center_by_class: bool = False
+    """Subtract each class's mean embedding before every clustering (MIC's cluster_mode
+    'mean'), so the clusters group what classes share rather than the classes."""
 
 
 @dataclass(kw_only=True)
@@ -224,6 +283,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    pseudo_labels: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -279,6 +339,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (item,) = typing.get_args(tp) or (Any,)
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, key)  # an item of a list of sections (loss.terms, model.heads)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
@@ -393,7 +455,7 @@ def load_config(source: str, overrides: Sequence[str] = ()) -> Config:
 
 def validate(cfg: Config) -> None:
     """Check values that types alone cannot; every message names the key."""
-    from dmlray import losses, models  # local: keep config import light
+    from dmlray import models  # local: keep config import light
 
     def need(cond: bool, msg: str) -> None:
         if not cond:
@@ -408,6 +470,7 @@ def validate(cfg: Config) -> None:
     need(cfg.data.loader_workers >= 0, "data.loader_workers must be >= 0")
     need(cfg.model.embedding_dim >= 1, "model.embedding_dim must be >= 1")
     need(cfg.model.hidden_dim >= 0, f"model.hidden_dim must be >= 0 (0 = linear head), got {cfg.model.hidden_dim}")
+    _check_heads(cfg.model)
     need(
         cfg.model.batchnorm != "sync" or cfg.run.use_gpu,
         "model.batchnorm=sync needs run.use_gpu=true (torch's SyncBatchNorm runs on GPUs only)",
@@ -421,19 +484,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.backbone: unknown backbone {cfg.model.backbone!r}; known: {', '.join(models.backbone_names())}"
         )
-    if cfg.loss.name not in losses.names():
-        raise ConfigError(f"loss.name: unknown loss {cfg.loss.name!r}; known: {', '.join(losses.names())}")
-    if not losses.loss_class(cfg.loss.name).trainable_alone:
-        raise ConfigError(
-            f"loss.name: {cfg.loss.name!r} is an auxiliary term that needs inputs the trainer does not "
-            "make (a second embedding branch); use it beside a main loss in your own training code"
-        )
     need(cfg.memory.size >= 0, "memory.size must be >= 0")
     need(cfg.memory.start >= 0, "memory.start must be >= 0")
-    if cfg.memory.size > 0 and not losses.loss_class(cfg.loss.name).supports_references:
-        raise ConfigError(
-            f"memory.size: loss {cfg.loss.name!r} cannot pair against a cross-batch memory; set memory.size=0"
-        )
+    if cfg.loss.terms:
+        _check_terms(cfg)
+    else:
+        _check_single_loss(cfg)
     need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
     need(cfg.train.steps >= 1, "train.steps must be >= 1")
     need(
@@ -481,10 +537,125 @@ def validate(cfg: Config) -> None:
 def _check_choices(cfg: Config) -> None:
     """Every ``Literal`` field holds one of its values, also in a Config built in code."""
     for section in dataclasses.fields(cfg):
-        part = getattr(cfg, section.name)
-        for name, tp in typing.get_type_hints(type(part)).items():
-            if typing.get_origin(tp) is Literal:
-                _coerce_literal(getattr(part, name), tp, f"{section.name}.{name}")
+        _check_part_choices(getattr(cfg, section.name), section.name)
+
+
+def _check_part_choices(part: Any, prefix: str) -> None:
+    for name, tp in typing.get_type_hints(type(part)).items():
+        value = getattr(part, name)
+        if typing.get_origin(tp) is Literal:
+            _coerce_literal(value, tp, f"{prefix}.{name}")
+        elif isinstance(value, list):  # lists of sections (loss.terms)
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    _check_part_choices(item, f"{prefix}.{name}[{i}]")
+
+
+def head_names(model: ModelConfig) -> list[str]:
+    """The model's head names in output order (one "embedding" head without ``model.heads``)."""
+    return [h.name for h in model.heads] if model.heads else ["embedding"]
+
+
+def term_ids(loss: LossConfig) -> list[str]:
+    """Each term's name in metrics and checkpoints: its id, or its loss name."""
+    return [t.id or t.name for t in loss.terms]
+
+
+def _check_heads(model: ModelConfig) -> None:
+    names = head_names(model)
+    for i, head in enumerate(model.heads):
+        check_name(f"model.heads[{i}].name", head.name)
+        if head.dim < 1:
+            raise ConfigError(f"model.heads[{i}].dim must be >= 1, got {head.dim}")
+        if head.hidden_dim < 0:
+            raise ConfigError(f"model.heads[{i}].hidden_dim must be >= 0 (0 = linear head), got {head.hidden_dim}")
+        if names.index(head.name) != i:
+            raise ConfigError(f"model.heads[{i}].name: {head.name!r} names two heads")
+    if model.eval_head and model.eval_head not in names:
+        raise ConfigError(f"model.eval_head: unknown head {model.eval_head!r}; heads: {', '.join(names)}")
+
+
+def _check_loss_name(key: str, name: str) -> None:
+    from dmlray import losses  # local: keep config import light
+
+    if name not in losses.names():
+        raise ConfigError(f"{key}: unknown loss {name!r}; known: {', '.join(losses.names())}")
+
+
+def _check_single_loss(cfg: Config) -> None:
+    from dmlray import losses
+
+    _check_loss_name("loss.name", cfg.loss.name)
+    if not losses.loss_class(cfg.loss.name).trainable_alone:
+        raise ConfigError(
+            f"loss.name: {cfg.loss.name!r} is an auxiliary term that needs a second embedding head; "
+            "use it in loss.terms beside a main loss (with model.heads and other_head)"
+        )
+    if cfg.memory.size > 0 and not losses.loss_class(cfg.loss.name).supports_references:
+        raise ConfigError(
+            f"memory.size: loss {cfg.loss.name!r} cannot pair against a cross-batch memory; set memory.size=0"
+        )
+    if cfg.pseudo_labels != PseudoLabelConfig():
+        raise ConfigError("pseudo_labels: only loss.terms with labels: pseudo read pseudo-labels")
+
+
+def _check_terms(cfg: Config) -> None:
+    """``loss.terms``: known losses, heads and ids; memory, pseudo-labels and a second head
+    only where the term's loss can use them."""
+    from dmlray import losses
+
+    heads = head_names(cfg.model)
+    ids = term_ids(cfg.loss)
+    for i, term in enumerate(cfg.loss.terms):
+        key = f"loss.terms[{i}]"
+        _check_loss_name(f"{key}.name", term.name)
+        cls = losses.loss_class(term.name)
+        check_name(f"{key}.id", ids[i])
+        if ids.index(ids[i]) != i:
+            raise ConfigError(f"{key}.id: {ids[i]!r} names two terms; give each term its own id")
+        if not (_finite(term.weight) and term.weight >= 0):
+            raise ConfigError(f"{key}.weight must be finite and >= 0, got {term.weight}")
+        for field_name in ("head", "other_head"):
+            head = getattr(term, field_name)
+            if head and head not in heads:
+                raise ConfigError(f"{key}.{field_name}: unknown head {head!r}; heads: {', '.join(heads)}")
+        if cls.trainable_alone and term.other_head:
+            raise ConfigError(f"{key}.other_head: loss {term.name!r} reads one head; leave other_head empty")
+        if not cls.trainable_alone and not term.other_head:
+            raise ConfigError(f"{key}.other_head: loss {term.name!r} needs a second head (e.g. the auxiliary head)")
+        if term.memory and not cls.supports_references:
+            raise ConfigError(f"{key}.memory: loss {term.name!r} cannot pair against a cross-batch memory")
+        if term.memory and cfg.memory.size == 0:
+            raise ConfigError(f"{key}.memory: the memory is off; set memory.size > 0")
+        if term.memory and term.labels == "pseudo":
+            raise ConfigError(f"{key}.memory: a memory holds class labels, not pseudo-labels")
+    if cfg.memory.size > 0 and not any(t.memory for t in cfg.loss.terms):
+        raise ConfigError("memory.size: no loss term reads the memory; set memory: true on a term or memory.size=0")
+    _check_pseudo_labels(cfg, heads)
+
+
+def _check_pseudo_labels(cfg: Config, heads: list[str]) -> None:
+    pseudo = [t for t in cfg.loss.terms if t.labels == "pseudo"]
+    section = cfg.pseudo_labels
+    if not pseudo:
+        if section != PseudoLabelConfig():
+            raise ConfigError("pseudo_labels: no loss term has labels: pseudo")
+        return
+    if section.head and section.head not in heads:
+        raise ConfigError(f"pseudo_labels.head: unknown head {section.head!r}; heads: {', '.join(heads)}")
+    if section.clusters < 2:
+        raise ConfigError(f"pseudo_labels.clusters must be >= 2, got {section.clusters}")
+    if section.every < 1:
+        raise ConfigError(f"pseudo_labels.every must be >= 1, got {section.every}")
+
+
+def pseudo_label_head(cfg: Config) -> str:
+    """The head whose clusters are the pseudo-labels."""
+    if cfg.pseudo_labels.head:
+        return cfg.pseudo_labels.head
+    heads = head_names(cfg.model)
+    pseudo = [t.head for t in cfg.loss.terms if t.labels == "pseudo"]
+    return (pseudo[0] if pseudo else "") or heads[0]
 
 
 def splitting_world_sizes(global_classes: int, low: int, high: int) -> list[int]:

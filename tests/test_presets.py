@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from dmlray import losses, models
-from dmlray.config import config_from_dict, config_to_dict, load_config, preset_names, preset_path
+from dmlray.config import config_from_dict, config_to_dict, load_config, preset_names, preset_path, term_ids
 from dmlray.jobs.worker import WorkerContext, build_loss, run_worker
 
 # search spaces of `dmlray tune` may live beside the presets; they are not run configs
@@ -80,6 +80,9 @@ def test_preset_resolves_validates_and_its_loss_runs(name):
     assert cfg.loss.name in losses.names()
     # the resolved config round-trips (every run folder records it as config.yaml)
     assert config_from_dict(config_to_dict(cfg)) == cfg
+    if cfg.loss.terms:
+        check_terms_run(cfg)
+        return
     # the loss builds with the preset's params and trains on a P×K batch of the preset's
     # embedding size, and against a memory when the preset keeps one
     P, K, dim = cfg.data.classes_per_batch, cfg.data.samples_per_class, cfg.model.embedding_dim
@@ -94,6 +97,33 @@ def test_preset_resolves_validates_and_its_loss_runs(name):
     value.backward()
     assert torch.isfinite(value) and value.item() > 0
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def check_terms_run(cfg) -> None:
+    """Each term of a combined loss builds with its params, sized to its head(s), and gives
+    a finite loss with gradient on a P×K batch of random embeddings of that head."""
+    from dmlray.jobs.worker import build_term_loss
+
+    model = models.EmbeddingModel(
+        models.build_backbone("glyph_cnn"),
+        0,
+        heads=[models.HeadSpec(h.name, h.dim, h.hidden_dim) for h in cfg.model.heads],
+    )
+    P, K = cfg.data.classes_per_batch, cfg.data.samples_per_class
+    gen = torch.Generator().manual_seed(0)
+    out = torch.nn.functional.normalize(torch.randn(P * K, model.embedding_dim, generator=gen), dim=1).requires_grad_()
+    labels = torch.arange(P).repeat_interleave(K)
+    for i, term in enumerate(cfg.loss.terms):
+        classes = cfg.pseudo_labels.clusters if term.labels == "pseudo" else P
+        loss_fn = build_term_loss(term, classes, model, seed=i)
+        x = out[:, model.columns(term.head)]
+        if term.other_head:
+            value = loss_fn(x, labels, aux_embeddings=out[:, model.columns(term.other_head)])
+        else:
+            value = loss_fn(x, labels % classes)
+        (term.weight * value).backward()
+        assert torch.isfinite(value) and value.item() != 0, f"loss.terms[{i}]"
+    assert torch.isfinite(out.grad).all() and out.grad.abs().sum() > 0
 
 
 def test_the_presets_the_deployments_name_are_shipped():
@@ -271,6 +301,9 @@ def cpu_overrides(name: str, url: str) -> list[str]:
         out.append("model.backbone_args.img_size=64")
     if cfg.optim.warmup_steps:
         out.append("optim.warmup_steps=2")  # the warm-up, then its schedule, within the 5 steps
+    if any(t.labels == "pseudo" for t in cfg.loss.terms):
+        # as many clusters as the fake training split holds classes, re-clustered within the 5 steps
+        out += [f"pseudo_labels.clusters={TRAIN_CLASSES}", "pseudo_labels.every=2"]
     return out
 
 
@@ -293,3 +326,5 @@ def test_recipe_trains_five_steps_on_cpu(name, packed, one_thread):
     assert final["step"] == 5 and 0.0 <= final["recall@1"] <= 1.0
     if cfg.memory.size:
         assert history[-1]["memory_loss"] is not None and history[-1]["memory_fill"] > 0
+    for key in term_ids(cfg.loss):
+        assert all(math.isfinite(r[f"loss/{key}"]) for r in history), key

@@ -6,12 +6,15 @@ import dataclasses
 import io
 import json
 import logging
+from typing import TYPE_CHECKING
 
-from dmlray import models
 from dmlray.config import Config, config_from_dict
 from dmlray.data import storage
 from dmlray.jobs.run_folder import RunFolder
 from dmlray.training.checkpoints import STATE_FILE, latest_checkpoint, load_state_file
+
+if TYPE_CHECKING:
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +96,10 @@ def export_embeddings(run: str, name: str, embedded: dict) -> list[str]:
     return written + [storage.join(run, f"{name}.parquet")]
 
 
-def load_checkpoint_model(run: str, checkpoint: str, data: str | None) -> tuple[Config, dict, models.EmbeddingModel]:
+def load_checkpoint_model(run: str, checkpoint: str, data: str | None) -> tuple[Config, dict, nn.Module]:
     """(config, checkpoint state, model with the checkpoint's weights) of a run; ``data``
-    replaces the config's shard root."""
+    replaces the config's shard root. A model with several heads embeds with
+    ``model.eval_head`` (the first by default)."""
     import yaml
 
     from dmlray.jobs.worker import build_model
@@ -106,7 +110,7 @@ def load_checkpoint_model(run: str, checkpoint: str, data: str | None) -> tuple[
     state = load_state_file(storage.join(checkpoint, STATE_FILE))  # tensors and plain values only
     model = build_model(cfg.model, cfg.data.channels)
     model.load_state_dict(state["model"])
-    return cfg, state, model
+    return cfg, state, model.view(cfg.model.eval_head)
 
 
 def eval_and_report(

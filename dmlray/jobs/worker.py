@@ -13,12 +13,23 @@ import random
 import time
 from collections.abc import Callable, Iterator, Set
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
 
 from dmlray import losses, models
-from dmlray.config import Config, DataConfig, LossConfig, ModelConfig, OptimConfig
+from dmlray.config import (
+    Config,
+    DataConfig,
+    LossConfig,
+    LossTermConfig,
+    ModelConfig,
+    OptimConfig,
+    PseudoLabelConfig,
+    pseudo_label_head,
+    term_ids,
+)
 from dmlray.data.health import StreamStats
 from dmlray.data.partition import Eligibility, ShardLayout, check_fillable, eligible_classes
 from dmlray.data.pk_batches import PKBatches
@@ -29,8 +40,9 @@ from dmlray.evaluation.embedding import embed_split, score
 from dmlray.evaluation.report import TestPlan, evaluate_test, write_evaluation_pictures
 from dmlray.jobs import elastic
 from dmlray.training.memory import CrossBatchMemory
+from dmlray.training.pseudo_labels import PseudoLabels
 from dmlray.training.schedules import ScheduleSettings, build_scheduler
-from dmlray.training.trainer import Trainer
+from dmlray.training.trainer import LossTerm, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +71,8 @@ def build_model(cfg: ModelConfig, channels: int) -> models.EmbeddingModel:
     if cfg.backbone == "glyph_cnn":
         kwargs.setdefault("in_channels", channels)
     backbone = models.build_backbone(cfg.backbone, **kwargs)
-    model = models.EmbeddingModel(backbone, cfg.embedding_dim, cfg.hidden_dim)
+    heads = [models.HeadSpec(h.name, h.dim, h.hidden_dim) for h in cfg.heads]
+    model = models.EmbeddingModel(backbone, cfg.embedding_dim, cfg.hidden_dim, heads=heads)
     if cfg.batchnorm == "frozen":
         from dmlray.models.frozen_bn import freeze_batchnorm
 
@@ -69,10 +82,11 @@ def build_model(cfg: ModelConfig, channels: int) -> models.EmbeddingModel:
     return model
 
 
-def build_transforms(cfg: Config, model: models.EmbeddingModel):
+def build_transforms(cfg: Config, model: nn.Module):
     """(train, eval) transforms: glyph or natural-image style from the input size and
-    channels, normalised the way the backbone's weights expect (e.g. BGR/[0,255])."""
-    convention = getattr(model.backbone, "input_convention", "rgb_imagenet")
+    channels, normalised the way the backbone's weights expect (e.g. BGR/[0,255]).
+    ``model``: an EmbeddingModel or its view of one head (both have ``backbone``)."""
+    convention = getattr(getattr(model, "backbone", None), "input_convention", "rgb_imagenet")
     train = make_transform(
         "auto", cfg.data.image_size, cfg.data.channels, train=cfg.data.augment, convention=convention
     )
@@ -207,6 +221,39 @@ def build_loss(cfg: LossConfig, num_classes: int, embedding_dim: int, seed: int 
     return losses.build(cfg.name, **params)
 
 
+def build_terms(
+    cfg: Config,
+    model: models.EmbeddingModel,
+    num_classes: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> list[LossTerm]:
+    """The config's ``loss.terms`` as LossTerms on the model's heads: each loss built like a
+    single loss (per-class parameters over the classes, or the clusters of a pseudo-label
+    term), with its own memory of its head when it reads one."""
+    out = []
+    for i, (term, key) in enumerate(zip(cfg.loss.terms, term_ids(cfg.loss), strict=True)):
+        columns = model.columns(term.head)
+        classes = cfg.pseudo_labels.clusters if term.labels == "pseudo" else num_classes
+        loss_fn = build_term_loss(term, classes, model, cfg.train.seed + i).to(device, dtype)
+        memory = None
+        if term.memory:
+            memory = CrossBatchMemory(cfg.memory.size, columns.stop - columns.start, dtype=dtype, device=device)
+        other = model.columns(term.other_head) if term.other_head else None
+        out.append(LossTerm(key, loss_fn, term.weight, columns, other, memory, term.labels == "pseudo"))
+    return out
+
+
+def build_term_loss(term: LossTermConfig, num_classes: int, model: models.EmbeddingModel, seed: int) -> losses.PairLoss:
+    """One term's loss, sized to its head (and to its second head: adversarial's aux_dim)."""
+    columns = model.columns(term.head)
+    params = dict(term.params)
+    if term.other_head:
+        other = model.columns(term.other_head)
+        params.setdefault("aux_dim", other.stop - other.start)
+    return build_loss(LossConfig(name=term.name, params=params), num_classes, columns.stop - columns.start, seed)
+
+
 def build_optimizer(cfg: OptimConfig, model: models.EmbeddingModel, loss_fn: nn.Module) -> torch.optim.Optimizer:
     groups = model.param_groups(cfg.lr, cfg.head_lr or None)
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
@@ -240,9 +287,10 @@ def build_memory(cfg: Config, dtype: torch.dtype, device: torch.device) -> Cross
     return CrossBatchMemory(cfg.memory.size, cfg.model.embedding_dim, dtype=dtype, device=device)
 
 
-def class_remap(loss_name: str, train_classes: list[int]) -> dict[int, int] | None:
-    """Dataset class id -> 0..C-1 for losses with per-class parameters, else None."""
-    if losses.loss_class(loss_name).needs_classes:
+def class_remap(loss: LossConfig, train_classes: list[int]) -> dict[int, int] | None:
+    """Dataset class id -> 0..C-1 when a loss on class labels has per-class parameters, else None."""
+    names = [t.name for t in loss.terms if t.labels == "class"] if loss.terms else [loss.name]
+    if any(losses.loss_class(name).needs_classes for name in names):
         # per-class parameters are indexed 0..C-1; shards carry the dataset's class ids
         return {c: i for i, c in enumerate(train_classes)}
     return None
@@ -376,7 +424,7 @@ def training_stream(
         accumulate=cfg.train.accumulate,
         stats=stats,
         held_out=val_classes,
-        remap=class_remap(cfg.loss.name, train_classes),
+        remap=class_remap(cfg.loss, train_classes),
     )
 
 
@@ -398,6 +446,75 @@ def worker_evaluation(
     )
 
 
+@dataclass
+class PseudoLabelRefresh:
+    """The Trainer's pseudo-label source (MIC): every ``every`` steps (and before the first)
+    the training split is embedded with one head and clustered; batches look their
+    samples' clusters up by key. Every rank embeds its shards and gathers the whole split,
+    so every rank clusters the same rows (PseudoLabels checks and agrees on them)."""
+
+    labels: PseudoLabels
+    model: nn.Module
+    """The unwrapped model's view of the clustered head."""
+    shard_urls: list[str]
+    transform: Callable
+    batch_size: int
+    device: torch.device
+    every: int
+    seed: int
+    held_out: set[int]
+    """Validation classes: never clustered (they never enter a batch)."""
+    center_by_class: bool = False
+    """Cluster the embeddings minus their class means."""
+
+    def update(self, step: int) -> None:
+        if self.labels.ready and step % self.every:
+            return
+        read = only_classes(iter_shard, self.held_out, keep=False) if self.held_out else iter_shard
+        split = embed_split(self.model, self.shard_urls, self.transform, self.batch_size, self.device, read_shard=read)
+        self.labels.refresh(
+            split["keys"],
+            split["embeddings"],
+            seed=self.seed + self.labels.generation,
+            class_labels=split["labels"] if self.center_by_class else None,
+        )
+
+    def lookup(self, keys) -> torch.Tensor:
+        return self.labels.lookup(keys, self.device)
+
+    def state_dict(self) -> dict:
+        return self.labels.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.labels.load_state_dict(state)
+
+
+def pseudo_label_source(
+    cfg: Config,
+    manifest: Manifest,
+    model: models.EmbeddingModel,
+    transform: Callable,
+    device: torch.device,
+    held_out: set[int],
+) -> PseudoLabelRefresh | None:
+    """The pseudo-labels the config's terms read, or None when none does."""
+    if not any(t.labels == "pseudo" for t in cfg.loss.terms):
+        return None
+    section: PseudoLabelConfig = cfg.pseudo_labels
+    return PseudoLabelRefresh(
+        PseudoLabels(section.clusters),
+        model.view(pseudo_label_head(cfg)),
+        manifest.shard_urls(cfg.data.train_split),
+        transform,
+        cfg.data.eval_batch_size,
+        device,
+        section.every,
+        cfg.train.seed,
+        held_out,
+        section.center_by_class,
+    )
+
+
 def build_trainer(cfg: Config, ctx: WorkerContext) -> Trainer:
     """Model, loss, optimizer, data stream and evaluation wired into a Trainer."""
     cfg = elastic.rank_share(cfg, ctx.world_size)  # an elastic run's ranks split the global batch
@@ -411,23 +528,31 @@ def build_trainer(cfg: Config, ctx: WorkerContext) -> Trainer:
     model = build_model(cfg.model, cfg.data.channels).to(ctx.device, dtype)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loss_fn = build_loss(cfg.loss, len(train_classes), cfg.model.embedding_dim, cfg.train.seed).to(ctx.device, dtype)
+    terms = build_terms(cfg, model, len(train_classes), dtype, ctx.device) if cfg.loss.terms else []
+    loss_fn: nn.Module
+    if terms:
+        loss_fn = nn.ModuleDict({t.key: t.loss_fn for t in terms})
+    else:
+        loss_fn = build_loss(cfg.loss, len(train_classes), cfg.model.embedding_dim, cfg.train.seed)
+        loss_fn = loss_fn.to(ctx.device, dtype)
     optimizer = build_optimizer(cfg.optim, model, loss_fn)
     train_tf, eval_tf = build_transforms(cfg, model)
     stats = StreamStats()
     batches = training_stream(cfg, ctx, manifest, train_tf, stats, train_classes, set(val_classes))
-    evaluate = worker_evaluation(cfg, ctx, manifest, model, eval_tf, set(val_classes))
+    evaluate = worker_evaluation(cfg, ctx, manifest, model.view(cfg.model.eval_head), eval_tf, set(val_classes))
     return Trainer(
         model=ctx.wrap_model(model),
         raw_model=model,
-        loss_fn=loss_fn,
+        loss_fn=None if terms else cast(losses.PairLoss, loss_fn),
+        terms=terms,
+        pseudo_labels=pseudo_label_source(cfg, manifest, model, eval_tf, ctx.device, set(val_classes)),
         optimizer=optimizer,
         scheduler=build_lr_schedule(cfg.optim, optimizer, cfg.train.steps),
         batches=functools.partial(counted_batches, rows, batches),
         steps=cfg.train.steps,
         device=ctx.device,
         dtype=dtype,
-        memory=build_memory(cfg, dtype, ctx.device),
+        memory=None if terms else build_memory(cfg, dtype, ctx.device),
         memory_start=cfg.memory.start,
         memory_weight=cfg.memory.weight,
         memory_ramp_steps=cfg.memory.ramp_steps,

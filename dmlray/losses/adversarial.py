@@ -41,7 +41,9 @@ class AdversarialLoss(PairLoss):
     ``loss(embeddings, labels, aux_embeddings=g)`` (labels are unused), or call
     ``loss.between(x, g)``. It owns the regressor (``needs_classes = True`` so the trainer
     passes ``embedding_dim``; ``num_classes`` is accepted and unused) and pairs nothing
-    with references (``supports_references = False``).
+    with references (``supports_references = False``). In a run it is a ``loss.terms`` term
+    with ``head`` (x) and ``other_head`` (g) on a model with two heads (``model.heads``);
+    alone (``loss.name``) the config refuses it (``trainable_alone = False``).
     """
 
     needs_classes = True

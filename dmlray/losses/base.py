@@ -186,8 +186,9 @@ class PairLoss(nn.Module):
     """Of ``pair_mean`` losses only: (sum of the terms, number of terms) under the pair
     contract, so a distributed step can divide by the count summed over ranks."""
     trainable_alone: ClassVar[bool] = True
-    """False for auxiliary terms that need inputs the trainer does not produce (MIC's
-    adversarial loss needs a second embedding branch): the config refuses them."""
+    """False for auxiliary terms that need a second embedding head (MIC's adversarial
+    loss): the config refuses them as ``loss.name`` and takes them in ``loss.terms`` with
+    ``other_head``."""
 
     @property
     def rank_decomposable(self) -> bool:

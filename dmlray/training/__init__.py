@@ -1,2 +1,3 @@
 """Training, Ray-free: the Trainer, the cross-rank gathers, the cross-batch memory,
-checkpoint files and the preemption signal. Runs under any torch.distributed launcher."""
+checkpoint files, the preemption signal and MIC's k-means pseudo labels. Runs under any
+torch.distributed launcher."""

@@ -7,6 +7,10 @@ sums of per-anchor terms (``rank_decomposable = False``) are computed over the w
 global batch on every rank instead; both ways give the one-process gradient. With
 ``accumulate = n`` micro-batches (exact mode), the same holds for the n·R·b rows of all
 micro-batches of all ranks (dmlray.training.accumulation).
+
+The loss may also be a weighted sum of terms (``LossTerm``), each on its head's columns
+of the model output, with its own memory, on class or pseudo-labels, each by the rules
+above; their sum's gradient is then the one-process gradient too.
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import cast
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, cast
 
 import numpy as np
 import torch
@@ -37,6 +41,50 @@ class StepResult:
     loss: torch.Tensor
     batch_loss: torch.Tensor
     memory_loss: torch.Tensor | None
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Each loss term's value (before its weight), by term key; empty for a single loss."""
+
+    def detached(self) -> StepResult:
+        return StepResult(
+            self.loss.detach(),
+            self.batch_loss.detach(),
+            None if self.memory_loss is None else self.memory_loss.detach(),
+            {k: v.detach() for k, v in self.terms.items()},
+        )
+
+
+@dataclass
+class LossTerm:
+    """One weighted term of the training loss, reading its head's columns of the model output."""
+
+    key: str
+    """The term's name: metrics ``loss/<key>``, checkpoint entries."""
+    loss_fn: PairLoss
+    weight: float = 1.0
+    columns: slice = field(default_factory=lambda: slice(None))
+    """Columns of the model output the term reads (its head; all for a one-head model)."""
+    other_columns: slice | None = None
+    """A second head's columns, for two-branch terms (adversarial: ``aux_embeddings``).
+    Such a term is a mean over rows, each rank its own (no gather)."""
+    memory: CrossBatchMemory | None = None
+    """The term's cross-batch memory (of its head's embeddings), or None."""
+    pseudo_labels: bool = False
+    """Pair on the batch's pseudo-labels (MIC's clusters) instead of its class labels."""
+
+
+class PseudoLabelSource(Protocol):
+    """Pseudo-labels of training samples by key, refreshed as training goes (MIC)."""
+
+    def update(self, step: int) -> None:
+        """Recompute the labels when due before this step (identically on every rank)."""
+
+    def lookup(self, keys: Sequence[str]) -> torch.Tensor:
+        """The labels of these samples (LongTensor, in order)."""
+        ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 def training_loss(
@@ -98,6 +146,44 @@ def embedding_loss(
     mem_emb, mem_labels = memory.contents()
     memory_loss = _rank_loss(loss_fn, anchors, anchor_labels, mem_emb, mem_labels, slots[own])
     return StepResult(batch_loss + memory_weight * memory_loss, batch_loss, memory_loss)
+
+
+def terms_loss(
+    terms: Sequence[LossTerm],
+    output: torch.Tensor,
+    labels: torch.Tensor,
+    pseudo_labels: torch.Tensor | None = None,
+    use_memory: bool = True,
+    memory_weight: float = 1.0,
+) -> StepResult:
+    """The weighted sum of the terms on this rank's model output, each by ``embedding_loss``'s
+    rules (gather, memory, whole-batch losses) on its own head and labels."""
+    values: dict[str, torch.Tensor] = {}
+    total, batch, memory_parts = [], [], []
+    for term in terms:
+        x = output[:, term.columns]
+        if term.other_columns is not None:
+            value = term.loss_fn(x, labels, aux_embeddings=output[:, term.other_columns])
+            result = StepResult(value, value, None)
+        else:
+            y = pseudo_labels if term.pseudo_labels else labels
+            if y is None:
+                raise ValueError(f"loss term {term.key!r} reads pseudo-labels; the trainer has no pseudo_labels source")
+            memory = term.memory if use_memory else None
+            result = embedding_loss(term.loss_fn, x, y, memory, memory_weight)
+        values[term.key] = result.loss
+        total.append(term.weight * result.loss)
+        batch.append(term.weight * result.batch_loss)
+        if result.memory_loss is not None:
+            memory_parts.append(term.weight * result.memory_loss)
+    return StepResult(_sum(total), _sum(batch), _sum(memory_parts) if memory_parts else None, values)
+
+
+def _sum(values: list[torch.Tensor]) -> torch.Tensor:
+    out = values[0]
+    for v in values[1:]:
+        out = out + v
+    return out
 
 
 def _rank_loss(loss_fn: PairLoss, *args) -> torch.Tensor:
@@ -169,13 +255,19 @@ class Trainer:
     history at each log step (state None), and at each evaluation also the full
     checkpoint state; ``evaluate(step)`` returns metrics. ``batches(start_step)`` yields
     ``(images, labels[, keys])`` from that step on (``accumulate`` of them per step).
+
+    The loss is ``loss_fn`` (with ``memory``), or the weighted sum of ``terms``, each then
+    recorded as ``loss/<key>``; terms on pseudo-labels look the batch's keys up in
+    ``pseudo_labels``, which is updated before every step and checkpointed.
     """
 
     def __init__(
         self,
         *,
         model: nn.Module,
-        loss_fn: PairLoss,
+        loss_fn: PairLoss | None = None,
+        terms: Sequence[LossTerm] = (),
+        pseudo_labels: PseudoLabelSource | None = None,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None,
         batches: Callable[[int], Iterator[tuple]],
@@ -201,7 +293,19 @@ class Trainer:
     ):
         self.model = model
         self.raw_model = raw_model if raw_model is not None else model  # unwrapped (no DDP) for state
-        self.loss_fn = loss_fn
+        if (loss_fn is None) == (not terms):
+            raise ValueError("give the Trainer either loss_fn (and memory) or terms")
+        if terms and memory is not None:
+            raise ValueError("with terms, each LossTerm holds its own memory; memory must be None")
+        self.named_terms = bool(terms)  # recorded one by one (loss/<key>)
+        self.terms = list(terms) or [LossTerm("loss", cast(PairLoss, loss_fn), memory=memory)]
+        keys = [t.key for t in self.terms]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"loss term keys must differ, got {keys}")
+        # one module holding every loss parameter (optimiser, averaging, checkpoints)
+        self.loss_fn: nn.Module = loss_fn if loss_fn is not None else nn.ModuleDict({t.key: t.loss_fn for t in terms})
+        self.pseudo_labels = pseudo_labels
+        self.memories = [t.memory for t in self.terms if t.memory is not None]
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.batches = batches
@@ -228,7 +332,7 @@ class Trainer:
         self.step = 0
         self.restarts = 0
         self.history: list[dict] = []
-        self.loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
+        self.loss_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
 
     def memory_weight_at(self, step: int) -> float:
         """The memory term's weight at a step: 0 before start, then ramped up if asked.
@@ -236,7 +340,7 @@ class Trainer:
         A linear ramp avoids the loss jump users report when a full-weight memory
         switches on.
         """
-        if self.memory is None or step < self.memory_start:
+        if not self.memories or step < self.memory_start:
             return 0.0
         if self.memory_ramp_steps <= 0:
             return self.memory_weight
@@ -247,12 +351,18 @@ class Trainer:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _to_device(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels, *_ = batch  # (images, labels[, keys])
+    def _to_device(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(images, labels, pseudo-labels or None) of a ``(images, labels[, keys])`` batch."""
+        images, labels, *rest = batch
         images = images.to(self.device, dtype=self.dtype, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return images, labels.to(self.device, non_blocking=True)
+        pseudo = None
+        if self.pseudo_labels is not None:
+            if not rest:
+                raise ValueError("pseudo-labels need the batches' sample keys: (images, labels, keys)")
+            pseudo = self.pseudo_labels.lookup(rest[0]).to(self.device)
+        return images, labels.to(self.device, non_blocking=True), pseudo
 
     def train_step(self, micro_batches: list[tuple]) -> StepResult:
         """One optimisation step over ``accumulate`` micro-batches.
@@ -264,6 +374,8 @@ class Trainer:
         """
         # flush the gradients as soon as we can, no need for this memory anymore
         self.optimizer.zero_grad(set_to_none=True)
+        if self.pseudo_labels is not None:
+            self.pseudo_labels.update(self.step)
         if self.accumulate_mode == "exact" and len(micro_batches) > 1:
             result = self._exact_step([self._to_device(b) for b in micro_batches])
         else:
@@ -278,7 +390,7 @@ class Trainer:
             self.scheduler.step()
         return result
 
-    def _exact_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
+    def _exact_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> StepResult:
         """Gradient caching: the loss of all micro-batches' embeddings at once, then one
         replayed forward and backward per micro-batch for the model's gradient.
 
@@ -286,45 +398,37 @@ class Trainer:
         big batch would: one gather of all n·b local rows (rank-major order), the memory
         enqueued once with the n·R·b global rows, pair means over the global count.
         """
-        use_memory = self.memory is not None and self.step >= self.memory_start
-        images = [x for x, _ in micro_batches]
+        use_memory = self.step >= self.memory_start
+        images = [x for x, _, _ in micro_batches]
         cache = embed_without_graph(self.model, images, self.device, self._autocast)
-        labels = torch.cat([y for _, y in micro_batches])
+        labels = torch.cat([y for _, y, _ in micro_batches])
+        pseudo = None if self.pseudo_labels is None else torch.cat([p for _, _, p in micro_batches if p is not None])
         with self._autocast():
-            result = embedding_loss(
-                self.loss_fn,
-                cache.embeddings,
-                labels,
-                self.memory if use_memory else None,
-                self.memory_weight_at(self.step),
+            result = terms_loss(
+                self.terms, cache.embeddings, labels, pseudo, use_memory, self.memory_weight_at(self.step)
             )
         result.loss.backward()  # into the cached embeddings and, once, the loss parameters
         backward_through_model(self.model, images, cache, self.device, self._autocast)
-        return StepResult(
-            result.loss.detach(),
-            result.batch_loss.detach(),
-            None if result.memory_loss is None else result.memory_loss.detach(),
-        )
+        return result.detached()
 
     def _independent_step(self, micro_batches: list[tuple]) -> StepResult:
         """Each micro-batch gathered and lossed on its own; gradients averaged."""
-        use_memory = self.memory is not None and self.step >= self.memory_start
+        use_memory = self.step >= self.memory_start
         weight = self.memory_weight_at(self.step)
         results = []
         for i, batch in enumerate(micro_batches):
-            images, labels = self._to_device(batch)
+            images, labels, pseudo = self._to_device(batch)
             with gradient_sync(self.model, last=i == len(micro_batches) - 1):
                 with self._autocast():
-                    result = training_loss(
-                        self.model, self.loss_fn, images, labels, self.memory if use_memory else None, weight
-                    )
+                    result = terms_loss(self.terms, self.model(images), labels, pseudo, use_memory, weight)
                 (result.loss / len(micro_batches)).backward()
-            results.append(result)
-        memory_losses = [r.memory_loss.detach() for r in results if r.memory_loss is not None]
+            results.append(result.detached())
+        memory_losses = [r.memory_loss for r in results if r.memory_loss is not None]
         return StepResult(
-            _mean([r.loss.detach() for r in results]),
-            _mean([r.batch_loss.detach() for r in results]),
+            _mean([r.loss for r in results]),
+            _mean([r.batch_loss for r in results]),
             _mean(memory_losses) if memory_losses else None,
+            {key: _mean([r.terms[key] for r in results]) for key in results[0].terms},
         )
 
     def train(self) -> list[dict]:
@@ -352,10 +456,11 @@ class Trainer:
                     "memory_loss": None if result.memory_loss is None else float(result.memory_loss.detach()),
                     "samples_per_second": window_samples / elapsed,
                     "data_wait_fraction": wait / elapsed,
-                    "memory_fill": len(self.memory) if self.memory is not None else 0,
+                    "memory_fill": len(self.memories[0]) if self.memories else 0,
                     "memory_weight": self.memory_weight_at(self.step - 1),
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "restarts": self.restarts,
+                    **({f"loss/{k}": float(v) for k, v in result.terms.items()} if self.named_terms else {}),
                     **self.extra_metrics(),
                 }
                 window_start, window_samples, wait = time.perf_counter(), 0, 0.0
@@ -376,6 +481,11 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "memory": self.memory.state_dict() if self.memory is not None else None,
+            # the terms' memories by term key (the single loss keeps "memory" above)
+            "term_memories": {t.key: t.memory.state_dict() for t in self.terms if t.memory is not None}
+            if self.named_terms
+            else {},
+            "pseudo_labels": self.pseudo_labels.state_dict() if self.pseudo_labels is not None else None,
             "step": self.step,
             "restarts": self.restarts,
             "history": list(self.history),
@@ -390,6 +500,12 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.memory is not None and state.get("memory") is not None:
             self.memory.load_state_dict(state["memory"])
+        saved_memories = state.get("term_memories") or {}
+        for term in self.terms:
+            if self.named_terms and term.memory is not None and term.key in saved_memories:
+                term.memory.load_state_dict(saved_memories[term.key])
+        if self.pseudo_labels is not None and state.get("pseudo_labels") is not None:
+            self.pseudo_labels.load_state_dict(state["pseudo_labels"])
         self.step = int(state["step"])
         self.restarts = int(state.get("restarts", 0)) + 1  # loading a checkpoint is a restart
         self.history = list(state.get("history", []))
