@@ -132,6 +132,12 @@ class LossConfig:
     """Weighted loss terms, each on its head, its labels, with or without memory; empty =
     the single loss above (name, params, and the memory when memory.size > 0)."""
 
+    def describe(self) -> str:
+        """What a progress line says of the loss: ``margin loss`` or its weighted terms."""
+        if not self.terms:
+            return f"{self.name} loss"
+        return "loss " + " + ".join(f"{t.weight:g}·{t.name}" for t in self.terms)
+
 
 @dataclass(kw_only=True)
 class PseudoLabelConfig:

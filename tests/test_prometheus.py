@@ -151,6 +151,24 @@ def test_the_prometheus_config_scrapes_ray_and_the_driver_through_file_sd(tmp_pa
         assert check.returncode == 0, check.stdout + check.stderr
 
 
+def test_each_loss_term_is_one_series_of_the_term_gauge():
+    """A run with loss.terms records loss/<id>; outside Ray prometheus_client serves each
+    as dmlray_term_loss{term="<id>"} beside the summed loss."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    from dmlray.telemetry.worker_metrics import WorkerMetrics
+
+    metrics = WorkerMetrics("terms-run", 1, "prometheus")
+    metrics.record({"step": 7, "loss": 1.25, "loss/class": 0.75, "loss/aux": 0.5, "loss/none": None})
+    lines = generate_latest(REGISTRY).decode().splitlines()
+    series = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines if 'run="terms-run"' in line}
+    tags = 'rank="1",run="terms-run"'
+    assert series[f'dmlray_term_loss{{{tags},term="class",trial=""}}'] == 0.75
+    assert series[f'dmlray_term_loss{{{tags},term="aux",trial=""}}'] == 0.5
+    assert series[f'dmlray_loss{{{tags},trial=""}}'] == 1.25
+    assert not any('term="none"' in key for key in series)  # a term without a value is not exported
+
+
 def test_the_grafana_dashboard_uses_the_names_dmlray_exports():
     from dmlray.telemetry.worker_metrics import GAUGES, PREFIX
 

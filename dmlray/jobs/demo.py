@@ -68,7 +68,7 @@ def run_demo(out: str = "demo-out", overrides: Sequence[str] = (), max_classes: 
             set_up = time.monotonic() - t0
             say(
                 f"[3/3] training {cfg.train.steps} steps on {cfg.run.num_workers} Ray Train workers: "
-                f"{cfg.model.backbone}, {cfg.loss.name} loss, memory of {cfg.memory.size} from step "
+                f"{cfg.model.backbone}, {cfg.loss.describe()}, memory of {cfg.memory.size} from step "
                 f"{cfg.memory.start}; run folder {out_dir / 'runs' / cfg.run.name}"
             )
             from dmlray.jobs.commands import train_and_report

@@ -31,6 +31,12 @@ GAUGES = {
 }
 TAG_KEYS = ("run", "trial", "rank")
 PREFIX = "dmlray_"
+TERM_GAUGE = "term_loss"
+"""One gauge for the terms of ``loss.terms``: a record's ``loss/<id>`` is its value with the
+label ``term=<id>`` (ids are config names, checked to be unique)."""
+TERM_DESCRIPTION = "Value of one loss term of loss.terms, before its weight"
+TERM_TAG_KEYS = (*TAG_KEYS, "term")
+TERM_PREFIX = "loss/"
 
 
 def _metric_key(record_key: str) -> str:
@@ -48,6 +54,7 @@ class WorkerMetrics:
             from ray.util.metrics import Gauge
 
             self.gauges = {k: Gauge(PREFIX + k, description=d, tag_keys=TAG_KEYS) for k, d in GAUGES.items()}
+            self.gauges[TERM_GAUGE] = Gauge(PREFIX + TERM_GAUGE, description=TERM_DESCRIPTION, tag_keys=TERM_TAG_KEYS)
         elif backend == "prometheus":
             self.gauges = _prometheus_gauges()
             if port:
@@ -58,14 +65,17 @@ class WorkerMetrics:
     def record(self, record: dict) -> None:
         """Set every gauge whose value the record carries (recall@1 → recall_at_1, ...)."""
         for key, value in record.items():
+            tags = self.tags
             name = _metric_key(key)
+            if key.startswith(TERM_PREFIX):
+                name, tags = TERM_GAUGE, {**self.tags, "term": key[len(TERM_PREFIX) :]}
             if value is None or name not in self.gauges:
                 continue
             gauge = self.gauges[name]
             if self.backend == "ray":
-                gauge.set(float(value), tags=self.tags)
+                gauge.set(float(value), tags=tags)
             else:
-                gauge.labels(**self.tags).set(float(value))
+                gauge.labels(**tags).set(float(value))
 
 
 _PROM_GAUGES: dict = {}
@@ -79,6 +89,7 @@ def _prometheus_gauges() -> dict:
 
         for k, d in GAUGES.items():
             _PROM_GAUGES[k] = Gauge(PREFIX + k, d, TAG_KEYS)
+        _PROM_GAUGES[TERM_GAUGE] = Gauge(PREFIX + TERM_GAUGE, TERM_DESCRIPTION, TERM_TAG_KEYS)
     return _PROM_GAUGES
 
 
