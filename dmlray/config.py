@@ -150,9 +150,11 @@ class PseudoLabelConfig:
     """k of the k-means over the training split (MIC on CUB: 30)."""
     every: int = 100
     """Re-embed and re-cluster the training split every this many steps (and at step 0)."""
-    center_by_class: bool = False
-    """Subtract each class's mean embedding before every clustering (MIC's cluster_mode
-    'mean'), so the clusters group what classes share rather than the classes."""
+    center_first_by_class: bool = True
+    """Subtract each class's mean embedding before the first clustering, so its clusters
+    group what classes share rather than the classes (MIC's initial clustering with its
+    default cluster_mode 'mean'; MIC's later clusterings take the head's embeddings as
+    they are, and so do these)."""
 
 
 @dataclass(kw_only=True)

@@ -464,8 +464,8 @@ class PseudoLabelRefresh:
     seed: int
     held_out: set[int]
     """Validation classes: never clustered (they never enter a batch)."""
-    center_by_class: bool = False
-    """Cluster the embeddings minus their class means."""
+    center_first_by_class: bool = True
+    """Cluster the first time the embeddings minus their class means (MIC's initial clustering)."""
 
     def update(self, step: int) -> None:
         if self.labels.ready and step % self.every:
@@ -476,7 +476,7 @@ class PseudoLabelRefresh:
             split["keys"],
             split["embeddings"],
             seed=self.seed + self.labels.generation,
-            class_labels=split["labels"] if self.center_by_class else None,
+            class_labels=split["labels"] if self.center_first_by_class and not self.labels.ready else None,
         )
 
     def lookup(self, keys) -> torch.Tensor:
@@ -511,7 +511,7 @@ def pseudo_label_source(
         section.every,
         cfg.train.seed,
         held_out,
-        section.center_by_class,
+        section.center_first_by_class,
     )
 
 
