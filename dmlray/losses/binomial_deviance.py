@@ -6,13 +6,12 @@ import torch
 import torch.nn.functional as F
 
 from dmlray.losses.base import Pairs, masked_mean
-from dmlray.losses.miners import check_mining, mine_pairs
 from dmlray.losses.registry import register
-from dmlray.losses.rowwise import RowwiseLoss
+from dmlray.losses.rowwise import MinedRowwiseLoss
 
 
 @register("binomial_deviance")
-class BinomialDevianceLoss(RowwiseLoss):
+class BinomialDevianceLoss(MinedRowwiseLoss):
     """L_i = mean_{p∈P_i} log(1 + e^{−β(s_ip − λ)}) + mean_{n∈N_i} log(1 + e^{α(s_in − λ)}).
 
     Mean over anchors; an anchor with no positive or no negative (after mining)
@@ -30,21 +29,14 @@ class BinomialDevianceLoss(RowwiseLoss):
         mining: str | None = None,
         mining_margin: float = 0.1,
     ):
-        super().__init__()
-        check_mining(mining)
+        super().__init__(mining, mining_margin)
         self.alpha = alpha
         self.beta = beta
         self.base = base
-        self.mining = mining
-        self.mining_margin = mining_margin
-        self.generator: torch.Generator | None = None
-        """Seeds distance-weighted mining; None uses the global RNG."""
 
     def per_anchor(self, pairs: Pairs) -> torch.Tensor:
         s = pairs.sim
-        pos, neg = mine_pairs(
-            self.mining, s, pairs.pos, pairs.neg, margin=self.mining_margin, dim=pairs.dim, generator=self.generator
-        )
+        pos, neg = self.mined(pairs)
         pos_term = masked_mean(F.softplus(-self.beta * (s - self.base)), pos)
         neg_term = masked_mean(F.softplus(self.alpha * (s - self.base)), neg)
         valid = pos.any(dim=1) & neg.any(dim=1)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import torch
 
 from dmlray.losses.base import Pairs
-from dmlray.losses.miners import check_mining, mine_pairs
 from dmlray.losses.registry import register
-from dmlray.losses.rowwise import RowwiseLoss
+from dmlray.losses.rowwise import MinedRowwiseLoss
 
 
 @register("contrastive")
-class ContrastiveLoss(RowwiseLoss):
+class ContrastiveLoss(MinedRowwiseLoss):
     """L_i = Σ_{p∈P_i} (1 − s_ip) + Σ_{n∈N_i, s_in > m} s_in; mean over anchors.
 
     Paper: "Dimensionality Reduction by Learning an Invariant Mapping", Hadsell et al.,
@@ -22,19 +21,12 @@ class ContrastiveLoss(RowwiseLoss):
     """
 
     def __init__(self, margin: float = 0.5, mining: str | None = None, mining_margin: float = 0.1):
-        super().__init__()
-        check_mining(mining)
+        super().__init__(mining, mining_margin)
         self.margin = margin
-        self.mining = mining
-        self.mining_margin = mining_margin
-        self.generator: torch.Generator | None = None
-        """Seeds distance-weighted mining; None uses the global RNG."""
 
     def per_anchor(self, pairs: Pairs) -> torch.Tensor:
         s = pairs.sim
-        pos, neg = mine_pairs(
-            self.mining, s, pairs.pos, pairs.neg, margin=self.mining_margin, dim=pairs.dim, generator=self.generator
-        )
+        pos, neg = self.mined(pairs)
         zero = torch.zeros_like(s)
         pos_term = torch.where(pos, 1.0 - s, zero).sum(dim=1)
         neg_term = torch.where(neg & (s > self.margin), s, zero).sum(dim=1)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import torch
 
 from dmlray.losses.base import Pairs, masked_logsumexp
-from dmlray.losses.miners import check_mining, mine_pairs
 from dmlray.losses.registry import register
-from dmlray.losses.rowwise import RowwiseLoss
+from dmlray.losses.rowwise import MinedRowwiseLoss
 
 
 @register("lifted_structure")
-class LiftedStructureLoss(RowwiseLoss):
+class LiftedStructureLoss(MinedRowwiseLoss):
     """L_i = (2/β)·log Σ_{p∈P_i} e^{−β s_ip} + (2/α)·log Σ_{n∈N_i} e^{α s_in}; mean over anchors.
 
     An anchor with no positive or no negative (after mining) contributes 0. Paper: "Deep
@@ -22,20 +21,13 @@ class LiftedStructureLoss(RowwiseLoss):
     """
 
     def __init__(self, alpha: float = 40.0, beta: float = 2.0, mining: str | None = None, mining_margin: float = 0.1):
-        super().__init__()
-        check_mining(mining)
+        super().__init__(mining, mining_margin)
         self.alpha = alpha
         self.beta = beta
-        self.mining = mining
-        self.mining_margin = mining_margin
-        self.generator: torch.Generator | None = None
-        """Seeds distance-weighted mining; None uses the global RNG."""
 
     def per_anchor(self, pairs: Pairs) -> torch.Tensor:
         s = pairs.sim
-        pos, neg = mine_pairs(
-            self.mining, s, pairs.pos, pairs.neg, margin=self.mining_margin, dim=pairs.dim, generator=self.generator
-        )
+        pos, neg = self.mined(pairs)
         pos_lse, has_pos = masked_logsumexp(-self.beta * s, pos)
         neg_lse, has_neg = masked_logsumexp(self.alpha * s, neg)
         value = 2.0 / self.beta * pos_lse + 2.0 / self.alpha * neg_lse

@@ -28,6 +28,7 @@ from dmlray.losses.base import (
     resolve_references,
     similarity,
 )
+from dmlray.losses.miners import check_mining, mine_pairs
 
 Values = tuple[torch.Tensor, torch.Tensor]
 
@@ -235,3 +236,31 @@ class _RowwiseFunction(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 grad_ref = (jac.T @ (emb * scale)).to(ctx.dtypes[1])
         return grad_emb, grad_ref, None, None, None, None, None
+
+
+class MinedRowwiseLoss(RowwiseLoss):
+    """A row-wise loss summing over the pairs that ``mining`` keeps (all of them without).
+
+    ``mining`` is one of ``dmlray.losses.miners.MINING_METHODS`` (checked here, at
+    construction) and ``mining_margin`` is MS mining's ε.
+    """
+
+    def __init__(self, mining: str | None = None, mining_margin: float = 0.1):
+        super().__init__()
+        check_mining(mining)
+        self.mining = mining
+        self.mining_margin = mining_margin
+        self.generator: torch.Generator | None = None
+        """Seeds distance-weighted mining; None uses the global RNG."""
+
+    def mined(self, pairs: Pairs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positive, negative) masks of the pairs the loss sums over."""
+        return mine_pairs(
+            self.mining,
+            pairs.sim,
+            pairs.pos,
+            pairs.neg,
+            margin=self.mining_margin,
+            dim=pairs.dim,
+            generator=self.generator,
+        )
