@@ -29,10 +29,11 @@ class ManifoldLoss(SeededSampling, PairLoss):
     Similarity Learning using Hard Proxies", Aziere & Todorovic, CVPR 2019. Defaults
     (pytorch-metric-learning's): K = 50, λ_C = 1, α = 0.8, δ = 5·10⁻⁴; proxies N(0, 1).
 
-    As in PML the labels are not used (the meta-classes are drawn) and a batch needs at
-    least K embeddings. ``embedding_dim`` is PML's ``l``; ``num_classes`` is accepted for
-    the trainer's per-class-parameter contract and unused (the K proxies are not classes).
-    λ_C = ∞ keeps only the context term (PML returns ∞·loss there). ``seed`` makes the
+    As in PML the labels are not used (the meta-classes are drawn). A batch of fewer than
+    K embeddings (which PML refuses) gives each a distinct proxy, drawn uniformly.
+    ``embedding_dim`` is PML's ``l``; ``num_classes`` is accepted for the trainer's
+    per-class-parameter contract and unused (the K proxies are not classes). λ_C = ∞
+    keeps only the context term (PML returns ∞·loss there). ``seed`` makes the
     draws reproducible (see ``SeededSampling``); None uses torch's global RNG exactly as
     PML does (CPU ``randint`` then ``randperm``). The walk couples all samples and draws
     per call: no references (``supports_references = False``) and, across ranks, the
@@ -71,8 +72,11 @@ class ManifoldLoss(SeededSampling, PairLoss):
     def meta_classes(self, n: int, device: torch.device) -> torch.Tensor:
         """(n,) each embedding's proxy: all K once, the rest uniform, shuffled (PML's draws, on the CPU)."""
         gen = self.generator(torch.device("cpu"))
-        extra = torch.randint(0, self.K, (n - self.K,), generator=gen)
-        meta = torch.cat((torch.arange(self.K), extra))[torch.randperm(n, generator=gen)]
+        if n < self.K:  # PML fails here; distinct proxies, so no two embeddings share one
+            meta = torch.randperm(self.K, generator=gen)[:n]
+        else:
+            extra = torch.randint(0, self.K, (n - self.K,), generator=gen)
+            meta = torch.cat((torch.arange(self.K), extra))[torch.randperm(n, generator=gen)]
         if device.type == "cuda":  # a pinned copy does not wait for the GPU
             return meta.pin_memory().to(device, non_blocking=True)
         return meta.to(device)
@@ -89,8 +93,8 @@ class ManifoldLoss(SeededSampling, PairLoss):
         n = embeddings.shape[0]
         if embeddings.dim() != 2 or embeddings.shape[1] != self.proxies.shape[1]:
             raise ValueError(f"embeddings must be (N, {self.proxies.shape[1]}), got {tuple(embeddings.shape)}")
-        if n < self.K:
-            raise ValueError(f"manifold loss needs at least K={self.K} embeddings per batch (one per proxy), got {n}")
+        if n == 0:
+            return embeddings.sum() * 0.0 + self.proxies.sum() * 0.0
         meta = self.meta_classes(n, embeddings.device)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             x, proxies = class_logits_inputs(embeddings, self.proxies)
