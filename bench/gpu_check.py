@@ -183,7 +183,9 @@ def loss_inputs(P: int, K: int, dim: int, memory: int, seed: int = 0) -> dict[st
     """A P×K batch (raw, normalised in the loss call as in training) and a full memory that
     holds the batch at its slots, as the trainer's memory does, in float64 on the CPU."""
     g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(P).repeat_interleave(K)
+    # P × K, classes interleaved: each class's first sample sits at its rank, the layout the
+    # instance loss needs (its target column is the label's rank); the others are indifferent
+    labels = torch.arange(P).repeat(K)
     raw = torch.randn(P * K, dim, generator=g, dtype=torch.float64)
     xbm = CrossBatchMemory(memory, dim, dtype=torch.float64)
     xbm.enqueue(

@@ -34,13 +34,19 @@ def make_model() -> EmbeddingModel:
     return EmbeddingModel(GlyphCNN(in_channels=1, width=4, norm="none"), embedding_dim=8).double()
 
 
-def make_batches(world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def make_batches(world_size: int, loss_name: str = "") -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(1)
     n = world_size * LOCAL_BATCH
-    return [
+    batches = [
         (torch.randn(n, 1, 8, 8, generator=gen, dtype=torch.float64), torch.randint(0, 4, (n,), generator=gen))
         for _ in range(STEPS)
     ]
+    if loss_name == "instance":
+        for _, labels in batches:
+            # the instance loss's layout: the global batch starts with one sample of each
+            # id in order (a label's rank is its target column)
+            labels[:4] = torch.arange(4)
+    return batches
 
 
 def run_steps(model, loss_fn, batches, rank, world_size, memory, wrap):
@@ -78,6 +84,9 @@ VARIANTS = {
     # issue #17: a row-wise miner (rank shares) and a batch-wide one (whole global batch)
     "triplet_margin+batch_hard": ("triplet_margin", {"miner": "batch_hard"}),
     "triplet_margin+hdc": ("triplet_margin", {"miner": "hdc"}),
+    # a triplet-wise miner (dense triplets, rank shares) and a random batch-wide one
+    "triplet_margin+angular": ("triplet_margin", {"miner": "angular"}),
+    "triplet_margin+uniform_histogram": ("triplet_margin", {"miner": "uniform_histogram"}),
 }
 LOSSES = [n for n in losses.names() if losses.loss_class(n).supports_references] + list(VARIANTS)
 # Losses without references (proxies, classification, batch-wide tuples and clusters).
@@ -111,7 +120,7 @@ def _worker(rank, world_size, init_file, results):
             out[loss_name, mode] = run_steps(
                 make_model(),
                 make_loss(loss_name),
-                make_batches(world_size),
+                make_batches(world_size, loss_name),
                 rank,
                 world_size,
                 memory,
@@ -153,7 +162,9 @@ def test_ranks_match_one_process_on_the_concatenated_batch(tmp_path, world_size)
     for case in CASES:
         size = MODES[case[1]]
         memory = CrossBatchMemory(size, 8, dtype=torch.float64) if size else None
-        reference = run_steps(make_model(), make_loss(case[0]), make_batches(world_size), 0, 1, memory, lambda m: m)
+        reference = run_steps(
+            make_model(), make_loss(case[0]), make_batches(world_size, case[0]), 0, 1, memory, lambda m: m
+        )
         try:
             check_case(case, ranks, reference, world_size)
         except AssertionError as exc:
@@ -233,3 +244,8 @@ def test_the_exactness_test_covers_the_issue_17_losses():
     assert not make_loss("intra_pair_variance").rank_decomposable
     assert make_loss("triplet_margin+batch_hard").rank_decomposable
     assert not make_loss("triplet_margin+hdc").rank_decomposable
+    # the last ones: instance and manifold on the whole global batch, the new miners' two paths
+    assert {"instance", "manifold"} <= set(PROXY_LOSSES)
+    assert not make_loss("instance").rank_decomposable and not make_loss("manifold").rank_decomposable
+    assert make_loss("triplet_margin+angular").rank_decomposable
+    assert not make_loss("triplet_margin+uniform_histogram").rank_decomposable

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from dmlray.losses.base import PairLoss, build_pairs
 from dmlray.losses.miners import distance_weighted_triplets
 from dmlray.losses.registry import register
+from dmlray.losses.sampling import SeededSampling
 
 
 @register("margin")
-class MarginLoss(PairLoss):
+class MarginLoss(SeededSampling, PairLoss):
     """L = Σ_i ([d_ap − β_{y_i} + m]_+ + [β_{y_i} − d_an + m]_+) / #(non-zero terms), one triplet per anchor.
 
     The triplet comes from distance-weighted sampling (``dmlray.losses.miners.
@@ -46,35 +45,12 @@ class MarginLoss(PairLoss):
         self.nu = nu
         self.cutoff = cutoff
         self.upper_cutoff = upper_cutoff
-        self.seed = seed
-        self._generator: torch.Generator | None = None
-        self._pending_state: torch.Tensor | None = None
+        self.init_sampling(seed)
         initial = torch.full((num_classes,), float(beta))
         if learn_beta:
             self.beta = nn.Parameter(initial)
         else:
             self.register_buffer("beta", initial)
-
-    def generator(self, device: torch.device) -> torch.Generator | None:
-        """The sampling generator on ``device`` (created from ``seed`` on first use)."""
-        if self.seed is None:
-            return None
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self.seed)
-            if self._pending_state is not None:
-                self._generator.set_state(self._pending_state)
-                self._pending_state = None
-        return self._generator
-
-    def get_extra_state(self) -> Any:
-        state = self._generator.get_state() if self._generator is not None else self._pending_state
-        return {"seed": self.seed, "generator": state}
-
-    def set_extra_state(self, state: Any) -> None:
-        self.seed = state["seed"]
-        self._generator = None
-        self._pending_state = state["generator"]
 
     def forward(
         self,

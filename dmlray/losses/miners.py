@@ -10,6 +10,7 @@ pair losses that take a ``mining`` option. Euclidean distances are those of unit
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -200,8 +201,18 @@ class Miner:
     """
 
     rowwise: ClassVar[bool] = True
+    triplet_wise: ClassVar[bool] = False
+    """True when the selection of (a, p, n) also depends on d_pn (the references' own
+    distances): such a miner implements ``mine_triplets`` instead of ``mine``."""
 
     def mine(self, dist: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> TripletSelection:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def mine_triplets(
+        self, dist: torch.Tensor, ref_dist: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, M, M) bool: triplet (a, p, n) kept, from the anchors' (B, M) and the references'
+        (M, M) detached distances; only for ``triplet_wise`` miners."""
         raise NotImplementedError  # pragma: no cover - abstract
 
 
@@ -379,12 +390,122 @@ class HDCMiner(Miner):
         return TripletSelection(self._top(dist, pos, largest=True), self._top(dist, neg, largest=False))
 
 
+class AngularMiner(Miner):
+    """Triplets whose angle at the negative exceeds ``angle`` (degrees): atan(d_ap / (2·d_nc)) > α,
+    c = (a + p)/2 the centre of the anchor-positive pair.
+
+    d_nc comes from the median formula d_nc² = (d_an² + d_pn²)/2 − d_ap²/4, so the (B, M)
+    block and the references' (M, M) distances suffice (no (B, M, M, D) tensor); the test is
+    d_ap² > 4·tan²α·d_nc². Paper: "Deep Metric Learning with Angular Loss", Wang et al.,
+    ICCV 2017. Default (pytorch-metric-learning's): α = 20°. It forms B·M² triplets: meant
+    for a batch or a gathered batch, not a large cross-batch memory. PML's
+    ``F.pairwise_distance`` adds 1e-6 to each coordinate difference; the exact distances
+    are used here (the selections differ only within ~1e-6 of the threshold).
+    """
+
+    triplet_wise = True
+
+    def __init__(self, angle: float = 20.0):
+        if not 0.0 <= angle < 90.0:
+            raise ValueError(f"angle must be in [0, 90) degrees, got {angle}")
+        self.angle = angle
+
+    def mine_triplets(
+        self, dist: torch.Tensor, ref_dist: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor
+    ) -> torch.Tensor:
+        d_ap2 = (dist * dist).unsqueeze(2)  # (B, M, 1): indexed by p
+        d_an2 = (dist * dist).unsqueeze(1)  # (B, 1, M): indexed by n
+        d_nc2 = 0.5 * (d_an2 + (ref_dist * ref_dist).unsqueeze(0)) - 0.25 * d_ap2
+        wide = d_ap2 > 4.0 * math.tan(math.radians(self.angle)) ** 2 * d_nc2
+        return pos.unsqueeze(2) & neg.unsqueeze(1) & wide
+
+
+def histogram_edges(low: torch.Tensor, high: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """(num_bins + 1,) equal-width edges from ``low`` to ``high`` (0-dim tensors), as
+    ``torch.linspace`` places them (first half from the start, second half from the end),
+    without reading the bounds on the host."""
+    steps = num_bins + 1
+    i = torch.arange(steps, device=low.device, dtype=low.dtype)
+    step = (high - low) / num_bins
+    return torch.where(i < steps // 2, low + step * i, high - step * (steps - 1 - i))
+
+
+def uniform_histogram_draws(
+    values: torch.Tensor, mask: torch.Tensor, num_bins: int, per_bin: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_bin`` draws with replacement, uniform within each of ``num_bins`` equal-width bins
+    spanning [min, max] of ``values[mask]`` (a bin is [lo, hi), the last [lo, hi]).
+
+    Returns ((num_bins, per_bin) flat indices into ``values``, (num_bins,) bool: the bin is
+    non-empty, its draws valid). Members are grouped by a stable sort on their bin and
+    each draw is ⌊u·count⌋ into its bin's group: no loop over bins, no host sync.
+    """
+    flat, keep = values.flatten(), mask.flatten()
+    big = torch.finfo(values.dtype).max
+    low = torch.where(keep, flat, big).amin()
+    high = torch.where(keep, flat, -big).amax()
+    edges = histogram_edges(low, high, num_bins)
+    bins = (torch.searchsorted(edges, flat.contiguous(), right=True) - 1).clamp(0, num_bins - 1)
+    bins = torch.where(keep, bins, num_bins)  # pairs outside the mask sort after every bin
+    order = torch.argsort(bins, stable=True)
+    counts = torch.bincount(bins, minlength=num_bins + 1)[:num_bins]
+    starts = torch.cumsum(counts, dim=0) - counts
+    u = torch.rand(num_bins, per_bin, dtype=torch.float64, device=values.device, generator=generator)
+    offset = torch.floor(u * counts.unsqueeze(1)).long().clamp(max=max(flat.numel() - 1, 0))
+    picks = order[(starts.unsqueeze(1) + offset).clamp(max=max(flat.numel() - 1, 0))]
+    return picks, counts > 0
+
+
+class UniformHistogramMiner(Miner):
+    """Positive and negative pairs whose distances are spread uniformly: the distances of
+    each kind are cut into ``num_bins`` equal bins between their min and max, and
+    ``pos_per_bin`` / ``neg_per_bin`` pairs are drawn with replacement from every non-empty bin.
+
+    A selection is a mask, so a pair drawn twice counts once (PML's index lists repeat it).
+    Defaults (pytorch-metric-learning's): 100 bins, 10 pairs of each kind per bin
+    (Euclidean distances of the normalised embeddings). Random, and its bins span the
+    whole block: not row-wise (the loss then mines the whole global batch at once).
+    ``generator`` makes the draws reproducible; None uses torch's global RNG.
+    """
+
+    rowwise = False
+
+    def __init__(
+        self,
+        num_bins: int = 100,
+        pos_per_bin: int = 10,
+        neg_per_bin: int = 10,
+        generator: torch.Generator | None = None,
+    ):
+        if num_bins < 1 or pos_per_bin < 1 or neg_per_bin < 1:
+            raise ValueError(
+                f"num_bins, pos_per_bin and neg_per_bin must be positive, got {num_bins}, {pos_per_bin}, {neg_per_bin}"
+            )
+        self.num_bins = num_bins
+        self.pos_per_bin = pos_per_bin
+        self.neg_per_bin = neg_per_bin
+        self.generator = generator
+
+    def _drawn(self, dist: torch.Tensor, mask: torch.Tensor, per_bin: int) -> torch.Tensor:
+        if mask.numel() == 0:
+            return mask
+        picks, valid = uniform_histogram_draws(dist, mask, self.num_bins, per_bin, self.generator)
+        hits = torch.zeros(dist.numel(), dtype=torch.int32, device=dist.device)
+        hits.scatter_add_(0, picks.flatten(), valid.unsqueeze(1).expand_as(picks).flatten().to(torch.int32))
+        return (hits.view_as(mask) > 0) & mask
+
+    def mine(self, dist: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> TripletSelection:
+        return TripletSelection(self._drawn(dist, pos, self.pos_per_bin), self._drawn(dist, neg, self.neg_per_bin))
+
+
 MINERS: dict[str, type[Miner]] = {
     "batch_easy_hard": BatchEasyHardMiner,
     "batch_hard": BatchHardMiner,
     "pair_margin": PairMarginMiner,
     "triplet_margin": TripletMarginMiner,
     "hdc": HDCMiner,
+    "angular": AngularMiner,
+    "uniform_histogram": UniformHistogramMiner,
 }
 """Miner name → class, for losses that take ``miner=<name>`` and ``miner_params``."""
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from dmlray.losses.base import Pairs, euclidean_from_sim
+from dmlray.losses.base import Pairs, euclidean_from_sim, pairs_from_sim, resolve_references, similarity
 from dmlray.losses.miners import Miner, TripletSelection, build_miner
 from dmlray.losses.registry import register
 from dmlray.losses.rowwise import RowwiseLoss
@@ -65,10 +65,12 @@ class TripletMarginLoss(RowwiseLoss):
     d is the Euclidean distance of the normalised embeddings. Without a miner every
     triplet (a, p, n) of the batch (or of anchors × references) is formed; ``miner`` names
     one of ``dmlray.losses.miners.MINERS`` ("batch_hard", "batch_easy_hard",
-    "pair_margin", "triplet_margin", "hdc"), built with ``miner_params``, or is a
-    ``Miner``. Paper: "FaceNet", Schroff et al., CVPR 2015 / Weinberger & Saul, JMLR
-    2009. Defaults (pytorch-metric-learning's, with its AvgNonZeroReducer): m = 0.05,
-    all triplets. PML's ``swap`` and ``smooth_loss`` options are not offered.
+    "pair_margin", "triplet_margin", "hdc", "angular", "uniform_histogram"), built with
+    ``miner_params``, or is a ``Miner``; a ``triplet_wise`` miner (angular) is computed on
+    the dense (B, M, M) triplets with plain autograd instead of the chunked engine.
+    Paper: "FaceNet", Schroff et al., CVPR 2015 / Weinberger & Saul, JMLR 2009. Defaults
+    (pytorch-metric-learning's, with its AvgNonZeroReducer): m = 0.05, all triplets.
+    PML's ``swap`` and ``smooth_loss`` options are not offered.
     """
 
     pair_mean = True  # a mean over the active triplets: distributed steps normalise by the global count
@@ -89,6 +91,50 @@ class TripletMarginLoss(RowwiseLoss):
     @property
     def rank_decomposable(self) -> bool:
         return self.miner is None or self.miner.rowwise
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        ref_embeddings: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+        self_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.miner is None or not self.miner.triplet_wise:
+            return super().forward(embeddings, labels, ref_embeddings, ref_labels, self_index)
+        total, count = self.sum_and_count(embeddings, labels, ref_embeddings, ref_labels, self_index)
+        return total / count.clamp(min=1)
+
+    def sum_and_count(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        ref_embeddings: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+        self_index: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.miner is None or not self.miner.triplet_wise:
+            return super().sum_and_count(embeddings, labels, ref_embeddings, ref_labels, self_index)
+        return self._triplet_wise_sum_and_count(embeddings, labels, ref_embeddings, ref_labels, self_index)
+
+    def _triplet_wise_sum_and_count(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        ref_embeddings: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+        self_index: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense (B, M, M) triplets for a miner that reads d_pn (plain autograd, not chunked)."""
+        assert self.miner is not None
+        refs, ref_labels, self_index = resolve_references(embeddings, labels, ref_embeddings, ref_labels, self_index)
+        pairs = pairs_from_sim(similarity(embeddings, refs), labels, ref_labels.to(labels.device), self_index)
+        dist = euclidean_from_sim(pairs.sim)
+        ref_dist = euclidean_from_sim(similarity(refs.detach(), refs.detach()))
+        kept = self.miner.mine_triplets(dist.detach(), ref_dist, pairs.pos, pairs.neg)
+        hinge = torch.relu(dist.unsqueeze(2) - dist.unsqueeze(1) + self.margin)
+        active = kept & (hinge > 0)
+        return torch.where(active, hinge, torch.zeros_like(hinge)).sum(), active.sum().to(dist.dtype)
 
     def per_anchor(self, pairs: Pairs) -> tuple[torch.Tensor, torch.Tensor]:
         dist = euclidean_from_sim(pairs.sim)
