@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dmlray.losses.base import PairLoss, similarity
+from dmlray.losses.base import WithinBatchLoss, similarity
 from dmlray.losses.registry import register
 
 
@@ -22,7 +22,7 @@ def label_ranks(labels: torch.Tensor) -> torch.Tensor:
 
 
 @register("instance")
-class InstanceLoss(PairLoss):
+class InstanceLoss(WithinBatchLoss):
     """L_i = −log softmax_j(γ·s_ij)[r_i], r_i the rank of y_i among the batch's distinct labels; mean.
 
     The logits are anchor i's cosines with *every* sample of the batch, itself included,
@@ -42,7 +42,6 @@ class InstanceLoss(PairLoss):
     global batch is computed on every rank (``rank_decomposable = False``).
     """
 
-    supports_references = False
     rank_decomposable = False
 
     def __init__(self, gamma: float = 64.0, check_labels: bool = True):
@@ -50,15 +49,7 @@ class InstanceLoss(PairLoss):
         self.gamma = gamma
         self.check_labels = check_labels
 
-    def forward(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        ref_embeddings: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-        self_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        self.reject_references(embeddings, ref_embeddings)
+    def batch_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if labels.shape != (embeddings.shape[0],):
             raise ValueError(f"labels must be ({embeddings.shape[0]},), got {tuple(labels.shape)}")
         if embeddings.shape[0] == 0:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmlray.losses.base import PairLoss, class_logits_inputs, masked_logsumexp_plus_one
+from dmlray.losses.base import WithinBatchLoss, class_logits_inputs, masked_logsumexp_plus_one
 from dmlray.losses.registry import register
 from dmlray.losses.sampling import SeededSampling
 
@@ -17,7 +17,7 @@ SIMILARITY_TEMPERATURE = 0.5
 
 
 @register("manifold")
-class ManifoldLoss(SeededSampling, PairLoss):
+class ManifoldLoss(SeededSampling, WithinBatchLoss):
     """L = mean_i log(1 + Σ_{k≠m_i, h_ik≥0} e^{h_ik}) [h = F_ik − F_im_i + δ] + λ_C · (the same on cos(F_i·, F_k·)).
 
     The graph: the N normalised embeddings and K normalised proxies, edge weights
@@ -42,7 +42,6 @@ class ManifoldLoss(SeededSampling, PairLoss):
     """
 
     needs_classes = True
-    supports_references = False
     rank_decomposable = False
 
     def __init__(
@@ -81,15 +80,7 @@ class ManifoldLoss(SeededSampling, PairLoss):
             return meta.pin_memory().to(device, non_blocking=True)
         return meta.to(device)
 
-    def forward(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        ref_embeddings: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-        self_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        self.reject_references(embeddings, ref_embeddings)
+    def batch_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         n = embeddings.shape[0]
         if embeddings.dim() != 2 or embeddings.shape[1] != self.proxies.shape[1]:
             raise ValueError(f"embeddings must be (N, {self.proxies.shape[1]}), got {tuple(embeddings.shape)}")
