@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from dmlray.losses.base import PairLoss, build_pairs
+from dmlray.losses.base import Pairs
+from dmlray.losses.block import BlockLoss
 from dmlray.losses.registry import register
 
 
 @register("histogram")
-class HistogramLoss(PairLoss):
+class HistogramLoss(BlockLoss):
     """L = Σ_r h⁻_r · Σ_{q≤r} h⁺_q: the probability that a negative pair is more similar than a positive.
 
     h⁺, h⁻ are the histograms of positive / negative pair similarities on ``num_steps``
@@ -28,15 +29,7 @@ class HistogramLoss(PairLoss):
             raise ValueError("num_steps must be at least 2")
         self.num_steps = num_steps
 
-    def forward(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        ref_embeddings: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-        self_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        pairs = build_pairs(embeddings, labels, ref_embeddings, ref_labels, self_index)
+    def block_loss(self, pairs: Pairs, embeddings: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
         h_pos, n_pos = self._histogram(pairs.sim, pairs.pos)
         h_neg, n_neg = self._histogram(pairs.sim, pairs.neg)
         loss = (h_neg * torch.cumsum(h_pos, dim=0)).sum()

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from dmlray.losses.base import PairLoss, masked_logsumexp_plus_one, similarity
+from dmlray.losses.base import WithinBatchLoss, masked_logsumexp_plus_one, similarity
 from dmlray.losses.registry import register
 
 ANGULAR_TUPLES = ("npair", "all")
@@ -54,7 +54,7 @@ def _l2_term(
 
 
 @register("npair")
-class NPairLoss(PairLoss):
+class NPairLoss(WithinBatchLoss):
     """L = mean over tuples of log(1 + Σ_{j≠i} e^{a_i·p_j − a_i·p_i}) + r·mean(‖a‖² + ‖p‖²).
 
     Paper: "Improved Deep Metric Learning with Multi-class N-pair Loss Objective", Sohn,
@@ -62,22 +62,13 @@ class NPairLoss(PairLoss):
     constant 2r: it changes the value, not the gradient through the normalisation).
     """
 
-    supports_references = False
     rank_decomposable = False  # tuples are formed across the whole batch
 
     def __init__(self, l2_reg: float = 0.02):
         super().__init__()
         self.l2_reg = l2_reg
 
-    def forward(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        ref_embeddings: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-        self_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        self.reject_references(embeddings, ref_embeddings)
+    def batch_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         sim = similarity(embeddings, embeddings)
         is_anchor, positive, is_second = npair_tuples(labels)
         value, count = _npair_term(sim, is_anchor, positive, is_second)
@@ -88,7 +79,7 @@ class NPairLoss(PairLoss):
 
 
 @register("angular")
-class AngularLoss(PairLoss):
+class AngularLoss(WithinBatchLoss):
     """L_ang = mean over tuples of log(1 + Σ_n e^{4t(a+p)·n − 2(1+t)a·p}), t = tan²α.
 
     ``tuples="npair"`` (default, CBML code base): n ranges over the other tuples'
@@ -100,7 +91,6 @@ class AngularLoss(PairLoss):
     ``with_npair``, as there), r = 0.02.
     """
 
-    supports_references = False
     rank_decomposable = False  # tuples are formed across the whole batch
 
     def __init__(
@@ -125,15 +115,7 @@ class AngularLoss(PairLoss):
         """tan²α for α in degrees (pytorch-metric-learning's ``alpha``)."""
         return math.tan(math.radians(degrees)) ** 2
 
-    def forward(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        ref_embeddings: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-        self_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        self.reject_references(embeddings, ref_embeddings)
+    def batch_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         sim = similarity(embeddings, embeddings)
         is_anchor, positive, is_second = npair_tuples(labels)
         count = is_anchor.sum().clamp(min=1).to(sim.dtype)
