@@ -282,6 +282,11 @@ class RunConfig:
     """Seconds an unreachable or failing S3 endpoint is retried (with backoff) before the
     worker fails with an error naming it; run.max_failures then resumes from the checkpoint."""
 
+    @property
+    def elastic(self) -> bool:
+        """Whether the run has worker bounds: min_workers set and below num_workers."""
+        return self.min_workers not in (0, self.num_workers)
+
 
 @dataclass(kw_only=True)
 class Config:
@@ -674,7 +679,7 @@ def splitting_world_sizes(global_classes: int, low: int, high: int) -> list[int]
 def _check_worker_bounds(run: RunConfig, classes_per_batch: int) -> None:
     """An elastic run's bounds: min <= max, every size in them splits the global batch, and
     a retry budget to survive losing a worker."""
-    if run.min_workers in (0, run.num_workers):
+    if not run.elastic:
         return
     if not 0 < run.min_workers < run.num_workers:
         raise ConfigError(

@@ -927,7 +927,7 @@ def test_gpu_overlay_worker_groups_hold_the_elastic_runs_bounds():
         name = job["metadata"]["name"]
         assert len(selected) == 1, f"RayJob/{name}: run.worker_labels={cfg.run.worker_labels} select {selected}"
         (group,) = selected
-        if elastic.is_elastic(cfg.run):
+        if cfg.run.elastic:
             elastic_jobs.append(name)
             assert (group["minReplicas"], group["maxReplicas"]) == (cfg.run.min_workers, cfg.run.num_workers), name
             assert cfg.run.max_failures != 0 and cfg.train.checkpoint_every > 0, name

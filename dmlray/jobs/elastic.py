@@ -20,19 +20,15 @@ from dmlray.config import Config, RunConfig, splitting_world_sizes
 from dmlray.training.distributed import all_gather_list
 
 
-def is_elastic(run: RunConfig) -> bool:
-    return run.min_workers not in (0, run.num_workers)
-
-
 def scaling_workers(run: RunConfig) -> int | tuple[int, int]:
     """``ScalingConfig(num_workers=...)``: the (min, max) bounds of an elastic run, else the size."""
-    return (run.min_workers, run.num_workers) if is_elastic(run) else run.num_workers
+    return (run.min_workers, run.num_workers) if run.elastic else run.num_workers
 
 
 def scaling_arguments(run: RunConfig) -> dict:
     """The worker-count and placement arguments of Ray Train's ``ScalingConfig``."""
     out: dict = {"num_workers": scaling_workers(run)}
-    if is_elastic(run):
+    if run.elastic:
         out["elastic_resize_monitor_interval_s"] = run.resize_check_s
     if run.worker_labels and run.num_workers > 0:
         out["label_selector"] = dict(run.worker_labels)  # one selector for every worker
@@ -48,7 +44,7 @@ def rank_share(cfg: Config, world_size: int) -> Config:
     """The config a rank of a ``world_size`` worker group trains with: for an elastic run,
     ``data.classes_per_batch`` becomes this size's share of the global classes. A fixed-size
     run's config is returned as it is."""
-    if not is_elastic(cfg.run):
+    if not cfg.run.elastic:
         return cfg
     total = global_classes(cfg)
     if total % world_size:

@@ -386,7 +386,7 @@ def cluster_shortfall(cfg: Config, total: dict[str, float], node_totals: list[di
     Every worker's bundle (``cpus_per_worker`` CPUs, one GPU with ``use_gpu``) must fit on
     one node, and all of them in the cluster's total.
     """
-    n = cfg.run.min_workers if elastic.is_elastic(cfg.run) else cfg.run.num_workers  # an elastic run starts at min
+    n = cfg.run.min_workers if cfg.run.elastic else cfg.run.num_workers  # an elastic run starts at min
     bundle = {"CPU": cfg.run.cpus_per_worker, **({"GPU": 1.0} if cfg.run.use_gpu else {})}
     problems = []
     for resource, per_worker in bundle.items():
@@ -398,7 +398,7 @@ def cluster_shortfall(cfg: Config, total: dict[str, float], node_totals: list[di
             problems.append(f"{per_worker:g} {resource} on one node per worker but the largest node has {biggest:g}")
     if not problems:
         return None
-    workers = f"run.min_workers={n}" if elastic.is_elastic(cfg.run) else f"run.num_workers={n}"
+    workers = f"run.min_workers={n}" if cfg.run.elastic else f"run.num_workers={n}"
     return (
         f"{workers}, run.cpus_per_worker={cfg.run.cpus_per_worker:g}, run.use_gpu={cfg.run.use_gpu}: "
         f"the run needs {'; '.join(problems)}"
