@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, Any, TypeVar
 from urllib.parse import urlparse
 
 log = logging.getLogger(__name__)
@@ -324,21 +324,35 @@ def _missing(exc: Exception) -> bool:
     return _error_code(exc) in MISSING_OBJECT_CODES
 
 
+_RAISE = object()
+
+
+def _s3_request(action: str, url: str, request: Callable[[Any, str, str], T], if_missing: Any = _RAISE) -> T:
+    """``request(client, bucket, key)`` on the object at ``url``, retried while the endpoint
+    fails transiently (``with_retries``); an error becomes a StorageError naming the URL
+    and the action. With ``if_missing`` given, a missing object returns it instead."""
+    bucket, key = split_s3(url)
+
+    def attempt() -> T:
+        try:
+            return request(s3_client(), bucket, key)
+        except Exception as exc:  # botocore raises many types; all become StorageError
+            if if_missing is not _RAISE and _missing(exc):
+                return if_missing
+            raise _s3_error(url, exc, action) from exc
+
+    return with_retries(action, url, attempt)
+
+
 def open_read(url: str, start: int = 0) -> IO[bytes]:
     """A readable binary stream of the object from byte ``start`` on (streamed, not read
     into memory). A non-zero start is an HTTP range request on S3: a reader that lost its
     connection mid-object resumes where it stopped instead of reading it all again."""
     if is_s3(url):
-        bucket, key = split_s3(url)
         extra = {"Range": f"bytes={start}-"} if start else {}
-
-        def get():
-            try:
-                return s3_client().get_object(Bucket=bucket, Key=key, **extra)["Body"]
-            except Exception as exc:  # botocore raises many types; all become StorageError
-                raise _s3_error(url, exc, "read") from exc
-
-        return with_retries("read", url, get)
+        return _s3_request(
+            "read", url, lambda client, bucket, key: client.get_object(Bucket=bucket, Key=key, **extra)["Body"]
+        )
     try:
         stream = open(local_path(url), "rb")
     except OSError as exc:
@@ -369,15 +383,7 @@ def _read_all(url: str) -> bytes:
 def write_bytes(url: str, data: bytes) -> None:
     """Write an object whole; locally via a temporary file and rename (never half-visible)."""
     if is_s3(url):
-        bucket, key = split_s3(url)
-
-        def put() -> None:
-            try:
-                s3_client().put_object(Bucket=bucket, Key=key, Body=data)
-            except Exception as exc:
-                raise _s3_error(url, exc, "write") from exc
-
-        with_retries("write", url, put)
+        _s3_request("write", url, lambda client, bucket, key: client.put_object(Bucket=bucket, Key=key, Body=data))
         return
     path = local_path(url)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -389,17 +395,12 @@ def write_bytes(url: str, data: bytes) -> None:
 def size(url: str) -> int | None:
     """Size in bytes of the object or file at ``url``; None when there is none."""
     if is_s3(url):
-        bucket, key = split_s3(url)
-
-        def head() -> int | None:
-            try:
-                return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
-            except Exception as exc:
-                if _missing(exc):
-                    return None
-                raise _s3_error(url, exc, "check") from exc
-
-        return with_retries("check", url, head)
+        return _s3_request(
+            "check",
+            url,
+            lambda client, bucket, key: int(client.head_object(Bucket=bucket, Key=key)["ContentLength"]),
+            if_missing=None,
+        )
     try:
         return local_path(url).stat().st_size
     except FileNotFoundError:
@@ -409,15 +410,7 @@ def size(url: str) -> int | None:
 def delete(url: str) -> None:
     """Delete one object or file (nothing happens when it is already gone)."""
     if is_s3(url):
-        bucket, key = split_s3(url)
-
-        def remove() -> None:
-            try:
-                s3_client().delete_object(Bucket=bucket, Key=key)
-            except Exception as exc:
-                raise _s3_error(url, exc, "delete") from exc
-
-        with_retries("delete", url, remove)
+        _s3_request("delete", url, lambda client, bucket, key: client.delete_object(Bucket=bucket, Key=key))
         return
     local_path(url).unlink(missing_ok=True)
 
@@ -441,15 +434,7 @@ def put_file(src: str | Path, url: str) -> None:
 def upload_file(src: str | Path, url: str) -> None:
     """Copy a local file to a URL; S3 uses boto3's managed (multipart) upload."""
     if is_s3(url):
-        bucket, key = split_s3(url)
-
-        def upload() -> None:
-            try:
-                s3_client().upload_file(str(src), bucket, key)
-            except Exception as exc:
-                raise _s3_error(url, exc, "upload to") from exc
-
-        with_retries("upload to", url, upload)
+        _s3_request("upload to", url, lambda client, bucket, key: client.upload_file(str(src), bucket, key))
         return
     path = local_path(url)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -462,18 +447,9 @@ def upload_file(src: str | Path, url: str) -> None:
 
 def exists(url: str) -> bool:
     if is_s3(url):
-        bucket, key = split_s3(url)
-
-        def head() -> bool:
-            try:
-                s3_client().head_object(Bucket=bucket, Key=key)
-                return True
-            except Exception as exc:
-                if _missing(exc):
-                    return False
-                raise _s3_error(url, exc, "check") from exc
-
-        return with_retries("check", url, head)
+        return _s3_request(
+            "check", url, lambda client, bucket, key: bool(client.head_object(Bucket=bucket, Key=key)), if_missing=False
+        )
     return local_path(url).exists()
 
 
