@@ -19,9 +19,13 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/dmlray demo
 
-# two workers: the real-part tests one after another on one of them (tests/conftest.py), the rest on both
+# two lanes at once (tests/conftest.py --lane): the tests that start Ray one after another, and
+# all the others in a second process, whose report follows; the exit status is the worse of the two
 test: setup
-	$(BIN)/python -m pytest -q -ra --durations=25 -n 2 --dist loadgroup
+	@$(BIN)/python -m pytest -q -ra -p no:cacheprovider --durations=10 --lane=rest > .test-rest.log 2>&1 & rest=$$!; \
+	$(BIN)/python -m pytest -q -ra --durations=25 --lane=ray; ray=$$?; \
+	wait $$rest; other=$$?; echo "== the tests that do not start Ray"; cat .test-rest.log; \
+	echo "== Ray lane exit $$ray, other lane exit $$other"; [ $$ray -eq 0 ] && [ $$other -eq 0 ]
 
 # ruff (lint and format check) and mypy, configured in pyproject.toml; `make format` rewrites
 lint: setup
@@ -35,7 +39,7 @@ format: setup
 
 # skips the slow real-part tests (SeaweedFS, Ray clusters, Prometheus); CI runs them all
 test-fast: setup
-	$(BIN)/python -m pytest -q -ra -m "not slow" -n 2
+	$(BIN)/python -m pytest -q -ra -m "not slow"
 
 bench: setup
 	@for f in bench/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
@@ -49,4 +53,4 @@ gpu-check:
 	PYTHONPATH=. $(GPU_PYTHON) bench/gpu_check.py --out gpu-check-out
 
 clean:
-	rm -rf $(VENV) demo-out runs .pytest_cache gpu-check-out
+	rm -rf $(VENV) demo-out runs .pytest_cache gpu-check-out .test-rest.log

@@ -56,7 +56,7 @@ def glyphs_s3(seaweed):
 
 # modules whose fast tests start Ray in-process (a second Ray beside a cluster test breaks both)
 SERIAL_MODULES = {"test_secrets"}
-# modules whose slow tests start SeaweedFS or read large data but never Ray: either worker
+# modules whose slow tests start SeaweedFS or read large data but never Ray
 NO_RAY_MODULES = {
     "test_data_s3",
     "test_datasets",
@@ -67,15 +67,35 @@ NO_RAY_MODULES = {
 }
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--lane",
+        choices=("all", "ray", "rest"),
+        default="all",
+        help="ray: only the tests that start Ray; rest: all the others (make test runs both at once)",
+    )
+
+
+def starts_ray(item) -> bool:
+    """Whether a test starts Ray (a cluster, Serve, Tune, with Prometheus or a browser
+    beside it): slow tests outside NO_RAY_MODULES, and every test of SERIAL_MODULES."""
+    module = item.module.__name__
+    return module in SERIAL_MODULES or (item.get_closest_marker("slow") is not None and module not in NO_RAY_MODULES)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`make test` runs two workers with --dist loadgroup), every test
-    that starts Ray (a cluster, Serve, Tune, with Prometheus or a browser beside it) runs
-    on one worker, one after another: two Ray clusters on one host take each other's
-    nodes. The other tests spread over both workers."""
+    """``--lane``: `make test` runs the tests that start Ray in one process, one after
+    another (two Ray clusters on one host take each other's nodes), and the others beside
+    it in a second process."""
+    lane = config.getoption("lane")
+    if lane == "all":
+        return
+    keep, drop = [], []
     for item in items:
-        module = item.module.__name__
-        if module in SERIAL_MODULES or (item.get_closest_marker("slow") and module not in NO_RAY_MODULES):
-            item.add_marker(pytest.mark.xdist_group("real-parts"))
+        (keep if starts_ray(item) == (lane == "ray") else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+    items[:] = keep
 
 
 def pytest_unconfigure(config):
