@@ -158,13 +158,12 @@ def _drop_own(d: np.ndarray, i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return d[keep].reshape(n, -1), i[keep].reshape(n, -1)
 
 
-def _matmul_floor(x, padded, buf) -> None:  # torch tensors; torch is imported lazily
-    """The similarity product alone, in the chunks and buffer knn uses."""
-    import torch
-
+def _matmul_floor(knn_mod, x, padded, buf) -> None:  # torch tensors; torch is imported lazily
+    """The similarity product alone, in the chunks, buffer and BLAS knn uses."""
     chunk = buf.shape[0]
-    for a in range(0, x.shape[0], chunk):
-        torch.mm(x[a : a + chunk], padded.T, out=buf[: min(chunk, x.shape[0] - a)])
+    with knn_mod._blas_threads(x.device) as numpy_blas:
+        for a in range(0, x.shape[0], chunk):
+            knn_mod._torch_chunk_sims(x[a : a + chunk], padded, padded.shape[0], a, False, buf, numpy_blas)
 
 
 def knn_table(sizes: str, per_class: float, seed: int, repeat: int, threads: int | None) -> None:
@@ -206,7 +205,7 @@ def knn_table(sizes: str, per_class: float, seed: int, repeat: int, threads: int
                 fv, fi = _drop_own(*index.search(x, k + 1))
                 times["faiss"].append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
-                _matmul_floor(xt, padded, buf)
+                _matmul_floor(knn_mod, xt, padded, buf)
                 times["floor"].append(time.perf_counter() - t0)
             med = {m: statistics.median(t) for m, t in times.items()}
             differ = oi.numpy() != fi
@@ -315,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.knn:
-        knn_table(args.sizes, args.per_class, args.seed, max(args.repeat, 5), args.threads)
+        knn_table(args.sizes, args.per_class, args.seed, args.repeat if args.repeat > 1 else 5, args.threads)
         return 0
     import tempfile
 

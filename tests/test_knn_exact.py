@@ -126,3 +126,17 @@ def test_recall_at_k_uses_the_same_neighbours():
     want = {k: float(hit[:, k - 1].double().mean()) for k in (1, 2, 4, 8)}
     got = recall_at_k(x, y, ks=(1, 2, 4, 8))
     assert got == pytest.approx(want, abs=1e-12)
+
+
+def test_similarity_product_runs_on_torchs_thread_count():
+    """The CPU product goes through numpy's BLAS only with its threads set to torch's."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with knn_module._blas_threads(torch.device("cpu")) as numpy_blas:
+            assert numpy_blas
+            blas = [p for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+            assert blas and all(p["num_threads"] == 1 for p in blas)
+    finally:
+        torch.set_num_threads(before)

@@ -46,6 +46,7 @@ Backends
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -172,7 +173,13 @@ def _padded_gallery(g: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def _torch_chunk_sims(
-    q: torch.Tensor, g_padded: torch.Tensor, n_gallery: int, start: int, leave_one_out: bool, buf: torch.Tensor
+    q: torch.Tensor,
+    g_padded: torch.Tensor,
+    n_gallery: int,
+    start: int,
+    leave_one_out: bool,
+    buf: torch.Tensor,
+    numpy_blas: bool = False,
 ) -> torch.Tensor:
     """Similarities of a query chunk (rows start.. of the query set) to the padded gallery.
 
@@ -180,7 +187,13 @@ def _torch_chunk_sims(
     costs page faults comparable to the matmul itself on CPU). Padding columns (index
     >= ``n_gallery``) are -inf, so they rank below every real item.
     """
-    sims = torch.mm(q, g_padded.T, out=buf[: q.shape[0]])
+    sims = buf[: q.shape[0]]
+    if numpy_blas and sims.dtype == torch.float32:
+        # numpy's OpenBLAS sgemm measured ~9% faster than torch's MKL on AMD EPYC (the
+        # similarity product is ~80% of the search); same threads, see _blas_threads.
+        np.matmul(q.detach().numpy(), g_padded.detach().numpy().T, out=sims.numpy())
+    else:
+        torch.mm(q, g_padded.T, out=sims)
     if g_padded.shape[0] > n_gallery:
         sims[:, n_gallery:] = float("-inf")
     if leave_one_out:
@@ -189,6 +202,23 @@ def _torch_chunk_sims(
         # while fewer than all other items are asked for (k is capped at N - 1).
         sims[rows, rows + start] = float("-inf")
     return sims
+
+
+@contextlib.contextmanager
+def _blas_threads(device: torch.device) -> Iterator[bool]:
+    """Yields whether the similarity product may run in numpy's BLAS: on CPU, with numpy's
+    BLAS limited to torch's thread count meanwhile (threadpoolctl; the limit is process
+    wide), so the product runs on the same threads as the rest of the search. Without
+    threadpoolctl the product stays with torch.mm."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        threadpool_limits = None
+    if device.type != "cpu" or threadpool_limits is None:
+        yield False
+        return
+    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+        yield True
 
 
 def _grouped_candidates(sims: torch.Tensor, m: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,7 +351,7 @@ def _iter_topk(
     g_padded = None if faiss_index is not None else _padded_gallery(g, _GROUP)
     buf = None if g_padded is None else torch.empty(chunk, g_padded.shape[0], dtype=g.dtype, device=g.device)
     n_valid = g.shape[0] - (1 if leave_one_out else 0)
-    with torch.no_grad():
+    with torch.no_grad(), _blas_threads(g.device) as numpy_blas:
         for start in range(0, q.shape[0], chunk):
             stop = min(start + chunk, q.shape[0])
             k = min(int(k_for_chunk(start, stop)), n_valid)
@@ -334,7 +364,7 @@ def _iter_topk(
                 yield start, stop, v, i, None
             else:
                 assert buf is not None and g_padded is not None, "the torch backend has a similarity buffer"
-                padded = _torch_chunk_sims(q[start:stop], g_padded, g.shape[0], start, leave_one_out, buf)
+                padded = _torch_chunk_sims(q[start:stop], g_padded, g.shape[0], start, leave_one_out, buf, numpy_blas)
                 v, i = _topk_of_sims(padded, max(k, 0), n_valid, _GROUP)
                 yield start, stop, v, i, padded[:, : g.shape[0]]
 
