@@ -25,12 +25,13 @@ faiss = pytest.importorskip("faiss")
 knn_module = importlib.import_module("dmlray.evaluation.knn")
 
 
-@pytest.fixture(autouse=True, params=["grouped", "default"])
+@pytest.fixture(autouse=True, params=["grouped", "full-row"])
 def grouping(request, monkeypatch):
-    """Runs each test twice: with the grouped top-k wherever its candidates fit in a row
-    (so these small sizes take it) and with the default threshold."""
-    if request.param == "grouped":
-        monkeypatch.setattr(knn_module, "_GROUPED_MAX_SHARE", 1)
+    """Runs each test twice: with the default (the grouped top-k wherever its candidates
+    fit in a row, as at these sizes) and with torch's full-row top-k only."""
+    assert (17 + 1) * knn_module._GROUP * knn_module._GROUPED_MAX_SHARE <= 1500, "the sizes below take the grouped path"
+    if request.param == "full-row":
+        monkeypatch.setattr(knn_module, "_GROUPED_MAX_SHARE", 10**9)
 
 
 def tied_data(n: int, dim: int, seed: int) -> torch.Tensor:
