@@ -130,7 +130,8 @@ def test_recall_at_k_uses_the_same_neighbours():
 
 
 def test_similarity_product_runs_on_torchs_thread_count():
-    """The CPU product goes through numpy's BLAS only with its threads set to torch's."""
+    """The CPU product goes through numpy's BLAS only single-threaded, its BLAS then on
+    one thread too; with more torch threads it stays with torch.mm."""
     threadpoolctl = pytest.importorskip("threadpoolctl")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -139,5 +140,8 @@ def test_similarity_product_runs_on_torchs_thread_count():
             assert numpy_blas
             blas = [p for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
             assert blas and all(p["num_threads"] == 1 for p in blas)
+        torch.set_num_threads(2)
+        with knn_module._blas_threads(torch.device("cpu")) as numpy_blas:
+            assert not numpy_blas
     finally:
         torch.set_num_threads(before)
