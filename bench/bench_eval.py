@@ -2,6 +2,7 @@
 
     python bench/bench_eval.py            # SOP test size: 60,502 x 512, ~11.3k classes
     python bench/bench_eval.py --quick    # ~10k items, under a minute
+    python bench/bench_eval.py --knn      # exact k-NN alone: ours, faiss, matmul floor per size
 
 Every method runs in a fresh subprocess that generates the same seeded, clustered,
 L2-normalised embeddings, computes Recall@K (SOP's K = 1, 10, 100, 1000) and MAP@R in
@@ -19,6 +20,16 @@ Methods
 
 The dmlray and faiss neighbour lists are compared: identical, or differing only where
 two candidates' similarities are within float32 rounding (1e-5) of each other.
+
+``--knn`` times the exact neighbour search itself (leave-one-out ``dmlray.evaluation.knn``,
+which ``recall_at_k`` and the exact index share) at each of ``--sizes``, in one process,
+interleaved repetition by repetition with faiss ``IndexFlatIP`` (search k + 1, own entry
+dropped) on the same threads (faiss.omp_set_num_threads(torch.get_num_threads())) and with
+the floor: the chunked similarity matmul alone, into a reused buffer. It prints the
+medians, ours / faiss and ours / floor, and whether the neighbours are identical. Ties:
+dmlray ranks equal scores by the lower index; faiss lists them highest index first and keeps
+a block-order-dependent subset at the k-th score, so where indices differ the scores must be
+equal (within 1e-5: faiss sums the products in another order).
 """
 
 from __future__ import annotations
@@ -105,13 +116,7 @@ def worker(method: str, n: int, dim: int, per_class: float, seed: int, out: str,
         # Deep enough for every K, for MAP@R (max R) and for the neighbour comparison.
         depth = max(max(ks), int(np.bincount(y).max()) - 1, COMPARE_TOP) + 1
         d, i = index.search(x, depth)
-        # Drop each query's own entry (normally first; last if ties pushed it out).
-        own = i == np.arange(n)[:, None]
-        drop = np.where(own.any(1), own.argmax(1), i.shape[1] - 1)
-        keep = np.ones_like(own)
-        keep[np.arange(n), drop] = False
-        i = i[keep].reshape(n, -1)
-        d = d[keep].reshape(n, -1)
+        d, i = _drop_own(d, i)
         result["metrics"] = metrics_from_table(i, y, ks)
         result["seconds"] = time.perf_counter() - t0
         result["cpu_seconds"] = time.process_time() - cpu0
@@ -140,6 +145,79 @@ def worker(method: str, n: int, dim: int, per_class: float, seed: int, out: str,
     if saved:
         np.savez(out + ".npz", idx=saved["idx"], sims=saved["sims"])
     Path(out).write_text(json.dumps(result))
+
+
+def _drop_own(d: np.ndarray, i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's own entry removed from a k+1-deep faiss table (the last one if ties
+    pushed it out)."""
+    n = i.shape[0]
+    own = i == np.arange(n)[:, None]
+    drop = np.where(own.any(1), own.argmax(1), i.shape[1] - 1)
+    keep = np.ones_like(own)
+    keep[np.arange(n), drop] = False
+    return d[keep].reshape(n, -1), i[keep].reshape(n, -1)
+
+
+def _matmul_floor(knn_mod, x, padded, buf) -> None:  # torch tensors; torch is imported lazily
+    """The similarity product alone, in the chunks, buffer and BLAS knn uses."""
+    chunk = buf.shape[0]
+    with knn_mod._blas_threads(x.device) as numpy_blas:
+        for a in range(0, x.shape[0], chunk):
+            knn_mod._torch_chunk_sims(x[a : a + chunk], padded, padded.shape[0], a, False, buf, numpy_blas)
+
+
+def knn_table(sizes: str, per_class: float, seed: int, repeat: int, threads: int | None) -> None:
+    """Per size and k: median seconds of ours, faiss IndexFlatIP and the matmul floor."""
+    import importlib
+    import statistics
+
+    import faiss
+    import torch
+
+    knn_mod = importlib.import_module("dmlray.evaluation.knn")
+    if threads:
+        torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
+    faiss.omp_set_num_threads(threads)
+    print(f"exact leave-one-out k-NN, {threads} threads (torch and faiss), median of {repeat}, interleaved")
+    print(
+        f"{'N x D':>12} {'k':>5} {'ours s':>8} {'faiss s':>8} {'floor s':>8} "
+        f"{'ours/faiss':>10} {'ours/floor':>10}  neighbours"
+    )
+    for spec in sizes.split(";"):
+        shape, ks = spec.split(":")
+        n, dim = (int(v) for v in shape.split("x"))
+        x, _ = make_data(n, dim, per_class, seed)
+        xt = torch.from_numpy(x)
+        index = faiss.IndexFlatIP(dim)
+        index.add(x)
+        padded = knn_mod._padded_gallery(xt, knn_mod._GROUP)
+        chunk = knn_mod.auto_chunk(padded.shape[0], 4, None)
+        buf = torch.empty(chunk, padded.shape[0])
+
+        for k in (int(v) for v in ks.split(",")):
+            times: dict[str, list[float]] = {"ours": [], "faiss": [], "floor": []}
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                ov, oi = knn_mod.knn(xt, k)
+                times["ours"].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                fv, fi = _drop_own(*index.search(x, k + 1))
+                times["faiss"].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                _matmul_floor(knn_mod, xt, padded, buf)
+                times["floor"].append(time.perf_counter() - t0)
+            med = {m: statistics.median(t) for m, t in times.items()}
+            differ = oi.numpy() != fi
+            unexplained = int((differ & (np.abs(ov.numpy() - fv) >= 1e-5)).sum())
+            check = "identical" if not differ.any() else f"{int(differ.sum())} differ, all ties"
+            if unexplained:
+                check = f"{int(differ.sum())} differ, {unexplained} NOT explained by ties"
+            print(
+                f"{n:>6} x {dim:<4} {k:>5} {med['ours']:8.3f} {med['faiss']:8.3f} {med['floor']:8.3f} "
+                f"{med['ours'] / med['faiss']:10.2f} {med['ours'] / med['floor']:10.2f}  {check}",
+                flush=True,
+            )
 
 
 def run_method(method: str, args: argparse.Namespace, tmp: Path, timeout: float) -> dict | None:
@@ -212,6 +290,12 @@ def main(argv: list[str] | None = None) -> int:
         "fastest run (robust to load from other users of the machine)",
     )
     p.add_argument("--threads", type=int, default=None, help="threads for torch and faiss (default: their own default)")
+    p.add_argument("--knn", action="store_true", help="time the exact k-NN alone against faiss and the matmul floor")
+    p.add_argument(
+        "--sizes",
+        default="10000x512:1,10,100;20000x128:1,10,33;60502x512:1,16",
+        help="--knn: 'NxD:k,k;...' (default: the quick size, 20k x 128, SOP size)",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -229,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
 
+    if args.knn:
+        knn_table(args.sizes, args.per_class, args.seed, args.repeat if args.repeat > 1 else 5, args.threads)
+        return 0
     import tempfile
 
     print(

@@ -3,17 +3,39 @@ schema and the application it names."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+
 import pytest
 import yaml
-from test_deploy import CRD_DIR, IMAGE, K8S, RAY_VERSION, _errors, _strict, render
+from test_deploy import (
+    CRD_DIR,
+    IMAGE,
+    K8S,
+    K8S_VERSION,
+    RAY_VERSION,
+    _admits,
+    _errors,
+    _selects,
+    _strict,
+    of_kind,
+    render,
+)
 
 SERVE = K8S / "serve"
 
 
 @pytest.fixture(scope="module")
-def service() -> dict:
-    (obj,) = render.render(SERVE)
-    assert obj["kind"] == "RayService" and obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "dmlray"
+def resources() -> list[dict]:
+    return json.loads(json.dumps(render.render(SERVE)))
+
+
+@pytest.fixture(scope="module")
+def service(resources) -> dict:
+    (obj,) = of_kind(resources, "RayService")
+    assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "dmlray"
+    assert {r["kind"] for r in resources} == {"RayService", "NetworkPolicy"}
     return obj
 
 
@@ -85,3 +107,80 @@ def test_credentials_come_from_the_secret_only(service):
             assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "dmlray-s3-credentials", "key": key}
             assert "value" not in env[key]
         assert container["envFrom"] == [{"configMapRef": {"name": "dmlray-storage"}}]
+
+
+# --------------------------------------------------------------------- network policy
+
+
+def _search_pods(service: dict) -> dict[str, tuple[dict, dict[str, int]]]:
+    """head / worker: (labels KubeRay gives the pod, its container ports by name). The
+    cluster name is KubeRay's own for a RayService: any value must do."""
+    cluster = service["spec"]["rayClusterConfig"]
+    out = {}
+    for node_type, template in [("head", cluster["headGroupSpec"]["template"])] + [
+        ("worker", g["template"]) for g in cluster["workerGroupSpecs"]
+    ]:
+        labels = {
+            **template["metadata"]["labels"],
+            "ray.io/cluster": "dmlray-search-raycluster-x7k2p",
+            "ray.io/node-type": node_type,
+        }
+        ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
+        out[node_type] = (labels, ports)
+    return out
+
+
+def test_network_policies_validate(resources):
+    import kubernetes_validate
+
+    policies = of_kind(resources, "NetworkPolicy")
+    assert len(policies) == 2
+    for policy in policies:
+        kubernetes_validate.validate(policy, K8S_VERSION, strict=True)
+
+
+def test_network_policy_opens_only_the_page_port_to_the_ingress_and_ray_ports_within(resources, service):
+    namespace = "dmlray"  # applied with kubectl -n: policies and pods share it
+    pods = _search_pods(service)
+    policies = of_kind(resources, "NetworkPolicy")
+    ingress_controller = ("ingress-nginx", {"app.kubernetes.io/name": "ingress-nginx"})
+    operator = ("kuberay-system", {"app.kubernetes.io/name": "kuberay-operator"})
+    prometheus = ("monitoring", {"app.kubernetes.io/name": "prometheus"})
+    training_head = {"ray.io/cluster": "dmlray", "ray.io/node-type": "head", "app.kubernetes.io/name": "dmlray"}
+    for node_type, (labels, ports) in pods.items():
+        selecting = [p for p in policies if _selects(p["spec"]["podSelector"], labels)]
+        assert len(selecting) == 1, f"exactly one policy selects the search {node_type}"
+        (policy,) = selecting
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        for rule in policy["spec"]["ingress"]:
+            for port in rule.get("ports", []):
+                assert port["port"] in ports, f"{port['port']} is not a port of the search {node_type}"
+        probe = [*ports, 6380, 10001, 52365]  # and unnamed Ray ports (raylet, client, agent)
+
+        def admitted(peer_namespace: str, peer: dict, rules=(policy, probe, ports)) -> set:
+            policy, probe, ports = rules
+            return {p for p in probe if _admits(policy, namespace, peer_namespace, peer, p, ports)}
+
+        # the search cluster's own pods: every port, the training cluster's head: none
+        for peer, _ in pods.values():
+            assert admitted(namespace, peer) == set(probe), (node_type, peer)
+        assert not admitted(namespace, training_head)
+        # the ingress controller: the page / POST /search port only, on head and workers
+        assert admitted(*ingress_controller) == {"serve"} and ports["serve"] == 8000
+        assert not admitted(namespace, ingress_controller[1])  # same labels, wrong namespace
+        assert admitted(*prometheus) == {"metrics"}
+        assert admitted(*operator) == ({"dashboard"} if node_type == "head" else set())
+        assert not admitted(namespace, {"app": "anything-else"})
+        assert not admitted("default", {})
+
+
+def test_serve_kustomization_matches_kubectl_kustomize(resources):
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed: cluster/render.py is not compared with kustomize here")
+    out = subprocess.run(
+        [kubectl, "kustomize", str(SERVE)], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    theirs = {(r["kind"], r["metadata"]["name"]): r for r in yaml.safe_load_all(out) if r}
+    mine = {(r["kind"], r["metadata"]["name"]): r for r in resources}
+    assert mine == theirs

@@ -1,0 +1,147 @@
+"""The exact kind's neighbours (knn, shared by recall_at_k and the exact index) against a
+full stable sort and against faiss IndexFlatIP, at sizes where the grouped top-k is used.
+
+Ties: dmlray ranks equal scores by the lower gallery index, also at the top-k boundary.
+faiss does not promise an order: its heaps list a run of equal scores highest index first,
+and which of the items tied at the k-th score it keeps depends on its block scan (a later
+block may displace an earlier one). So against faiss the score lists must be identical and
+the indices identical except inside runs of equal scores (there faiss's rows are put in
+(score desc, index asc) order and only the kept set may differ, never the scores).
+Integer-valued embeddings make every dot product exact in float32 whatever the summation
+order, so ties are real ties for both libraries.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+
+from dmlray.evaluation import knn, recall_at_k
+
+faiss = pytest.importorskip("faiss")
+knn_module = importlib.import_module("dmlray.evaluation.knn")
+
+
+@pytest.fixture(autouse=True, params=["grouped", "full-row"])
+def grouping(request, monkeypatch):
+    """Runs each test twice: with the default (the grouped top-k wherever its candidates
+    fit in a row, as at these sizes) and with torch's full-row top-k only."""
+    assert (17 + 1) * knn_module._GROUP * knn_module._GROUPED_MAX_SHARE <= 1500, "the sizes below take the grouped path"
+    if request.param == "full-row":
+        monkeypatch.setattr(knn_module, "_GROUPED_MAX_SHARE", 10**9)
+
+
+def tied_data(n: int, dim: int, seed: int) -> torch.Tensor:
+    """Small integers (many exact ties) and some duplicated rows."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-2, 3, (n, dim), generator=g).float()
+    dup = torch.randint(0, n, (n // 10,), generator=g)
+    x[torch.randint(0, n, (n // 10,), generator=g)] = x[dup]
+    return x
+
+
+def random_unit(n: int, dim: int, seed: int) -> torch.Tensor:
+    x = torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
+    return x / x.norm(dim=1, keepdim=True)
+
+
+def reference(q: torch.Tensor, g: torch.Tensor, k: int, loo: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full float64 similarity rows, stable descending sort (ties to the lower index)."""
+    s = q.double() @ g.double().T
+    if loo:
+        s.fill_diagonal_(float("-inf"))
+    v, i = torch.sort(s, dim=1, descending=True, stable=True)
+    return v[:, :k], i[:, :k]
+
+
+def faiss_knn(q: torch.Tensor, g: torch.Tensor, k: int, loo: bool) -> tuple[np.ndarray, np.ndarray]:
+    index = faiss.IndexFlatIP(g.shape[1])
+    index.add(g.numpy())
+    d, i = index.search(q.numpy(), k + (1 if loo else 0))
+    if loo:  # drop each query's own entry; if ties pushed it out, the last (k+1-th) one
+        own = i == np.arange(q.shape[0])[:, None]
+        drop = np.where(own.any(1), own.argmax(1), i.shape[1] - 1)
+        keep = np.ones_like(own)
+        keep[np.arange(q.shape[0]), drop] = False
+        d, i = d[keep].reshape(q.shape[0], k), i[keep].reshape(q.shape[0], k)
+    order = np.lexsort((i, -d), axis=1)
+    return np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+
+
+def assert_same_as_faiss(v: torch.Tensor, i: torch.Tensor, fv: np.ndarray, fi: np.ndarray) -> None:
+    """Identical scores; indices identical wherever the score is not tied within the row."""
+    assert np.array_equal(fv, v.numpy())
+    vn = v.numpy()
+    tied = np.zeros_like(vn, dtype=bool)
+    tied[:, 1:] |= vn[:, 1:] == vn[:, :-1]
+    tied[:, :-1] |= vn[:, :-1] == vn[:, 1:]
+    tied |= vn == vn[:, -1:]  # may tie with items just past the k-th
+    assert np.array_equal(fi[~tied], i.numpy()[~tied])
+    assert tied.any(), "the tied data must exercise ties"
+
+
+@pytest.mark.parametrize("k", [1, 4, 17])
+@pytest.mark.parametrize("chunk", [None, 97])
+def test_leave_one_out_ties_equal_reference_and_faiss(k, chunk):
+    x = tied_data(1500, 24, seed=k)  # not a multiple of the group width
+    v, i = knn(x, k, chunk_size=chunk)
+    rv, ri = reference(x, x, k, loo=True)
+    assert torch.equal(i, ri)
+    assert torch.equal(v.double(), rv)
+    assert_same_as_faiss(v, i, *faiss_knn(x, x, k, loo=True))
+
+
+@pytest.mark.parametrize("k", [1, 9, 33])
+def test_query_vs_gallery_ties_identical_to_faiss(k):
+    g = tied_data(2500, 16, seed=100 + k)
+    q = tied_data(300, 16, seed=200 + k)
+    v, i = knn(q, k, g)
+    rv, ri = reference(q, g, k, loo=False)
+    assert torch.equal(i, ri) and torch.equal(v.double(), rv)
+    assert_same_as_faiss(v, i, *faiss_knn(q, g, k, loo=False))
+
+
+@pytest.mark.parametrize("k", [1, 10, 33])
+def test_random_unit_vectors_equal_faiss(k):
+    """Real-valued data: same neighbours as faiss; where the order differs, the two
+    similarities are equal to float32 rounding (the libraries sum products differently)."""
+    x = random_unit(2500, 32, seed=k)
+    v, i = knn(x, k, chunk_size=500)
+    rv, ri = reference(x, x, k, loo=True)
+    assert (i == ri).float().mean() > 0.999
+    assert torch.allclose(v.double(), rv, atol=1e-6)
+    fv, fi = faiss_knn(x, x, k, loo=True)
+    diff = fi != i.numpy()
+    assert np.all(np.abs(fv - v.numpy())[diff] < 1e-5)
+    assert diff.mean() < 1e-3
+
+
+def test_recall_at_k_uses_the_same_neighbours():
+    x = tied_data(2000, 12, seed=5)
+    y = torch.randint(0, 40, (2000,), generator=torch.Generator().manual_seed(5))
+    _, ri = reference(x, x, 8, loo=True)
+    hit = (y[ri] == y[:, None]).cumsum(1) > 0
+    want = {k: float(hit[:, k - 1].double().mean()) for k in (1, 2, 4, 8)}
+    got = recall_at_k(x, y, ks=(1, 2, 4, 8))
+    assert got == pytest.approx(want, abs=1e-12)
+
+
+def test_similarity_product_runs_on_torchs_thread_count():
+    """The CPU product goes through numpy's BLAS only single-threaded, its BLAS then on
+    one thread too; with more torch threads it stays with torch.mm."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with knn_module._blas_threads(torch.device("cpu")) as numpy_blas:
+            assert numpy_blas
+            blas = [p for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+            assert blas and all(p["num_threads"] == 1 for p in blas)
+        torch.set_num_threads(2)
+        with knn_module._blas_threads(torch.device("cpu")) as numpy_blas:
+            assert not numpy_blas
+    finally:
+        torch.set_num_threads(before)
