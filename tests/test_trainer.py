@@ -105,6 +105,25 @@ def test_state_dict_round_trip_resumes_the_same_run():
     assert torch.equal(a.memory.contents()[0], b.memory.contents()[0])
 
 
+def test_records_name_the_checkpoint_step_their_attempt_resumed_from():
+    a = make_trainer(steps=4, log_every=1, checkpoint_every=2)
+    a.train()
+    assert [r["resumed_from"] for r in a.history] == [0, 0, 0, 0]
+    checkpoint = a.state_dict()
+    b = make_trainer(steps=6, log_every=1)
+    b.load_state_dict(checkpoint)
+    b.train()
+    # the restored history keeps the first attempt's records; the new ones name step 4
+    assert [(r["step"], r["restarts"], r["resumed_from"]) for r in b.history] == [
+        (1, 0, 0),
+        (2, 0, 0),
+        (3, 0, 0),
+        (4, 0, 0),
+        (5, 1, 4),
+        (6, 1, 4),
+    ]
+
+
 def test_validation_classes_are_a_disjoint_seeded_subset():
     classes = list(range(100, 160))
     train, val = split_validation(classes, 0.25, seed=3)

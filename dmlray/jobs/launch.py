@@ -13,6 +13,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +113,8 @@ class RayReport:
         # still in flight when the group is torn down is lost, and the restart would redo the step
         background = ray.is_initialized() and not last
         report_checkpoint(flat, state if self.rank == 0 else None, background=background)
+        if last and ray.is_initialized():
+            wait_until_registered(timeout_s=preemption.GRACE_S / 2)
 
 
 def report_checkpoint(metrics: dict, state: dict | None, background: bool) -> None:
@@ -140,6 +143,24 @@ def report_checkpoint(metrics: dict, state: dict | None, background: bool) -> No
         ckpt = ray.train.Checkpoint.from_directory(folder)
     # every rank reports in the same mode: the reports stay in step
     ray.train.report(metrics, checkpoint=ckpt, checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+
+
+def wait_until_registered(timeout_s: float) -> None:
+    """Block until Ray Train's controller registered every report of this worker, for at
+    most ``timeout_s`` (then go on: the grace period must not run out).
+
+    A preemption checkpoint is followed by every rank stopping. Ray Train registers a
+    checkpoint only once it holds the reports of all ranks, gathered over its status polls;
+    a poll that sees a rank stopped before it saw rank 0's report (rank 0 still uploading the
+    state) restarts the group without registering it, and the restart resumes from the
+    checkpoint before, redoing the steps since (seen on a loaded machine).
+    """
+    import ray.train
+    from ray.train import CheckpointConsistencyMode
+
+    t0 = time.monotonic()
+    ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED, timeout_s=timeout_s)
+    log.info("the preemption checkpoint is registered (waited %.1fs)", time.monotonic() - t0)
 
 
 def wrap_ddp(model: torch.nn.Module, *, world_size: int, device: torch.device) -> torch.nn.Module:

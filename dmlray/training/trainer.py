@@ -331,6 +331,7 @@ class Trainer:
         self.extra_metrics = extra_metrics  # e.g. the data stream's skip counters
         self.step = 0
         self.restarts = 0
+        self.resumed_from = 0  # the step this attempt started from: a restart's lost steps show in it
         self.history: list[dict] = []
         self.loss_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
 
@@ -460,6 +461,7 @@ class Trainer:
                     "memory_weight": self.memory_weight_at(self.step - 1),
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "restarts": self.restarts,
+                    "resumed_from": self.resumed_from,
                     **({f"loss/{k}": float(v) for k, v in result.terms.items()} if self.named_terms else {}),
                     **self.extra_metrics(),
                 }
@@ -506,7 +508,7 @@ class Trainer:
                 term.memory.load_state_dict(saved_memories[term.key])
         if self.pseudo_labels is not None and state.get("pseudo_labels") is not None:
             self.pseudo_labels.load_state_dict(state["pseudo_labels"])
-        self.step = int(state["step"])
+        self.step = self.resumed_from = int(state["step"])
         self.restarts = int(state.get("restarts", 0)) + 1  # loading a checkpoint is a restart
         self.history = list(state.get("history", []))
         set_rng_state(state["rng"])
