@@ -104,3 +104,50 @@ def test_rerank_never_retrieves_the_query_in_leave_one_out_and_scores_like_the_m
 def test_unknown_method_is_named():
     with pytest.raises(ValueError, match="'dba'"):
         rerank("dba", torch.eye(3))
+
+
+# ------------------------------------------------------------- one query at a time (the service's)
+
+
+def clustered(n: int, dim: int, classes: int, seed: int) -> torch.Tensor:
+    """Unit vectors around a few class centres: neighbourhoods with reciprocal structure."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((classes, dim))
+    x = centres[rng.integers(0, classes, n)] / np.sqrt(dim) * 2.5 + rng.standard_normal((n, dim)) / np.sqrt(dim)
+    return torch.from_numpy(x / np.linalg.norm(x, axis=1, keepdims=True))
+
+
+@pytest.mark.parametrize("k1, k2", [(20, 6), (40, 10), (5, 1), (3, 3), (400, 6)])
+def test_one_query_against_a_fixed_gallery_equals_the_dense_re_ranking_of_that_query_alone(k1, k2):
+    """KReciprocalGallery reuses the gallery's neighbour structures and recomputes only the
+    rows a query changes; its distances are those of k_reciprocal_distances(q[None], G):
+    an ordinary query, one equal to a gallery item (ties), one farther from many items than
+    any gallery item (their rows rescaled), and k1 beyond the gallery size."""
+    from dmlray.evaluation.kreciprocal_gallery import KReciprocalGallery
+
+    gallery = clustered(240, 8, 10, seed=3)
+    queries = torch.cat(
+        [
+            clustered(3, 8, 10, seed=4),
+            gallery[17:18],
+            -torch.nn.functional.normalize(gallery.mean(0, keepdim=True), dim=1),
+        ]
+    )
+    index = KReciprocalGallery(gallery, k1=k1, k2=k2)
+    for query in queries:
+        expected = k_reciprocal_distances(query[None], gallery, k1=k1, k2=k2)[0]
+        got = index.distances(query)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+        assert torch.equal(torch.sort(got, stable=True).indices[:30], torch.sort(expected, stable=True).indices[:30])
+
+
+def test_a_query_changes_no_state_of_the_gallery():
+    """Queries are answered on their own: asking one first does not change another's answer."""
+    from dmlray.evaluation.kreciprocal_gallery import KReciprocalGallery
+
+    gallery = clustered(150, 6, 8, seed=5)
+    a, b = clustered(2, 6, 8, seed=6)
+    index = KReciprocalGallery(gallery)
+    before = index.distances(b)
+    index.distances(a)
+    assert torch.equal(index.distances(b), before)

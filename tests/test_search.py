@@ -102,6 +102,15 @@ def test_engine_ranks_a_gallery_image_first_and_matches_the_index():
     order = rerank("aqe", torch.from_numpy(got), torch.from_numpy(emb))
     assert [[h.key for h in row] for row in expanded] == [[keys[j] for j in row] for row in order.tolist()]
     assert refused(engine.search, got, 3, "dba").status == 400
+    # k-reciprocal: each query re-ranked on its own, as the dense re-ranking of that query alone
+    from dmlray.evaluation.rerank import k_reciprocal_distances
+
+    reranked = engine.search(got, 12, rerank="kreciprocal")
+    for row, query in zip(reranked, torch.from_numpy(got), strict=True):
+        distance = k_reciprocal_distances(query[None], torch.from_numpy(emb))[0]
+        order = torch.sort(distance, stable=True).indices.tolist()
+        assert [h.key for h in row] == [keys[j] for j in order]
+        assert [h.score for h in row] == pytest.approx((1 - distance[order]).tolist(), abs=1e-9)
 
 
 def test_the_deployment_carries_urls_only_and_no_runtime_env(monkeypatch):

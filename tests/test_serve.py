@@ -230,7 +230,7 @@ BAD_INPUTS = {
     "bad base64": (b'{"images": ["***"]}', "application/json", "", 400, "images[0] is not valid base64"),
     "bad k": (tiny_png(), "image/png", "?k=0", 400, "k must be between"),
     "k not a number": (tiny_png(), "image/png", "?k=many", 400, "k must be an integer"),
-    "unknown re-ranking": (tiny_png(), "image/png", "?rerank=dba", 400, "rerank must be 'aqe'"),
+    "unknown re-ranking": (tiny_png(), "image/png", "?rerank=dba", 400, "rerank must be one of aqe, kreciprocal"),
 }
 
 
@@ -243,8 +243,9 @@ def test_bad_input_is_a_4xx_with_a_message_and_the_replica_lives_on(service, cas
     assert ok == 200 and len(answer["results"][0]) == 2
 
 
-def test_search_with_query_expansion_answers_k_items(service):
-    ok, answer = post(f"{service}/search?k=4&rerank=aqe", tiny_png(), "image/png")
+@pytest.mark.parametrize("method", ["aqe", "kreciprocal"])
+def test_search_with_re_ranking_answers_k_items_best_first(service, method):
+    ok, answer = post(f"{service}/search?k=4&rerank={method}", tiny_png(), "image/png")
     assert ok == 200 and len(answer["results"][0]) == 4
     scores = [h["score"] for h in answer["results"][0]]
     assert scores == sorted(scores, reverse=True)

@@ -7,7 +7,8 @@ embedded together (``@serve.batch``), on the replica's GPU when it has one.
 
 Routes
     GET  /                 the search page
-    POST /search?k=5       image bytes, or JSON {"images": [base64, ...]}; &rerank=aqe: α-query expansion
+    POST /search?k=5       image bytes, or JSON {"images": [base64, ...]}; &rerank=aqe: α-query expansion,
+                           &rerank=kreciprocal: k-reciprocal re-ranking of each query on its own
                            -> {"results": [[{"key", "label", "score"}, ...], ...], "batch": n}
     GET  /random           a random test image: {"key", "label"}
     GET  /image/<key>      a gallery or test image
@@ -29,7 +30,14 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
-from dmlray.serving.search import BadRequest, SearchEngine, image_media_type, images_of_request, parse_k
+from dmlray.serving.search import (
+    BadRequest,
+    SearchEngine,
+    check_rerank,
+    image_media_type,
+    images_of_request,
+    parse_k,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +95,7 @@ class SearchReplica:
 
     async def search(self, request: Request) -> Response:
         k = parse_k(request.query_params.get("k"), self.default_k)
-        rerank = request.query_params.get("rerank", "")
-        if rerank not in ("", "aqe"):
-            raise BadRequest(400, f"rerank must be 'aqe' (or absent), got {rerank!r}")
+        rerank = check_rerank(request.query_params.get("rerank", ""))
         body = await request.body()
         images = images_of_request(body, request.headers.get("content-type", ""))
         inputs = [self.engine.to_tensor(data, f"images[{n}]") for n, data in enumerate(images)]

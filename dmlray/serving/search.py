@@ -13,16 +13,25 @@ import binascii
 import io
 import json
 import random
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from dmlray.evaluation.kreciprocal_gallery import KReciprocalGallery
 
 MAX_IMAGE_BYTES = 8 * 1024 * 1024
 MAX_PIXELS = 4096 * 4096
 MAX_BATCH = 64
 MAX_K = 100
+# k-reciprocal re-ranking keeps every gallery row's neighbour sets in memory, built on the first
+# such request (O(N²) distance rows once; about a second per 1,000 items here)
+MAX_KRECIPROCAL_GALLERY = 50_000
+RERANK_METHODS = ("aqe", "kreciprocal")
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 
 
@@ -139,6 +148,8 @@ class SearchEngine:
         self.images = images or {}
         self.queries = list(queries)
         self._dtype = next(model.parameters()).dtype
+        self._k_reciprocal: KReciprocalGallery | None = None
+        self._k_reciprocal_lock = threading.Lock()
 
     def to_tensor(self, data: bytes, name: str = "image") -> torch.Tensor:
         """One checked image as the model's input; a transform failure is a BadRequest."""
@@ -154,15 +165,19 @@ class SearchEngine:
 
     def search(self, embeddings: np.ndarray, k: int, rerank: str = "") -> list[list[Hit]]:
         """The top k of each query; ``rerank="aqe"`` searches with the α-query-expanded
-        queries (``dmlray.evaluation.rerank``; scores are then the expanded queries')."""
-        if rerank == "aqe":
-            from dmlray.evaluation.rerank import alpha_query_expansion
+        queries (``dmlray.evaluation.rerank``; scores are then the expanded queries'),
+        ``rerank="kreciprocal"`` ranks by each query's own k-reciprocal distance d to the
+        gallery (``dmlray.evaluation.kreciprocal_gallery``; scores are then 1 - d)."""
+        check_rerank(rerank)
+        if rerank == "kreciprocal":
+            scores, idx = self.k_reciprocal_search(embeddings, k)
+        else:
+            if rerank == "aqe":
+                from dmlray.evaluation.rerank import alpha_query_expansion
 
-            expanded = alpha_query_expansion(torch.from_numpy(embeddings), torch.from_numpy(self.index.embeddings))
-            embeddings = expanded.numpy()
-        elif rerank:
-            raise BadRequest(400, f"rerank must be 'aqe' (or absent), got {rerank!r}")
-        scores, idx = self.index.search(embeddings, k)
+                expanded = alpha_query_expansion(torch.from_numpy(embeddings), torch.from_numpy(self.index.embeddings))
+                embeddings = expanded.numpy()
+            scores, idx = self.index.search(embeddings, k)
         return [
             [
                 Hit(self.index.keys[j], int(self.index.labels[j]), float(s))
@@ -172,11 +187,46 @@ class SearchEngine:
             for row_s, row_i in zip(scores.tolist(), idx.tolist(), strict=True)
         ]
 
+    def k_reciprocal_search(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(1 - re-ranked distance, gallery index) of each query's k best, each query re-ranked
+        on its own against the gallery (ties to the lower index)."""
+        gallery = self.k_reciprocal_gallery()
+        k = min(k, len(gallery))
+        scores, idx = np.empty((len(embeddings), k)), np.empty((len(embeddings), k), dtype=np.int64)
+        for row, query in enumerate(torch.from_numpy(embeddings)):
+            distance = gallery.distances(query)
+            order = torch.sort(distance, stable=True).indices[:k]
+            scores[row], idx[row] = (1 - distance[order]).numpy(), order.numpy()
+        return scores, idx
+
+    def k_reciprocal_gallery(self) -> KReciprocalGallery:
+        """The gallery's k-reciprocal structures, built by the first request that needs them."""
+        from dmlray.evaluation.kreciprocal_gallery import KReciprocalGallery
+
+        size = len(self.index.embeddings)
+        if size > MAX_KRECIPROCAL_GALLERY:
+            raise BadRequest(
+                400,
+                f"rerank=kreciprocal needs a gallery of at most {MAX_KRECIPROCAL_GALLERY} items; this one holds "
+                f"{size}: use rerank=aqe",
+            )
+        with self._k_reciprocal_lock:
+            if self._k_reciprocal is None:
+                self._k_reciprocal = KReciprocalGallery(torch.from_numpy(np.asarray(self.index.embeddings)))
+        return self._k_reciprocal
+
     def random_query(self, rng: random.Random) -> tuple[str, int]:
         """A (key, label) of the test images held for the page."""
         if not self.queries:
             raise BadRequest(404, "this service holds no test images")
         return rng.choice(self.queries)
+
+
+def check_rerank(method: str) -> str:
+    """A re-ranking method a request may ask for ("" for none)."""
+    if method and method not in RERANK_METHODS:
+        raise BadRequest(400, f"rerank must be one of {', '.join(RERANK_METHODS)} (or absent), got {method!r}")
+    return method
 
 
 def image_media_type(data: bytes) -> str:
