@@ -27,16 +27,20 @@ from test_faults import driver_env, environ, node_raylet, wait_for
 
 # a tiny run: 2 x 3 classes of K=4 per global batch, a memory of 12 global batches (more
 # than a log interval: a memory restarted empty cannot be full at the first record). ~25
-# steps/s here: enough steps to outlast a node's loss and return (~30-40 s at one worker).
-STEPS, LOG_EVERY, CHECKPOINT_EVERY = 1500, 10, 20
+# steps/s here at two workers, ~7 at one: enough steps to outlast a node's loss and return
+# (~60 s at one worker, grown back near step 300 here, twice that on a loaded machine).
+STEPS, LOG_EVERY, CHECKPOINT_EVERY = 1000, 10, 20
 P_PER_RANK, K, WORKERS, MEMORY = 3, 4, 2, 288
 # a lost node is declared dead within ~3 s (GCS health checks), and a worker group that
-# Ray Train tried to start on it gives up after 15 s (60 s by default)
+# Ray Train tried to start on it gives up after 15 s (60 s by default). Ray Train's controller
+# takes one report per rank per poll: at its default 2 s poll, this run's 1.25 checkpoints/s
+# queued up (registered a minute late, the run ending a minute after its last step)
 CLUSTER_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_health_check_period_ms": "1000",
     "RAY_health_check_failure_threshold": "3",
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
 }
 GLOBAL_BATCH = P_PER_RANK * WORKERS * K
 

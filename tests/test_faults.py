@@ -64,6 +64,24 @@ def test_storage_retry_deadline_is_validated():
         load_config("demo", ["run.storage_retry_s=0"])
 
 
+def test_checkpoints_faster_than_ray_train_registers_them_are_warned_of_once(monkeypatch, caplog):
+    """Ray Train's controller takes one report per rank per poll: a faster checkpoint cadence
+    is named once, with the setting to change."""
+    from dmlray.jobs.launch import RayReport
+
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    report = RayReport(steps=100, rank=0, metrics=None, folder=None, writer=None)  # type: ignore[arg-type]
+    with caplog.at_level("WARNING", logger="dmlray.jobs.launch"):
+        report.check_cadence(10)
+        time.sleep(0.6)
+        report.check_cadence(20)  # slower than the poll: fine
+        report.check_cadence(30)
+        report.check_cadence(40)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and warnings[0].startswith("step 30: a checkpoint"), warnings
+    assert "raise train.checkpoint_every" in warnings[0] and "0.5s poll" in warnings[0]
+
+
 # ------------------------------------------------------------------------------------ the cluster
 
 

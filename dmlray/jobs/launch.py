@@ -87,6 +87,10 @@ class RayReport:
     """The run folder on rank 0, else None."""
     writer: MetricsWriter | None
     """metrics.jsonl's background writer on rank 0, else None."""
+    last_checkpoint: float | None = None
+    """When the previous checkpoint was reported (time.monotonic), to warn of a cadence Ray
+    Train cannot keep up with."""
+    cadence_warned: bool = False
 
     def __call__(self, record: dict, history: list[dict], state: dict | None) -> None:
         record["storage_retries"] = storage.retry_count()  # an S3 outage shows as a rise
@@ -100,6 +104,24 @@ class RayReport:
             self.writer.flush()  # a checkpoint's metrics are stored before the checkpoint is
         self.checkpoint(numeric_metrics(record), state, last=bool(record.get("preempted")))
 
+    def check_cadence(self, step: int) -> None:
+        """Warn once when checkpoints come faster than Ray Train's controller registers them:
+        it takes one report per rank per poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s), so
+        faster ones queue up, are registered late (a lost node resumes from an older one)
+        and hold the run's end back until the queue is through."""
+        now, previous = time.monotonic(), self.last_checkpoint
+        self.last_checkpoint = now
+        poll = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2"))
+        if previous is not None and now - previous < poll and not self.cadence_warned:
+            self.cadence_warned = True
+            log.warning(
+                "step %d: a checkpoint %.1fs after the one before, faster than Ray Train registers them (one per "
+                "%.1fs poll, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): raise train.checkpoint_every",
+                step,
+                now - previous,
+                poll,
+            )
+
     def checkpoint(self, flat: dict, state: dict, last: bool) -> None:
         import ray
         import ray.train
@@ -112,6 +134,8 @@ class RayReport:
         # (every rank stops at the same step) is uploaded before the worker exits: an upload
         # still in flight when the group is torn down is lost, and the restart would redo the step
         background = ray.is_initialized() and not last
+        if ray.is_initialized() and self.rank == 0:
+            self.check_cadence(int(flat["step"]))
         report_checkpoint(flat, state if self.rank == 0 else None, background=background)
         if last and ray.is_initialized():
             wait_until_registered(timeout_s=preemption.GRACE_S / 2)
