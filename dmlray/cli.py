@@ -64,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nprobe", type=int, default=0, help="ivf: cells scanned per query (0 = nlist/16)")
     p.add_argument("--ef-search", type=int, default=128, help="hnsw: search candidate list size")
     p.add_argument("--out", default=None, help="index folder (default: <run>/index-<split>-<kind>)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="Ray actors that embed the split (0: this process; default: one per CPU of RAY_ADDRESS's cluster "
+        "when it is set, else 0; N > 0 without RAY_ADDRESS starts a local Ray)",
+    )
+    p.add_argument("--worker-gpus", type=float, default=0, help="GPUs per embedding actor (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = add_parser("serve", help="Ray Serve search service over a run's index, with a search page")
@@ -186,6 +194,8 @@ def _dispatch(args) -> int:
             params=IndexParams(nlist=args.nlist, nprobe=args.nprobe, ef_search=args.ef_search),
             out=args.out,
             progress=not args.no_progress,
+            workers=args.workers,
+            gpus_per_worker=args.worker_gpus,
         )
         return 0
     if args.command == "serve":

@@ -105,3 +105,10 @@ def test_bad_inputs_name_what_is_wrong(tmp_path):
 def test_default_nlist_leaves_every_cell_enough_training_points():
     assert default_nlist(320) == 8 and default_nlist(200_000) == int(4 * 200_000**0.5)
     assert default_nlist(10) == 1
+
+
+def test_a_negative_worker_count_is_refused_before_anything_is_read(capsys):
+    from dmlray.cli import main
+
+    assert main(["index", "s3://dmlray-test/nowhere", "--workers", "-2"]) == 2
+    assert "the number of embedding workers must be >= 0, got -2" in capsys.readouterr().err

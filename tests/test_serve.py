@@ -112,6 +112,32 @@ def test_eval_with_reranking_reports_both_tables(tiny_run, evaluated, capsys):
     assert result["reranked"]["metrics"] == pytest.approx(expected, abs=2 / len(labels))
 
 
+def test_an_index_embedded_by_ray_workers_equals_the_one_embedded_here(tiny_run):
+    """``dmlray index --workers 2``: two Ray actors (a local Ray with this process's S3
+    credentials) share the shards; the index holds the one-process index's rows, in order."""
+    import ray
+
+    from dmlray.data.shards import read_manifest
+    from dmlray.evaluation.index import load_index
+
+    assert len(read_manifest(result_data(tiny_run)).shard_urls("test")) >= 2  # both actors get shards
+    here = f"{tiny_run}/index-test-exact"
+    if not storage.exists(f"{here}/index.json"):
+        assert main(["index", tiny_run, "--kind", "exact", "--no-progress"]) == 0
+    started = not ray.is_initialized()
+    try:
+        out = f"{tiny_run}/index-by-ray"
+        assert main(["index", tiny_run, "--workers", "2", "--out", out, "--no-progress"]) == 0
+    finally:
+        if started:
+            ray.shutdown()  # the service below starts its own
+    local, distributed = load_index(here), load_index(out)
+    assert distributed.keys == local.keys
+    np.testing.assert_array_equal(distributed.labels, local.labels)
+    np.testing.assert_allclose(distributed.embeddings, local.embeddings, atol=1e-6)
+    assert distributed.meta["checkpoint"] == local.meta["checkpoint"]
+
+
 # --------------------------------------------------------------------------- the service
 
 

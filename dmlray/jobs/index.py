@@ -3,6 +3,7 @@ into the run folder, with the approximate kind's recall and speed measured again
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 
 import torch
@@ -19,14 +20,34 @@ def index_url(run: str, split: str, kind: str) -> str:
     return storage.join(run, f"index-{split}-{kind}")
 
 
-def embed_gallery(loaded: RunModel, data_url: str, split: str, device: torch.device, progress: bool) -> dict:
-    """{'embeddings', 'labels', 'keys'} of every sample of ``split``, checked against its manifest."""
+def embed_gallery(
+    loaded: RunModel,
+    data_url: str,
+    split: str,
+    device: torch.device,
+    progress: bool,
+    workers: int | None = 0,
+    gpus_per_worker: float = 0,
+) -> dict:
+    """{'embeddings', 'labels', 'keys'} of every sample of ``split``, checked against its manifest.
+
+    ``workers``: 0 embeds in this process; N > 0 with N Ray actors (on RAY_ADDRESS's cluster,
+    else a local one); None with one actor per CPU of RAY_ADDRESS's cluster when it is set,
+    else in this process. The rows come in the same order either way."""
     from dmlray.data.shards import read_manifest
     from dmlray.evaluation.report import embed_manifest_split
 
     manifest = read_manifest(data_url)
     if split not in manifest.splits:
         raise ValueError(f"{data_url} has no split {split!r} (it has {', '.join(manifest.splits)})")
+    on_cluster = workers is None and bool(os.environ.get("RAY_ADDRESS"))
+    if workers or on_cluster:
+        from dmlray.jobs.launch import ensure_ray
+        from dmlray.jobs.ray_embedding import default_workers, embed_split_on_ray
+
+        ensure_ray()
+        count = workers or default_workers(len(manifest.shard_urls(split)))  # the cluster's CPUs
+        return embed_split_on_ray(loaded.checkpoint, manifest, split, count, gpus_per_worker, progress)
     batch_size = loaded.cfg.data.eval_batch_size
     return embed_manifest_split(
         loaded.model, manifest, split, loaded.transform, batch_size, device, pixels=False, progress=progress
@@ -41,14 +62,19 @@ def build_run_index(
     params: IndexParams | None = None,
     out: str | None = None,
     progress: bool = True,
+    workers: int | None = 0,
+    gpus_per_worker: float = 0,
 ) -> tuple[GalleryIndex, str]:
     """(index, URL written): the split (default: the run's gallery split, else its test
-    split) embedded with the run's latest checkpoint, indexed, measured and saved."""
+    split) embedded with the run's latest checkpoint (by Ray workers: ``embed_gallery``),
+    indexed, measured and saved."""
+    if workers is not None and workers < 0:
+        raise ValueError(f"the number of embedding workers must be >= 0, got {workers}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_run_model(path, device)
     data_url = data or loaded.cfg.data.url
     split = split or loaded.cfg.data.gallery_split or loaded.cfg.data.test_split
-    embedded = embed_gallery(loaded, data_url, split, device, progress)
+    embedded = embed_gallery(loaded, data_url, split, device, progress, workers, gpus_per_worker)
     meta = {
         "run": loaded.run,
         "checkpoint": loaded.checkpoint,
