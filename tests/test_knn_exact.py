@@ -129,19 +129,43 @@ def test_recall_at_k_uses_the_same_neighbours():
     assert got == pytest.approx(want, abs=1e-12)
 
 
-def test_similarity_product_runs_on_torchs_thread_count():
-    """The CPU product goes through numpy's BLAS only single-threaded, its BLAS then on
-    one thread too; with more torch threads it stays with torch.mm."""
+def test_similarity_product_runs_on_torchs_thread_count(monkeypatch):
+    """The CPU product goes through numpy's BLAS only single-threaded and not on an Intel
+    CPU (torch's MKL is faster there), its BLAS then on one thread too; with more torch
+    threads it stays with torch.mm."""
     threadpoolctl = pytest.importorskip("threadpoolctl")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
+    monkeypatch.setattr(knn_module, "intel_cpu", lambda: False)
     try:
         with knn_module._blas_threads(torch.device("cpu")) as numpy_blas:
             assert numpy_blas
             blas = [p for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
             assert blas and all(p["num_threads"] == 1 for p in blas)
+        monkeypatch.setattr(knn_module, "intel_cpu", lambda: True)
+        with knn_module._blas_threads(torch.device("cpu")) as numpy_blas:
+            assert not numpy_blas
+        monkeypatch.setattr(knn_module, "intel_cpu", lambda: False)
         torch.set_num_threads(2)
         with knn_module._blas_threads(torch.device("cpu")) as numpy_blas:
             assert not numpy_blas
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cpu_chunks_keep_a_cache_sized_block_per_thread():
+    """On a CPU a chunk holds about 10 MiB of scores per torch thread (64 to 1024 rows); on a
+    GPU up to 128 MiB."""
+    before = torch.get_num_threads()
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    try:
+        torch.set_num_threads(1)
+        assert knn_module.auto_chunk(20_000, 4, None, cpu) == 10 * 2**20 // 80_000 == 131
+        assert knn_module.auto_chunk(60_502, 4, None, cpu) == 64  # at least 64 rows
+        assert knn_module.auto_chunk(1_000, 4, None, cpu) == 1024  # at most 1024
+        torch.set_num_threads(2)
+        assert knn_module.auto_chunk(20_000, 4, None, cpu) == 262
+        assert knn_module.auto_chunk(60_502, 4, None, gpu) == 128 * 2**20 // (60_502 * 4)
+        assert knn_module.auto_chunk(20_000, 4, 7, cpu) == 7  # an explicit size wins
     finally:
         torch.set_num_threads(before)
