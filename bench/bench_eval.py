@@ -192,7 +192,7 @@ def knn_table(sizes: str, per_class: float, seed: int, repeat: int, threads: int
         index = faiss.IndexFlatIP(dim)
         index.add(x)
         padded = knn_mod._padded_gallery(xt, knn_mod._GROUP)
-        chunk = knn_mod.auto_chunk(padded.shape[0], 4, None, xt.device)
+        chunk = knn_mod.auto_chunk(padded.shape[0], 4, None, xt.device, dim)
         buf = torch.empty(chunk, padded.shape[0])
 
         for k in (int(v) for v in ks.split(",")):

@@ -154,18 +154,20 @@ def test_similarity_product_runs_on_torchs_thread_count(monkeypatch):
 
 
 def test_cpu_chunks_keep_a_cache_sized_block_per_thread():
-    """On a CPU a chunk holds about 10 MiB of scores per torch thread (64 to 1024 rows); on a
-    GPU up to 128 MiB."""
+    """On a CPU, for a gallery that fits in cache, a chunk holds about 10 MiB of scores per
+    torch thread (64 to 1024 rows); for a larger gallery, and on a GPU, up to 128 MiB."""
     before = torch.get_num_threads()
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     try:
         torch.set_num_threads(1)
-        assert knn_module.auto_chunk(20_000, 4, None, cpu) == 10 * 2**20 // 80_000 == 131
-        assert knn_module.auto_chunk(60_502, 4, None, cpu) == 64  # at least 64 rows
-        assert knn_module.auto_chunk(1_000, 4, None, cpu) == 1024  # at most 1024
+        assert knn_module.auto_chunk(20_000, 4, None, cpu, 128) == 10 * 2**20 // 80_000 == 131
+        assert knn_module.auto_chunk(10_000, 4, None, cpu, 512) == 262
+        assert knn_module.auto_chunk(100_000, 4, None, cpu, 16) == 64  # at least 64 rows
+        assert knn_module.auto_chunk(1_000, 4, None, cpu, 128) == 1024  # at most 1024
         torch.set_num_threads(2)
-        assert knn_module.auto_chunk(20_000, 4, None, cpu) == 262
-        assert knn_module.auto_chunk(60_502, 4, None, gpu) == 128 * 2**20 // (60_502 * 4)
-        assert knn_module.auto_chunk(20_000, 4, 7, cpu) == 7  # an explicit size wins
+        assert knn_module.auto_chunk(20_000, 4, None, cpu, 128) == 262
+        sop = 128 * 2**20 // (60_502 * 4)  # a 124 MB gallery: the large blocks
+        assert knn_module.auto_chunk(60_502, 4, None, cpu, 512) == sop == knn_module.auto_chunk(60_502, 4, None, gpu)
+        assert knn_module.auto_chunk(20_000, 4, 7, cpu, 128) == 7  # an explicit size wins
     finally:
         torch.set_num_threads(before)

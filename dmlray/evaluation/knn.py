@@ -30,9 +30,11 @@ Backends
     * "torch" (default): per chunk one matmul into a reused buffer, then an exact top-k
       only as deep as MAP@R needs (max R in the chunk). For small k the top-k is grouped
       (``_grouped_candidates``): a max pass over groups of 64 columns picks the only
-      groups that can hold the top k, so torch's slow full-row top-k is never run; this
-      is what makes the exact search as fast as faiss IndexFlatIP (bench/bench_eval.py
-      --knn). Recall@K for K above 64 (SOP's
+      groups that can hold the top k, so torch's slow full-row top-k is never run; with
+      cache-sized chunks on a CPU this brings the exact search to about faiss
+      IndexFlatIP's time (bench/bench_eval.py --knn; slower for k near 100, where faiss's
+      heap pass, fused with its product, costs less than the max pass and the levels).
+      Recall@K for K above 64 (SOP's
       K = 1000) is not read from a K-deep table: the rank of each query's best positive is
       counted directly in the similarity block, which is exact and far cheaper.
     * "faiss": IndexFlatIP exact search (CPU) for the same candidates; ties and the query
@@ -64,10 +66,14 @@ ArrayLike = Any  # torch.Tensor or numpy array
 # thread: measured on a Xeon (1 thread, 20k x 128, MKL) 128-row chunks (10 MiB) took the
 # product from 0.91 to 0.72 s and the max pass from 0.21 to 0.12 s against 1024-row ones
 # (80 MiB); 256 rows were best at 10k x 512 (10 MiB too); with 2 threads 20 MiB did better
-# at 10k x 512 (each thread takes half the rows). Fewer than 64 rows slow the product down.
+# at 10k x 512 (each thread takes half the rows). That holds while the gallery itself stays
+# in cache: the BLAS reads all of it for every chunk, so a gallery larger than
+# _CACHED_GALLERY_BYTES keeps the large blocks (SOP size, 60k x 512, 2 threads: 86- and
+# 256-row chunks took 13% and 5% more CPU time than 554-row ones).
 _DEFAULT_CHUNK_BYTES = 128 * 1024 * 1024
 _CPU_CHUNK_BYTES = 10 * 1024 * 1024
 _MIN_CPU_CHUNK_ROWS = 64
+_CACHED_GALLERY_BYTES = 32 * 1024 * 1024
 _MAX_CHUNK_ROWS = 1024
 # Columns per group of the grouped top-k (``_grouped_candidates``): 64 keeps the max pass
 # at memory speed while (k + 1) x 64 candidates stay few next to N for small k.
@@ -125,15 +131,17 @@ def _prepare(
     return q, ql, g, gl, False
 
 
-def auto_chunk(n_gallery: int, itemsize: int, chunk_size: int | None, device: torch.device | None = None) -> int:
-    """Query rows per chunk: ``chunk_size`` if given, else sized for the device (see
-    _CPU_CHUNK_BYTES); ``device`` None sizes as for a GPU."""
+def auto_chunk(
+    n_gallery: int, itemsize: int, chunk_size: int | None, device: torch.device | None = None, dim: int = 0
+) -> int:
+    """Query rows per chunk: ``chunk_size`` if given, else sized for the device and the
+    gallery's ``n_gallery`` x ``dim`` (see _CPU_CHUNK_BYTES); ``device`` None sizes as for a GPU."""
     if chunk_size is not None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         return int(chunk_size)
     row_bytes = max(1, n_gallery * itemsize)
-    if device is not None and device.type == "cpu":
+    if device is not None and device.type == "cpu" and n_gallery * dim * itemsize <= _CACHED_GALLERY_BYTES:
         block = _CPU_CHUNK_BYTES * torch.get_num_threads()
         return max(_MIN_CPU_CHUNK_ROWS, min(_MAX_CHUNK_ROWS, block // row_bytes))
     return max(1, min(_MAX_CHUNK_ROWS, _DEFAULT_CHUNK_BYTES // row_bytes))
@@ -374,7 +382,7 @@ def _iter_topk(
     valid only until the next chunk is requested: its buffer is reused.
     """
     backend = resolve_backend(backend)
-    chunk = min(auto_chunk(g.shape[0], g.element_size(), chunk_size, g.device), q.shape[0])
+    chunk = min(auto_chunk(g.shape[0], g.element_size(), chunk_size, g.device, g.shape[1]), q.shape[0])
     faiss_index = _FaissIndex(g) if backend == "faiss" else None
     g_padded = None if faiss_index is not None else _padded_gallery(g, _GROUP)
     buf = None if g_padded is None else torch.empty(chunk, g_padded.shape[0], dtype=g.dtype, device=g.device)
