@@ -35,12 +35,11 @@ from dmlray.evaluation.rerank import _float
 
 @dataclass
 class _QueryRows:
-    """What one query changes: the rows' new top lists, reciprocal sets and vectors v."""
+    """The rows' top lists and vectors v as one query sees them: the rows it changed (the
+    overlays' own items), then the gallery's."""
 
-    top: dict[int, list[int]]
-    r1: dict[int, frozenset[int]]
-    rh: dict[int, frozenset[int]]
-    v: dict[int, dict[int, float]]
+    top: _Overlay
+    v: _Overlay
 
 
 class KReciprocalGallery:
@@ -172,20 +171,18 @@ class KReciprocalGallery:
         # where q falls in each gallery row's list (ties: q first, its index 0 is the lowest)
         d_q = raw_q / row_max.clamp_min(1e-12)
         position = (self.raw_top / row_max[:, None].clamp_min(1e-12) < d_q[:, None]).sum(1)
-        top = {0: torch.sort(query_row, stable=True).indices[: self.need].tolist()}
-        for p in (position < self.need).nonzero().flatten().tolist():
-            at = int(position[p])
-            top[p + 1] = (self.top[p + 1][:at] + [0] + self.top[p + 1][at:])[: self.need]
-        rows_top = _Overlay(top, self.top)
+        top = _Overlay({0: torch.sort(query_row, stable=True).indices[: self.need].tolist()}, self.top)
         dirty1, dirty_half = {0}, {0}
-        for p, at in ((p, int(position[p - 1])) for p in top if p):
+        for p in (position < self.need).nonzero().flatten().tolist():
+            at, old = int(position[p]), self.top[p + 1]
+            top[p + 1] = (old[:at] + [0] + old[at:])[: self.need]
             for dirty, k in ((dirty1, self.k1), (dirty_half, self.half)):
                 if at <= k:
-                    dirty.add(p)
-                    if len(self.top[p]) > k:
-                        dirty.add(self.top[p][k])  # pushed out of p's k+1 nearest
-        r1 = {p: self._reciprocal(p, self.k1, rows_top) for p in dirty1}
-        rh = {p: self._reciprocal(p, self.half, rows_top) for p in dirty_half}
+                    dirty.add(p + 1)
+                    if len(old) > k:
+                        dirty.add(old[k])  # pushed out of p's k+1 nearest
+        r1 = {p: self._reciprocal(p, self.k1, top) for p in dirty1}
+        rh = {p: self._reciprocal(p, self.half, top) for p in dirty_half}
         r1_of, rh_of = _Overlay(r1, self.r1).__getitem__, _Overlay(rh, self.rh).__getitem__
         reexpand = dirty1 | dirty_half
         for c in dirty_half:
@@ -197,7 +194,7 @@ class KReciprocalGallery:
             if p and cols == self.expanded[p] and not rescaled[p - 1]:
                 continue  # the same set at the same scale: the same v
             if p == 0:
-                raw = query_row[cols] * 1.0  # already scaled: its maximum is 1 here
+                raw = query_row[cols]  # already scaled: its maximum is 1 here
                 v[0] = self._vector(cols, raw, torch.tensor(1.0, dtype=torch.float64))
             else:
                 raw = self._raw(p, [c for c in cols if c])
@@ -207,11 +204,11 @@ class KReciprocalGallery:
         for p in rescaled.nonzero().flatten().tolist():
             if p + 1 not in v:  # only rescaled: the same set, farther maximum
                 v[p + 1] = self._vector(self.expanded[p + 1], self.raw_expanded[p + 1], row_max[p])
-        return _QueryRows(top=top, r1=r1, rh=rh, v=_Overlay(v, self.v))
+        return _QueryRows(top=top, v=_Overlay(v, self.v))
 
     def _averaged(self, p: int, rows: _QueryRows) -> dict[int, float]:
         """V(p): the mean of v over p's k2 nearest (local query expansion), as q changed them."""
-        nearest = self._k2_nearest(p, _Overlay(rows.top, self.top))
+        nearest = self._k2_nearest(p, rows.top)
         out: dict[int, float] = defaultdict(float)
         for nb in nearest:
             for col, value in rows.v[nb].items():
@@ -224,7 +221,7 @@ class KReciprocalGallery:
         changed = {g for p in rows.v for g in self.averaged_by.get(p, ())}
         if not self.average:
             changed |= set(rows.v)
-        changed |= {p for p, top in rows.top.items() if 0 in top[: self.k2]}
+        changed |= {p for p, top in rows.top.items() if 0 in top[: self.k2]}  # the changed rows only
         changed.discard(0)
         return changed
 
@@ -238,6 +235,3 @@ class _Overlay(dict):
 
     def __missing__(self, key: int):
         return self.base[key]
-
-    def get(self, key, default=None):
-        return self[key]
