@@ -529,3 +529,35 @@ def test_a_second_sweep_of_the_same_name_fails_before_ray_starts(tmp_path, monke
     finally:
         live.release()
     assert sorted(os.listdir(tmp_path / "demo-sweep")) == []  # nothing written: not even sweep.yaml
+
+
+# the report of a local head's monitor as Ray 2.60 publishes it (read-only provider)
+NODE_ID = "facc4392aba2b88ced3639d10595815cad546efa578469f675584d2a"
+READONLY_REPORT = {
+    "active_nodes": {f"node_{NODE_ID}": 1},
+    "idle_nodes": None,
+    "pending_nodes": [],
+    "pending_launches": {},
+    "failed_nodes": [],
+    "node_type_mapping": {NODE_ID: f"node_{NODE_ID}"},
+    "legacy": True,
+}
+
+
+def test_a_read_only_autoscaler_report_cannot_grow_and_a_kuberay_one_can():
+    from dmlray.jobs.launch import report_can_grow
+
+    assert not report_can_grow(None) and not report_can_grow({})
+    assert not report_can_grow(READONLY_REPORT)
+    kuberay = {
+        "active_nodes": {"headgroup": 1, "workergroup": 2},
+        "pending_nodes": [],
+        "pending_launches": {},
+        "node_type_mapping": {"10.0.0.4": "headgroup", "10.0.0.5": "workergroup", "10.0.0.6": "workergroup"},
+    }
+    assert report_can_grow(kuberay)
+    # a launch in flight means a real provider even before any node of that type is up
+    assert report_can_grow({**READONLY_REPORT, "pending_launches": {"workergroup": 1}})
+    # an older report without the mapping: read-only names are recognised by their prefix
+    assert not report_can_grow({"active_nodes": {"node_ab12": 1}})
+    assert report_can_grow({"active_nodes": {"ray.head.default": 1}})

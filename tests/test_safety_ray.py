@@ -48,10 +48,26 @@ def small_run(data: str, storage: Path, steps: int, *extra: str):
     )
 
 
+def wait_for_autoscaler_report(timeout_s: float) -> None:
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+        if status and "autoscaler_report" in json.loads(status):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the head's monitor published no autoscaler report in {timeout_s} s")
+
+
 def test_more_workers_than_the_cluster_has_fails_within_a_minute_naming_both(ray_2cpus, glyphs_small, tmp_path):
     from dmlray.jobs.launch import has_autoscaler, launch
 
     assert ray_2cpus.cluster_resources()["CPU"] == 2
+    # the head's monitor publishes a (read-only) autoscaler report soon after start; wait for
+    # it so that the check below sees what a long-lived local cluster shows
+    wait_for_autoscaler_report(timeout_s=30)
     assert not has_autoscaler()  # a local cluster cannot grow: an error, not a warning
     cfg = small_run(glyphs_small, tmp_path, 4, "run.num_workers=5")
     t0 = time.monotonic()

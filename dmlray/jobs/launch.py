@@ -453,8 +453,10 @@ def cluster_shortfall(cfg: Config, total: dict[str, float], node_totals: list[di
 def has_autoscaler() -> bool:
     """Whether an autoscaler may add nodes to the connected cluster (KubeRay, the cluster launcher).
 
-    Ray's monitor publishes its status in the GCS key-value store; the report of an
-    autoscaler is in it only when one runs (v1), and autoscaler v2 marks itself in the store.
+    Ray's monitor runs on every head node and publishes an autoscaler report in the GCS
+    key-value store even on a cluster that cannot grow (a laptop, ``ray start`` by hand): it
+    then drives a read-only provider, whose report is :func:`report_can_grow`'s to tell apart.
+    Autoscaler v2 marks itself in the store and publishes its node groups' limits.
     """
     from ray._private import ray_constants
     from ray.experimental.internal_kv import _internal_kv_get
@@ -463,11 +465,43 @@ def has_autoscaler() -> bool:
         from ray.autoscaler.v2.utils import is_autoscaler_v2
 
         if is_autoscaler_v2(fetch_from_server=True):
-            return True
-    except Exception:  # an older or newer Ray without this helper: the v1 report decides
+            return v2_config_can_grow()
+    except Exception:  # an older or newer Ray without these helpers: the v1 report decides
         pass
     status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
-    return bool(status) and "autoscaler_report" in json.loads(status)
+    return bool(status) and report_can_grow(json.loads(status).get("autoscaler_report"))
+
+
+def report_can_grow(report: dict | None) -> bool:
+    """Whether a v1 autoscaler report comes from a provider that can launch nodes.
+
+    The read-only provider names each node's type ``node_<node id>`` (Ray's
+    ``format_readonly_node_type``) and never launches any; a real provider names the types
+    of its config (KubeRay's worker groups, the cluster launcher's node types).
+    """
+    if not report:
+        return False
+    if report.get("pending_launches") or report.get("pending_nodes"):
+        return True
+    mapping = report.get("node_type_mapping") or {}
+    types = set(report.get("active_nodes") or {}) | set(report.get("idle_nodes") or {}) | set(mapping.values())
+    readonly = {f"node_{node_id}" for node_id in mapping}
+    return bool(types - readonly) if mapping else any(not t.startswith("node_") for t in types)
+
+
+def v2_config_can_grow() -> bool:
+    """Whether autoscaler v2's published cluster config lets some node group grow (the rule
+    Ray Data uses); without a published config, assume it can and only warn."""
+    import ray._private.state
+
+    config = ray._private.state.state.get_cluster_config()
+    if not config or not config.node_group_configs:
+        return True
+    return any(
+        group.max_count == -1 or group.max_count > group.min_count
+        for group in config.node_group_configs
+        if group.resources and group.max_count != 0
+    )
 
 
 def check_cluster_resources(cfg: Config) -> None:
