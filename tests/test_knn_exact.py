@@ -25,11 +25,15 @@ faiss = pytest.importorskip("faiss")
 knn_module = importlib.import_module("dmlray.evaluation.knn")
 
 
-@pytest.fixture(autouse=True, params=["grouped", "full-row"])
+@pytest.fixture(autouse=True, params=["threshold", "grouped", "full-row"])
 def grouping(request, monkeypatch):
-    """Runs each test twice: with the default (the grouped top-k wherever its candidates
-    fit in a row, as at these sizes) and with torch's full-row top-k only."""
+    """Runs each test three times: with the default on CPU (the threshold top-k wherever
+    k + 1 groups fit in a row, as at these sizes), with the grouped levels (GPUs, float64)
+    and with torch's full-row top-k only."""
     assert (17 + 1) * knn_module._GROUP * knn_module._GROUPED_MAX_SHARE <= 1500, "the sizes below take the grouped path"
+    assert knn_module._THRESHOLD_ON_CPU, "float32 on CPU takes the threshold top-k by default"
+    if request.param != "threshold":
+        monkeypatch.setattr(knn_module, "_THRESHOLD_ON_CPU", False)
     if request.param == "full-row":
         monkeypatch.setattr(knn_module, "_GROUPED_MAX_SHARE", 10**9)
 
@@ -153,21 +157,51 @@ def test_similarity_product_runs_on_torchs_thread_count(monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_cpu_chunks_keep_a_cache_sized_block_per_thread():
-    """On a CPU, for a gallery that fits in cache, a chunk holds about 10 MiB of scores per
-    torch thread (64 to 1024 rows); for a larger gallery, and on a GPU, up to 128 MiB."""
+def test_cpu_chunks_keep_a_cache_sized_block_for_a_small_gallery():
+    """On a CPU, for a gallery of at most 16 MiB, a chunk holds about 10 MiB of scores
+    (64 to 1024 rows) whatever the thread count; for a larger gallery up to 128 MiB in at
+    most 512 rows, on a GPU up to 128 MiB in at most 1024 rows."""
     before = torch.get_num_threads()
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     try:
-        torch.set_num_threads(1)
-        assert knn_module.auto_chunk(20_000, 4, None, cpu, 128) == 10 * 2**20 // 80_000 == 131
-        assert knn_module.auto_chunk(10_000, 4, None, cpu, 512) == 262
-        assert knn_module.auto_chunk(100_000, 4, None, cpu, 16) == 64  # at least 64 rows
-        assert knn_module.auto_chunk(1_000, 4, None, cpu, 128) == 1024  # at most 1024
-        torch.set_num_threads(2)
-        assert knn_module.auto_chunk(20_000, 4, None, cpu, 128) == 262
-        sop = 128 * 2**20 // (60_502 * 4)  # a 124 MB gallery: the large blocks
-        assert knn_module.auto_chunk(60_502, 4, None, cpu, 512) == sop == knn_module.auto_chunk(60_502, 4, None, gpu)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert knn_module.auto_chunk(20_000, 4, None, cpu, 128) == 10 * 2**20 // 80_000 == 131
+            assert knn_module.auto_chunk(100_000, 4, None, cpu, 16) == 64  # at least 64 rows
+            assert knn_module.auto_chunk(1_000, 4, None, cpu, 128) == 1024  # at most 1024
+        # a 20 MB gallery: the large blocks, capped at 512 rows on a CPU and 1024 on a GPU
+        assert knn_module.auto_chunk(10_000, 4, None, cpu, 512) == 512
+        assert knn_module.auto_chunk(10_000, 4, None, gpu) == 1024
+        sop = 128 * 2**20 // (60_502 * 4)  # a 124 MB gallery: 554 rows
+        assert (
+            knn_module.auto_chunk(60_502, 4, None, cpu, 512) == 512
+            and knn_module.auto_chunk(60_502, 4, None, gpu) == sop
+        )
         assert knn_module.auto_chunk(20_000, 4, 7, cpu, 128) == 7  # an explicit size wins
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_nan_embedding_ranks_as_torchs_sort_does_and_nothing_else_moves():
+    """NaN scores (a diverged model) rank first, as in torch's stable sort; knn neither
+    fails nor loses a real neighbour."""
+    x = tied_data(1200, 16, seed=3)  # exact products: the order is the reference's
+    x[7] = float("nan")
+    v, i = knn(x, 5)
+    rv, ri = reference(x, x, 5, loo=True)
+    assert torch.equal(i, ri)
+    assert i[0, 0] == 7 and torch.equal(v.double().nan_to_num(9.0), rv.nan_to_num(9.0))
+
+
+@pytest.mark.parametrize("k", [1, 5, 30])  # 5: reads back the picked groups; 30: compares the whole block
+def test_threshold_topk_equals_a_full_stable_sort_of_the_block(k):
+    """The threshold top-k itself, on a block with many exact ties and -inf padding."""
+    width = 64 * 40
+    assert (5 + 1) * 64 * knn_module._READ_GROUPS_SHARE <= width < (30 + 1) * 64 * knn_module._READ_GROUPS_SHARE
+    g = torch.Generator().manual_seed(k)
+    sims = torch.randint(-6, 7, (300, width), generator=g).float()
+    sims[:, -50:] = float("-inf")  # the gallery's padding columns
+    sims[3] = 2.0  # a row that is one long tie
+    v, i = knn_module._threshold_topk(sims, k, 64)
+    rv, ri = torch.sort(sims, dim=1, descending=True, stable=True)
+    assert torch.equal(i, ri[:, :k]) and torch.equal(v, rv[:, :k])

@@ -28,15 +28,16 @@ Conventions
 
 Backends
     * "torch" (default): per chunk one matmul into a reused buffer, then an exact top-k
-      only as deep as MAP@R needs (max R in the chunk). For small k the top-k is grouped
-      (``_grouped_candidates``): a max pass over groups of 64 columns picks the only
-      groups that can hold the top k, so torch's slow full-row top-k is never run; with
-      cache-sized chunks on a CPU this brings the exact search to about faiss
-      IndexFlatIP's time (bench/bench_eval.py --knn; slower for k near 100, where faiss's
-      heap pass, fused with its product, costs less than the max pass and the levels).
-      Recall@K for K above 64 (SOP's
-      K = 1000) is not read from a K-deep table: the rank of each query's best positive is
-      counted directly in the similarity block, which is exact and far cheaper.
+      only as deep as MAP@R needs (max R in the chunk). On a CPU the top-k is found by
+      threshold (``_threshold_topk``): one max pass over groups of 64 columns gives each
+      row a score that k+1 items reach, and only those few candidates are ranked, so
+      torch's slow full-row top-k is never run. On a GPU (and for float64) the grouped
+      levels of ``_grouped_candidates`` do the same job in torch calls.
+      Against faiss IndexFlatIP on the same threads see bench/bench_eval.py --knn and the
+      README: about its time at small k, faster at k = 33 on 20k x 128; the product itself
+      is the floor and takes 65-90% of the time. Recall@K for K above 64 (SOP's K = 1000)
+      is not read from a K-deep table: the rank of each query's best positive is counted
+      directly in the similarity block, which is exact and far cheaper.
     * "faiss": IndexFlatIP exact search (CPU) for the same candidates; ties and the query
       itself are handled as above; results match "torch" except where two similarities
       differ by float32 rounding only (faiss sums the products in another order).
@@ -62,19 +63,21 @@ ArrayLike = Any  # torch.Tensor or numpy array
 
 # Bytes of similarity scores one query chunk may hold (chunk x N_gallery x itemsize), and
 # bounds on its rows. On a GPU 128 MiB (the SOP test set, 60k: ~550 queries per chunk). On
-# a CPU a block that stays in cache while the grouped top-k reads it back, 10 MiB per torch
-# thread: measured on a Xeon (1 thread, 20k x 128, MKL) 128-row chunks (10 MiB) took the
-# product from 0.91 to 0.72 s and the max pass from 0.21 to 0.12 s against 1024-row ones
-# (80 MiB); 256 rows were best at 10k x 512 (10 MiB too); with 2 threads 20 MiB did better
-# at 10k x 512 (each thread takes half the rows). That holds while the gallery itself stays
-# in cache: the BLAS reads all of it for every chunk, so a gallery larger than
-# _CACHED_GALLERY_BYTES keeps the large blocks (SOP size, 60k x 512, 2 threads: 86- and
-# 256-row chunks took 13% and 5% more CPU time than 554-row ones).
+# a CPU, for a small gallery, a block of 10 MiB whatever the thread count: measured on a
+# Xeon with the threshold top-k (MKL, 20k x 128, k = 1 / 33), 128-row chunks (10 MiB) took
+# 1.07 / 1.26 s at 1 thread and 0.57 / 0.71 s at 2, against 1.26 / 1.48 s and 0.67 / 0.86 s
+# for 512 rows. A gallery larger than _CACHED_GALLERY_BYTES keeps the large blocks, where
+# the product gains more than the top-k loses, up to 512 rows: 10k x 512 (20 MB) took
+# 1.04 / 1.06 / 1.15x faiss's time (k = 1 / 10 / 100, 2 threads) in 512-row chunks, against
+# 1.12 / 1.13 / 1.21x in 256 rows and 1.06 / 1.11 / 1.24x in 1024 (1 thread: 0.93 / 1.02 s
+# for k = 1 / 100 in 512 rows, 0.89 / 1.05 s in 1024); at SOP size (60k x 512, 2 threads)
+# 86- and 256-row chunks took 13% and 5% more CPU time than 554-row ones.
 _DEFAULT_CHUNK_BYTES = 128 * 1024 * 1024
 _CPU_CHUNK_BYTES = 10 * 1024 * 1024
 _MIN_CPU_CHUNK_ROWS = 64
-_CACHED_GALLERY_BYTES = 32 * 1024 * 1024
+_CACHED_GALLERY_BYTES = 16 * 1024 * 1024
 _MAX_CHUNK_ROWS = 1024
+_MAX_CPU_CHUNK_ROWS = 512
 # Columns per group of the grouped top-k (``_grouped_candidates``): 64 keeps the max pass
 # at memory speed while (k + 1) x 64 candidates stay few next to N for small k.
 _GROUP = 64
@@ -84,6 +87,13 @@ _FANOUT = 8
 # measured (bench_eval --knn, 1 thread): grouping is faster than the full-row top-k up
 # to there (k = 100 at N = 10k: 1.43 s against 1.54 s; k = 33 at 20k: 1.50 against 1.87).
 _GROUPED_MAX_SHARE = 1
+# On CPU, float32 blocks take the threshold top-k (``_threshold_topk``); the grouped levels
+# stay for GPUs and float64 (and for tests of that path).
+_THRESHOLD_ON_CPU = True
+# The threshold top-k reads back only the groups that may hold candidates while they are at
+# most 1 / this of a row, else compares the whole block (measured at 10k x 512, 1 thread:
+# for k = 10 the groups took 0.024 s against 0.035 s, for k = 100 0.14 s against 0.086 s).
+_READ_GROUPS_SHARE = 4
 
 
 # --------------------------------------------------------------------------- inputs
@@ -141,10 +151,11 @@ def auto_chunk(
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         return int(chunk_size)
     row_bytes = max(1, n_gallery * itemsize)
-    if device is not None and device.type == "cpu" and n_gallery * dim * itemsize <= _CACHED_GALLERY_BYTES:
-        block = _CPU_CHUNK_BYTES * torch.get_num_threads()
-        return max(_MIN_CPU_CHUNK_ROWS, min(_MAX_CHUNK_ROWS, block // row_bytes))
-    return max(1, min(_MAX_CHUNK_ROWS, _DEFAULT_CHUNK_BYTES // row_bytes))
+    if device is None or device.type != "cpu":
+        return max(1, min(_MAX_CHUNK_ROWS, _DEFAULT_CHUNK_BYTES // row_bytes))
+    if n_gallery * dim * itemsize <= _CACHED_GALLERY_BYTES:
+        return max(_MIN_CPU_CHUNK_ROWS, min(_MAX_CHUNK_ROWS, _CPU_CHUNK_BYTES // row_bytes))
+    return max(1, min(_MAX_CPU_CHUNK_ROWS, _DEFAULT_CHUNK_BYTES // row_bytes))
 
 
 # ----------------------------------------------------------------------- neighbours
@@ -173,7 +184,8 @@ def _select_exact(
     row's similarities, given by ``sims_of_rows(row_ids)``.
     """
     vals, idx = _order_topk(cand_vals, cand_idx)
-    tied = (vals[:, k - 1] == vals[:, k]).nonzero().flatten()
+    # a NaN k-th score (a diverged model) cuts a run of NaNs, which never compare equal
+    tied = ((vals[:, k - 1] == vals[:, k]) | vals[:, k - 1].isnan()).nonzero().flatten()
     vals, idx = vals[:, :k].contiguous(), idx[:, :k].contiguous()
     if tied.numel():
         full = sims_of_rows(tied)
@@ -290,6 +302,83 @@ def _grouped_candidates(sims: torch.Tensor, m: int, group: int) -> tuple[torch.T
             return vals, picked
 
 
+_SIGN_BIT = np.uint32(0x80000000)
+_LOW_32 = np.uint64(0xFFFFFFFF)
+_NO_KEY = np.uint64(2**64 - 1)
+
+
+def _descending_keys(values: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """uint64 keys whose ascending order is (value descending, column ascending).
+
+    The high half holds the float32's bits mapped to unsigned integers in the order of
+    the floats (sign bit set for positives, all bits flipped for negatives), then
+    inverted; the low half holds the column. One integer sort then gives the ranking
+    with the lower-index tie-break, and the column is read back from the key.
+    """
+    bits = values.view(np.uint32)
+    ordered = np.where(bits & _SIGN_BIT, ~bits, bits | _SIGN_BIT)
+    return ((~ordered).astype(np.uint64) << np.uint64(32)) | columns.astype(np.uint64)
+
+
+def _threshold_topk(sims: torch.Tensor, k: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of a float32 CPU similarity block, ties to the lower index, by threshold.
+
+    A row is cut into groups of ``group`` consecutive columns and t is the (k+1)-th
+    largest group maximum: the k+1 groups whose maxima are >= t hold k+1 distinct items
+    >= t, so every item of the row's top k+1 is >= t, and it lies in a group whose maximum
+    is >= t. Only items >= t are kept (``_ranked_columns``): on clustered embeddings about
+    1.6 (k+1) per row. Where the k-th kept score equals t, items equal to t may also sit
+    in unread groups whose maximum is t; those rows (rare with real-valued embeddings) and
+    rows with NaN scores (NaN ranks first, as in torch's sort) are redone by a full stable
+    sort.
+    Measured against the levels of ``_grouped_candidates`` (10k x 512, 1 thread): 0.26 s
+    against 0.51 s for k = 100.
+    """
+    rows, width = sims.shape
+    maxima = sims.view(rows, width // group, group).amax(2).numpy()
+    columns, thresholds, incomplete = _ranked_columns(sims.numpy(), maxima, k, group)
+    idx = torch.from_numpy(columns)
+    vals = torch.gather(sims, 1, idx)
+    redo = torch.from_numpy(incomplete | (vals[:, k - 1].numpy() <= thresholds)).nonzero().flatten()
+    if redo.numel():
+        v, i = torch.sort(sims[redo], dim=1, descending=True, stable=True)
+        vals[redo] = v[:, :k]
+        idx[redo] = i[:, :k]
+    return vals, idx
+
+
+def _ranked_columns(
+    scores: np.ndarray, maxima: np.ndarray, k: int, group: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each row of ``scores`` (with its ``group`` maxima): the columns of its k best
+    items >= t in (score desc, column asc) order, t, and whether the row had fewer than k
+    items >= t or a NaN score (see ``_threshold_topk``)."""
+    rows, width = scores.shape
+    n_groups = maxima.shape[1]
+    t = np.partition(maxima, n_groups - k - 1, axis=1)[:, n_groups - k - 1]
+    if (k + 1) * group * _READ_GROUPS_SHARE <= width:
+        # few groups hold candidates: read back only those
+        picked = np.flatnonzero(maxima >= t[:, None])  # row * n_groups + group, ascending
+        blocks = scores.reshape(-1, group)[picked]
+        row_of_block = picked // n_groups
+        hits = np.flatnonzero(blocks >= t[row_of_block][:, None])
+        block = hits // group
+        row = row_of_block[block]
+        keys = _descending_keys(blocks.reshape(-1)[hits], (picked[block] % n_groups) * group + hits % group)
+    else:
+        # most groups do: one vectorised comparison of the whole block costs less
+        hits = np.flatnonzero(scores >= t[:, None])
+        row = hits // width
+        keys = _descending_keys(scores.reshape(-1)[hits], hits % width)
+    counts = np.bincount(row, minlength=rows)
+    starts = np.cumsum(counts) - counts
+    ranked = np.full((rows, max(k, int(counts.max()))), _NO_KEY)
+    ranked[row, np.arange(hits.size) - starts[row]] = keys
+    ranked.sort(axis=1)
+    columns = np.minimum(ranked[:, :k] & _LOW_32, width - 1).astype(np.int64)
+    return columns, t, (counts < k) | np.isnan(maxima).any(1)
+
+
 def _topk_of_sims(sims: torch.Tensor, k: int, n_valid: int, group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of a similarity block, ties to the lower index.
 
@@ -299,6 +388,14 @@ def _topk_of_sims(sims: torch.Tensor, k: int, n_valid: int, group: int = 0) -> t
     if k >= n_valid:
         v, i = torch.sort(sims, dim=1, descending=True, stable=True)
         return v[:, :k], i[:, :k]
+    if (
+        _THRESHOLD_ON_CPU
+        and group
+        and sims.device.type == "cpu"
+        and sims.dtype == torch.float32
+        and k + 1 <= sims.shape[1] // group
+    ):
+        return _threshold_topk(sims, k, group)
     if group and (k + 1) * group * _GROUPED_MAX_SHARE <= sims.shape[1]:
         cand_vals, cand_idx = _grouped_candidates(sims, k + 1, group)
     else:
