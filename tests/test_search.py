@@ -113,6 +113,22 @@ def test_engine_ranks_a_gallery_image_first_and_matches_the_index():
         assert [h.score for h in row] == pytest.approx((1 - distance[order]).tolist(), abs=1e-9)
 
 
+def test_k_reciprocal_refuses_a_gallery_over_its_cap_naming_both_and_the_way_out(monkeypatch):
+    from dmlray.serving import search
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((12, 8)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    keys = [f"g{i}" for i in range(12)]
+    index = build_index(emb, np.arange(12) % 3, keys, "exact")
+    engine = SearchEngine(torch.nn.Linear(8, 8), torch.as_tensor, index, torch.device("cpu"), {})
+    monkeypatch.setattr(search, "MAX_KRECIPROCAL_GALLERY", 11)
+    err = refused(engine.search, emb[:1], 3, "kreciprocal")
+    assert err.status == 400 and "at most 11 items" in err.message and "holds 12" in err.message
+    assert "rerank=aqe" in err.message
+    assert engine.search(emb[:1], 3, "aqe")[0][0].key == "g0"  # αQE has no cap
+
+
 def test_the_deployment_carries_urls_only_and_no_runtime_env(monkeypatch):
     pytest.importorskip("ray.serve", reason="needs ray[serve]")
     from dmlray.serving.app import app_builder, build_app

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from scipy import sparse
 
+from dmlray.evaluation.knn import _topk_of_sims
 from dmlray.evaluation.rerank import _float
 
 
@@ -61,7 +62,9 @@ class KReciprocalGallery:
         for start in range(0, n, chunk):
             raw = (2 - 2 * self.g[start : start + chunk] @ self.g.T).clamp_min(0)
             high = raw.max(1).values
-            order = torch.sort(raw / high[:, None].clamp_min(1e-12), dim=1, stable=True).indices[:, : self.need]
+            # each row's `need` nearest in a stable ascending sort's order (ties to the lower
+            # index): the exact top-k of the negated distances, not a sort of every row
+            order = _topk_of_sims(-(raw / high[:, None].clamp_min(1e-12)), self.need, n)[1]
             self.top.extend((order + 1).tolist())
             raw_top.append(raw.gather(1, order))
             row_max.append(high)
