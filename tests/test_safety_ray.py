@@ -49,13 +49,11 @@ def small_run(data: str, storage: Path, steps: int, *extra: str):
 
 
 def wait_for_autoscaler_report(timeout_s: float) -> None:
-    from ray._private import ray_constants
-    from ray.experimental.internal_kv import _internal_kv_get
+    from dmlray.jobs.launch import autoscaler_report
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
-        if status and "autoscaler_report" in json.loads(status):
+        if autoscaler_report() is not None:
             return
         time.sleep(0.5)
     raise AssertionError(f"the head's monitor published no autoscaler report in {timeout_s} s")

@@ -458,9 +458,6 @@ def has_autoscaler() -> bool:
     then drives a read-only provider, whose report is :func:`report_can_grow`'s to tell apart.
     Autoscaler v2 marks itself in the store and publishes its node groups' limits.
     """
-    from ray._private import ray_constants
-    from ray.experimental.internal_kv import _internal_kv_get
-
     try:
         from ray.autoscaler.v2.utils import is_autoscaler_v2
 
@@ -468,8 +465,16 @@ def has_autoscaler() -> bool:
             return v2_config_can_grow()
     except Exception:  # an older or newer Ray without these helpers: the v1 report decides
         pass
+    return report_can_grow(autoscaler_report())
+
+
+def autoscaler_report() -> dict | None:
+    """The (v1) autoscaler report the head's monitor last published, None before its first."""
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
     status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
-    return bool(status) and report_can_grow(json.loads(status).get("autoscaler_report"))
+    return json.loads(status).get("autoscaler_report") if status else None
 
 
 def report_can_grow(report: dict | None) -> bool:
