@@ -29,7 +29,9 @@ the floor: the chunked similarity matmul alone, into a reused buffer. It prints 
 medians, ours / faiss and ours / floor, and whether the neighbours are identical. Ties:
 dmlray ranks equal scores by the lower index; faiss lists them highest index first and keeps
 a block-order-dependent subset at the k-th score, so where indices differ the scores must be
-equal (within 1e-5: faiss sums the products in another order).
+equal (within 1e-5: faiss sums the products in another order). A size written ``NxDq``
+rounds the embeddings to integers (x sqrt(D)): exact products, many exactly tied scores, as
+with duplicate images or quantised codes.
 """
 
 from __future__ import annotations
@@ -186,8 +188,11 @@ def knn_table(sizes: str, per_class: float, seed: int, repeat: int, threads: int
     )
     for spec in sizes.split(";"):
         shape, ks = spec.split(":")
-        n, dim = (int(v) for v in shape.split("x"))
+        quantised = shape.endswith("q")
+        n, dim = (int(v) for v in shape.removesuffix("q").split("x"))
         x, _ = make_data(n, dim, per_class, seed)
+        if quantised:  # integer levels: exact products, many exactly tied scores (duplicates, binary codes)
+            x = np.round(x * np.sqrt(dim)).astype(np.float32)
         xt = torch.from_numpy(x)
         index = faiss.IndexFlatIP(dim)
         index.add(x)
@@ -214,7 +219,8 @@ def knn_table(sizes: str, per_class: float, seed: int, repeat: int, threads: int
             if unexplained:
                 check = f"{int(differ.sum())} differ, {unexplained} NOT explained by ties"
             print(
-                f"{n:>6} x {dim:<4} {k:>5} {med['ours']:8.3f} {med['faiss']:8.3f} {med['floor']:8.3f} "
+                f"{n:>6} x {dim:<3}{'q' if quantised else ' '} {k:>5} "
+                f"{med['ours']:8.3f} {med['faiss']:8.3f} {med['floor']:8.3f} "
                 f"{med['ours'] / med['faiss']:10.2f} {med['ours'] / med['floor']:10.2f}  {check}",
                 flush=True,
             )
@@ -293,8 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--knn", action="store_true", help="time the exact k-NN alone against faiss and the matmul floor")
     p.add_argument(
         "--sizes",
-        default="10000x512:1,10,100;20000x128:1,10,33;60502x512:1,16",
-        help="--knn: 'NxD:k,k;...' (default: the quick size, 20k x 128, SOP size)",
+        default="10000x512:1,10,100;20000x128:1,10,33;60502x512:1,16;10000x32q:1,10,100",
+        help="--knn: 'NxD:k,k;...', NxDq for embeddings quantised to integers, with many exactly tied "
+        "scores (default: the quick size, 20k x 128, SOP size, 10k quantised 32-d)",
     )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
