@@ -60,6 +60,7 @@ SERIAL_MODULES = {"test_secrets"}
 NO_RAY_MODULES = {
     "test_data_s3",
     "test_datasets",
+    "test_loss_terms",
     "test_loss_training",
     "test_models",
     "test_pk_stream",
