@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from dmlray.devtools.ports import HOST, free_ports
-from dmlray.devtools.seaweed import server_command, wait_writable, write_identities
+from dmlray.devtools.seaweed import TERM_GRACE_S, server_command, wait_writable, write_identities
 from dmlray.owner_only import write_owner_only
 
 STATE_FILE = "cluster.json"
@@ -175,6 +175,15 @@ def temp_dir_for(folder: Path) -> str:
     """A short, per-cluster Ray temp dir: /tmp/dmlray-<hash of the state folder>."""
     digest = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:10]
     return f"{TEMP_ROOT}/dmlray-{digest}"
+
+
+def node_temp_dir(head_temp_dir: str, name: str) -> str:
+    """A worker node's own Ray temp dir beside the head's (ray-worker-0: <head's>-w0).
+
+    Without one a node shares the head's session folder, and every node's log monitor then
+    forwards every worker's output: a job's log showed each line once per node.
+    """
+    return f"{head_temp_dir}-w{name.rsplit('-', 1)[-1]}"
 
 
 def load_state(folder: str | Path) -> dict:
@@ -356,11 +365,13 @@ def start_worker_node(
     A node that dies while registering (a loaded host) is started again, up to `attempts`
     times in all; `others` are the cluster's processes that must stay alive meanwhile.
     """
+    temp_dir = node_temp_dir(ray["temp_dir"], name)
     cmd_base = [
         _bin("ray"),
         "start",
         f"--address={ray['address']}",
         f"--num-cpus={ray.get('worker_cpus', 1)}",
+        f"--temp-dir={temp_dir}",
         *NODE_FLAGS,
     ]
     env = {**env, **ray_auth_env(ray)}
@@ -368,6 +379,7 @@ def start_worker_node(
         ports = _ray_node_ports()
         proc = _spawn(name, [*cmd_base, *(f"--{k}={v}" for k, v in ports.items())], env, folder / "logs")
         proc["ports"] = ports
+        proc["temp_dir"] = temp_dir
         try:
             wait_for_nodes(ray, expected, [*others, proc], timeout, port=ports["node-manager-port"])
         except RuntimeError:  # this node exited while registering: stop what is left, try again
@@ -485,6 +497,12 @@ def node_env(state: dict) -> dict[str, str]:
     submitter's), this interpreter's bin folder first on PATH, no other cluster's address."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_"))}
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Ray 2.60's `ray start --block` drains its node on SIGTERM, for up to 30 s, until no
+    # worker holds a lease: a head that ran a job, or a node with training workers, then
+    # outlives `down`'s SIGTERM timeout and is killed anyway (down took 20 s instead of
+    # a few). Here SIGTERM means the whole cluster (or a lost machine) goes: nothing to
+    # hand over. An explicit setting in the caller's environment is kept.
+    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(s3_env(state.get("s3")))
     if state.get("ray"):
@@ -519,7 +537,7 @@ def restart_seaweedfs(folder: str | Path, pause_s: float = 0.0, timeout: float =
     folder = Path(folder).resolve()
     state = load_state(folder)
     old = next(p for p in state["processes"] if p["name"] == "seaweedfs")
-    if stop_processes([old], timeout=5.0):
+    if stop_processes([old], timeout=TERM_GRACE_S):
         raise RuntimeError(f"could not stop seaweedfs (pid {old['pid']})")
     time.sleep(pause_s)
     proc = _spawn("seaweedfs", old["cmd"], dict(os.environ), folder / "logs")
@@ -543,13 +561,14 @@ def down(folder: str | Path, timeout: float = 15.0, keep_temp: bool = False) -> 
     procs = state["processes"]
     ray_procs = [p for p in reversed(procs) if p["name"].startswith("ray-")]
     others = [p for p in procs if not p["name"].startswith("ray-")]
-    # weed often ignores SIGTERM for a long while; nothing is lost by killing it sooner
-    left = stop_processes(ray_procs, timeout) + stop_processes(others, min(timeout, 5.0))
+    # weed does not stop on SIGTERM (see TERM_GRACE_S); nothing is lost by killing it sooner
+    left = stop_processes(ray_procs, timeout) + stop_processes(others, min(timeout, TERM_GRACE_S))
     if left:
         raise RuntimeError(f"could not stop {[(p['name'], p['pid']) for p in left]}")
-    temp = state.get("ray", {}).get("temp_dir")
-    if temp and not keep_temp and Path(temp).name.startswith("dmlray-"):
-        shutil.rmtree(temp, ignore_errors=True)
+    temps = [state.get("ray", {}).get("temp_dir"), *(p.get("temp_dir") for p in procs)]
+    for temp in temps:
+        if temp and not keep_temp and Path(temp).name.startswith("dmlray-"):
+            shutil.rmtree(temp, ignore_errors=True)
     (folder / STATE_FILE).unlink()
     (folder / ENV_FILE).unlink(missing_ok=True)
     return left

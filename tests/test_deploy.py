@@ -23,6 +23,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -872,26 +873,71 @@ def test_local_cluster_up_and_down(local_ray_cluster, tmp_path):
     with pytest.raises(botocore.exceptions.ClientError):
         wrong.list_buckets()
 
-    # a job sees the S3 endpoint and credentials, and this venv's dmlray on PATH
-    probe = (
-        'python -c "import boto3, shutil; '
-        "print('buckets', [b['Name'] for b in boto3.client('s3').list_buckets()['Buckets']], "
-        "'dmlray', shutil.which('dmlray'))\""
-    )
-    job = submit_ray_job(state, probe, timeout=300)
+    # a job sees the S3 endpoint and credentials, and this venv's dmlray on PATH; what its
+    # tasks print reaches the job's log once, whichever node ran them (nodes that shared
+    # the head's session folder forwarded every worker's lines once per node)
+    probe_dir = tmp_path / "probe"
+    probe_dir.mkdir()
+    (probe_dir / "probe.py").write_text(PROBE_JOB)
+    runtime_env = {"working_dir": str(probe_dir), "env_vars": {"RAY_DEDUP_LOGS": "0"}}
+    job = submit_ray_job(state, "python probe.py", timeout=300, runtime_env=runtime_env)
     assert job.returncode == 0, job.stdout + job.stderr
     assert f"'{state['s3']['bucket']}'" in job.stdout and str(Path(sys.executable).parent / "dmlray") in job.stdout
+    task_lines = [line for line in job.stdout.splitlines() if "probe-task" in line and "(" in line]
+    assert sorted(line.split("probe-task ")[1].split()[0] for line in task_lines) == ["0", "1", "2", "3"], job.stdout
+    assert len({line.split("probe-task ")[1].split()[1] for line in task_lines}) == 2, "the tasks ran on both nodes"
+    worker_temp = procs[2]["temp_dir"]
+    assert worker_temp != state["ray"]["temp_dir"] and len(worker_temp) < 40
 
-    # down stops exactly the recorded processes, their groups included, and cleans up
+    # down stops exactly the recorded processes, their groups included, and cleans up. It
+    # does not wait out Ray's SIGTERM drain (up to 30 s on a node that ran a job), so
+    # nothing needs the SIGKILL that follows the 60 s timeout given here.
     script = ROOT / "cluster" / "local_cluster.py"
+    started = time.monotonic()
     down = subprocess.run(
-        [sys.executable, str(script), "down", "--dir", str(folder)], capture_output=True, text=True, timeout=120
+        [sys.executable, str(script), "down", "--dir", str(folder), "--timeout", "60"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert down.returncode == 0, down.stdout + down.stderr
+    assert time.monotonic() - started < 25, "down waited for Ray's drain"
     for proc in procs:
         assert not local_cluster._alive(proc), f"{proc['name']} (pid {proc['pid']}) survived down"
     assert not (folder / local_cluster.STATE_FILE).exists()
-    assert not Path(state["ray"]["temp_dir"]).exists()
+    assert not Path(state["ray"]["temp_dir"]).exists() and not Path(worker_temp).exists()
+
+
+# the job of test_local_cluster_up_and_down: S3 and PATH as a job sees them, four tasks
+# that print a line each (one CPU per node: they take both nodes), and an actor on every
+# node left running
+PROBE_JOB = """
+import shutil, time
+import boto3, ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+print("buckets", [b["Name"] for b in boto3.client("s3").list_buckets()["Buckets"]], "dmlray", shutil.which("dmlray"))
+ray.init()
+
+@ray.remote(num_cpus=1)
+def task(i):
+    time.sleep(1.0)
+    print("probe-task", i, ray.get_runtime_context().get_node_id(), flush=True)
+
+ray.get([task.remote(i) for i in range(4)])
+time.sleep(2.0)  # the log monitors forward the tasks' lines to this driver meanwhile
+
+@ray.remote(num_cpus=0)
+class Service:  # outlives the job, as a Serve application would: its nodes are never idle
+    def ping(self):
+        return "pong"
+
+for node in ray.nodes():
+    service = Service.options(
+        lifetime="detached", scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+    ).remote()
+    assert ray.get(service.ping.remote()) == "pong"
+"""
 
 
 # ------------------------------------------------------------------ elastic runs on spot GPUs
