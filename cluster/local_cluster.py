@@ -498,9 +498,9 @@ def node_env(state: dict) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_"))}
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     # Ray 2.60's `ray start --block` drains its node on SIGTERM, for up to 30 s, until no
-    # worker holds a lease: a head that ran a job, or a node with training workers, then
-    # outlives `down`'s SIGTERM timeout and is killed anyway (down took 20 s instead of
-    # a few). Here SIGTERM means the whole cluster (or a lost machine) goes: nothing to
+    # worker holds a lease: a node still running an actor or training workers outlived
+    # `down`'s SIGTERM timeout and was killed anyway (down took 20 s instead of a few).
+    # Here SIGTERM means the whole cluster (or a lost machine) goes: there is nothing to
     # hand over. An explicit setting in the caller's environment is kept.
     env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
