@@ -883,15 +883,19 @@ def test_local_cluster_up_and_down(local_ray_cluster, tmp_path):
     job = submit_ray_job(state, "python probe.py", timeout=300, runtime_env=runtime_env)
     assert job.returncode == 0, job.stdout + job.stderr
     assert f"'{state['s3']['bucket']}'" in job.stdout and str(Path(sys.executable).parent / "dmlray") in job.stdout
-    task_lines = [line for line in job.stdout.splitlines() if "probe-task" in line and "(" in line]
-    assert sorted(line.split("probe-task ")[1].split()[0] for line in task_lines) == ["0", "1", "2", "3"], job.stdout
-    assert len({line.split("probe-task ")[1].split()[1] for line in task_lines}) == 2, "the tasks ran on both nodes"
+    printed = [  # (task, node) of each task line in the job's log
+        line.split("probe-task ")[1].split()[:2]
+        for line in job.stdout.splitlines()
+        if "probe-task" in line and "(" in line
+    ]
+    assert sorted(task for task, _ in printed) == ["0", "1", "2", "3"], job.stdout
+    assert len({node for _, node in printed}) == 2, "the tasks ran on both nodes"
     worker_temp = procs[2]["temp_dir"]
     assert worker_temp != state["ray"]["temp_dir"] and len(worker_temp) < 40
 
     # down stops exactly the recorded processes, their groups included, and cleans up. It
-    # does not wait out Ray's SIGTERM drain (up to 30 s on a node that ran a job), so
-    # nothing needs the SIGKILL that follows the 60 s timeout given here.
+    # does not wait out Ray's SIGTERM drain (up to 30 s on a node still running an actor,
+    # as the job left on each), so nothing needs the SIGKILL after the 60 s timeout here.
     script = ROOT / "cluster" / "local_cluster.py"
     started = time.monotonic()
     down = subprocess.run(
