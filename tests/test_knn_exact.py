@@ -205,3 +205,87 @@ def test_threshold_topk_equals_a_full_stable_sort_of_the_block(k):
     v, i = knn_module._threshold_topk(sims, k, 64)
     rv, ri = torch.sort(sims, dim=1, descending=True, stable=True)
     assert torch.equal(i, ri[:, :k]) and torch.equal(v, rv[:, :k])
+
+
+@pytest.fixture
+def streams(monkeypatch):
+    """Forces the number of chunk streams of the torch backend (``_chunk_workers``)."""
+
+    def force(n: int) -> None:
+        monkeypatch.setattr(knn_module, "_chunk_workers", lambda *args: n)
+
+    return force
+
+
+def test_two_chunk_streams_give_the_single_streams_results(streams):
+    """Two chunks in flight (each with its own buffer) change nothing: the same neighbours,
+    scores and metrics, also where the consumer counts ranks in the chunk's similarity
+    block (K > 64) while the next chunk is being computed into the other buffer."""
+    from dmlray.evaluation import retrieval_metrics
+
+    x = tied_data(700, 10, seed=11)
+    y = torch.randint(0, 30, (700,), generator=torch.Generator().manual_seed(11))
+    out = {}
+    for n in (1, 2):
+        streams(n)
+        metrics = retrieval_metrics(x, y, ks=(1, 4, 100, 300), nmi=False, chunk_size=64)
+        out[n] = (knn(x, 9, chunk_size=50), metrics)
+    (v1, i1), m1 = out[1]
+    (v2, i2), m2 = out[2]
+    assert torch.equal(i1, i2) and torch.equal(v1, v2) and m1 == m2
+    rv, ri = reference(x, x, 9, loo=True)
+    assert torch.equal(i2, ri)
+    # recall@300 from the reference's full ranking: the counting path read the right blocks
+    _, order = reference(x, x, 699, loo=True)
+    hit = (y[order] == y[:, None]).cumsum(1) > 0
+    assert m2["recall@300"] == pytest.approx(float(hit[:, 299].double().mean()), abs=1e-12)
+
+
+def test_two_chunk_streams_leave_torchs_threads_as_they_were(streams):
+    """The streams run on half of torch's threads each; torch's thread count is restored
+    when the search ends, when its consumer stops early and when a chunk fails, and no
+    search thread is left running."""
+    import threading
+
+    streams(2)
+    x = tied_data(600, 8, seed=4)
+    before = torch.get_num_threads()
+    knn(x, 3, chunk_size=64)
+    assert torch.get_num_threads() == before
+    chunks = knn_module._iter_topk(x, x, True, lambda a, b: 3, 64, "torch")
+    next(chunks)
+    chunks.close()
+    assert torch.get_num_threads() == before
+    real = knn_module._topk_of_sims
+
+    def fails_on_a_later_chunk(sims, k, n_valid, group):
+        if sims.shape[0] == 24:  # the last chunk of 600 rows in 64s
+            raise RuntimeError("selection failed")
+        return real(sims, k, n_valid, group)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(knn_module, "_topk_of_sims", fails_on_a_later_chunk)
+        with pytest.raises(RuntimeError, match="selection failed"):
+            knn(x, 3, chunk_size=64)
+    assert torch.get_num_threads() == before
+    assert not [t for t in threading.enumerate() if t.name.startswith("dmlray-knn")]
+
+
+def test_chunk_streams_where_the_selection_weighs():
+    """Two streams on a multi-threaded CPU for float32 blocks where the selection is a large
+    share (a gallery past the cached size, or k large enough that the whole block is
+    compared), else one (a small gallery at small k, float64, one thread, a GPU)."""
+    before = torch.get_num_threads()
+    cpu, f32 = torch.device("cpu"), torch.float32
+    big = knn_module._CACHED_GALLERY_BYTES + 1
+    try:
+        torch.set_num_threads(2)
+        assert knn_module._chunk_workers(f32, cpu, big, 10_048, 1) == 2  # 10k x 512
+        assert knn_module._chunk_workers(f32, cpu, 10_000 * 32 * 4, 10_048, 100) == 2  # whole block
+        assert knn_module._chunk_workers(f32, cpu, 20_000 * 128 * 4, 20_032, 33) == 1  # groups read back
+        assert knn_module._chunk_workers(torch.float64, cpu, big, 10_048, 1) == 1
+        assert knn_module._chunk_workers(f32, torch.device("cuda"), big, 10_048, 100) == 1
+        torch.set_num_threads(1)
+        assert knn_module._chunk_workers(f32, cpu, big, 10_048, 100) == 1
+    finally:
+        torch.set_num_threads(before)

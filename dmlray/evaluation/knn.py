@@ -32,12 +32,18 @@ Backends
       threshold (``_threshold_topk``): one max pass over groups of 64 columns gives each
       row a score that k+1 items reach, and only those few candidates are ranked, so
       torch's slow full-row top-k is never run. On a GPU (and for float64) the grouped
-      levels of ``_grouped_candidates`` do the same job in torch calls.
+      levels of ``_grouped_candidates`` do the same job in torch calls. The threshold
+      top-k is mostly single-threaded numpy, so on a CPU with several threads, where it
+      weighs (a gallery over 16 MiB, or k so large that the whole block is compared), two
+      chunks are searched at once, each in its own thread on half of torch's threads
+      (``_chunk_workers``): one chunk's selection overlaps the other's product. torch's
+      thread count is process wide: meanwhile, torch calls of other threads get half too.
       Against faiss IndexFlatIP on the same threads see bench/bench_eval.py --knn and the
-      README: about its time at small k, faster at k = 33 on 20k x 128; the product itself
-      is the floor and takes 65-90% of the time. Recall@K for K above 64 (SOP's K = 1000)
-      is not read from a K-deep table: the rank of each query's best positive is counted
-      directly in the similarity block, which is exact and far cheaper.
+      README: about its time (0.98-1.05x) where the product is most of the work, faster
+      for a small gallery at small k; the product itself is the floor. Recall@K for K
+      above 64 (SOP's K = 1000) is not read from a K-deep table: the rank of each
+      query's best positive is counted directly in the similarity block, which is exact
+      and far cheaper.
     * "faiss": IndexFlatIP exact search (CPU) for the same candidates; ties and the query
       itself are handled as above; results match "torch" except where two similarities
       differ by float32 rounding only (faiss sums the products in another order).
@@ -51,7 +57,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -523,26 +531,109 @@ def _iter_topk(
     """
     backend = resolve_backend(backend)
     chunk = min(auto_chunk(g.shape[0], g.element_size(), chunk_size, g.device, g.shape[1]), q.shape[0])
-    faiss_index = _FaissIndex(g) if backend == "faiss" else None
-    g_padded = None if faiss_index is not None else _padded_gallery(g, _GROUP)
-    buf = None if g_padded is None else torch.empty(chunk, g_padded.shape[0], dtype=g.dtype, device=g.device)
     n_valid = g.shape[0] - (1 if leave_one_out else 0)
-    with torch.no_grad(), _blas_threads(g.device) as numpy_blas:
+    if backend == "torch":
+        yield from _iter_torch_topk(q, g, leave_one_out, k_for_chunk, chunk)
+        return
+    faiss_index = _FaissIndex(g)
+    with torch.no_grad():
         for start in range(0, q.shape[0], chunk):
             stop = min(start + chunk, q.shape[0])
             k = min(int(k_for_chunk(start, stop)), n_valid)
-            if faiss_index is not None:
-                if k <= 0:
-                    v = torch.empty(stop - start, 0, dtype=q.dtype, device=q.device)
-                    yield start, stop, v, v.long(), None
-                    continue
-                v, i = faiss_index.chunk_topk(q[start:stop], start, k, leave_one_out)
-                yield start, stop, v, i, None
-            else:
-                assert buf is not None and g_padded is not None, "the torch backend has a similarity buffer"
-                padded = _torch_chunk_sims(q[start:stop], g_padded, g.shape[0], start, leave_one_out, buf, numpy_blas)
-                v, i = _topk_of_sims(padded, max(k, 0), n_valid, _GROUP)
-                yield start, stop, v, i, padded[:, : g.shape[0]]
+            if k <= 0:
+                v = torch.empty(stop - start, 0, dtype=q.dtype, device=q.device)
+                yield start, stop, v, v.long(), None
+                continue
+            v, i = faiss_index.chunk_topk(q[start:stop], start, k, leave_one_out)
+            yield start, stop, v, i, None
+
+
+def _chunk_workers(sims_dtype: torch.dtype, device: torch.device, gallery_bytes: int, width: int, k: int) -> int:
+    """Chunks searched at once: 2 where the selection is a large part of the work on a
+    multi-threaded CPU, else 1.
+
+    The threshold top-k of a float32 CPU block is mostly single-threaded numpy, so while
+    one chunk is being selected a product on several threads would leave all but one
+    core idle. Two chunks in flight, each on half the threads, keep them busy; but each
+    product then runs on fewer threads, and for a small gallery in small chunks at small
+    k that costs more than the overlap gains. Measured on 2 cores, one stream against two
+    interleaved in one process (median of 9; SOP size 3), as ratios to faiss IndexFlatIP's
+    time: 10,000 x 512 k = 1 / 10 / 100 1.05 / 1.07 / 1.21 -> 1.02 / 0.99 / 0.99, SOP
+    size (60,502 x 512) k = 1 / 16 1.09 / 1.13 -> 0.99 / 1.00, 10,000 x 32 quantised
+    k = 100 1.14 -> 0.93; but 20,000 x 128 k = 1 / 33 0.91 / 0.91 -> 1.07 / 1.01 and
+    10,000 x 32 quantised k = 1 0.79 -> 0.98, which stay at one stream.
+    """
+    if device.type != "cpu" or sims_dtype != torch.float32 or torch.get_num_threads() < 2:
+        return 1
+    whole_block = (k + 1) * _GROUP * _READ_GROUPS_SHARE > width
+    return 2 if whole_block or gallery_bytes > _CACHED_GALLERY_BYTES else 1
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` meanwhile (it is process wide: a torch op
+    that another thread runs meanwhile gets ``n`` threads too)."""
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n != before:
+            torch.set_num_threads(before)
+
+
+def _iter_torch_topk(
+    q: torch.Tensor,
+    g: torch.Tensor,
+    leave_one_out: bool,
+    k_for_chunk: Callable[[int, int], int],
+    chunk: int,
+) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """_iter_topk's torch backend: per chunk one product into a reused buffer, then the
+    exact top-k; on a multi-core CPU two chunks at a time, each on its own thread
+    (``_chunk_workers``), and yielded in order."""
+    g_padded = _padded_gallery(g, _GROUP)
+    n_valid = g.shape[0] - (1 if leave_one_out else 0)
+    starts = range(0, q.shape[0], chunk)
+    depths = [max(min(int(k_for_chunk(a, min(a + chunk, q.shape[0]))), n_valid), 0) for a in starts]
+    workers = _chunk_workers(g.dtype, g.device, g.numel() * g.element_size(), g_padded.shape[0], max(depths))
+    # One buffer per chunk in flight: chunk i reuses chunk i - workers' buffer, which the
+    # consumer has released by asking for the chunk after it.
+    buffers = [
+        torch.empty(chunk, g_padded.shape[0], dtype=g.dtype, device=g.device) for _ in range(min(workers, len(starts)))
+    ]
+
+    def search(i: int, numpy_blas: bool) -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]:
+        start = starts[i]
+        stop = min(start + chunk, q.shape[0])
+        with torch.no_grad():
+            sims = _torch_chunk_sims(
+                q[start:stop], g_padded, g.shape[0], start, leave_one_out, buffers[i % len(buffers)], numpy_blas
+            )
+            v, idx = _topk_of_sims(sims, depths[i], n_valid, _GROUP)
+        return start, stop, v, idx, sims[:, : g.shape[0]]
+
+    if workers == 1:
+        with _blas_threads(g.device) as numpy_blas:
+            for i in range(len(starts)):
+                yield search(i, numpy_blas)
+        return
+    threads = max(1, torch.get_num_threads() // workers)
+    with _torch_threads(threads):
+        # Each worker sets its own OpenMP thread count: a new thread starts from the default.
+        with ThreadPoolExecutor(workers, "dmlray-knn", initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+            pending: deque[Future] = deque()
+            try:
+                for i in range(len(starts)):
+                    pending.append(pool.submit(search, i, False))
+                    if len(pending) == workers:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:  # the consumer stopped early, or a chunk failed: run nothing more
+                for future in pending:
+                    future.cancel()
 
 
 @torch.no_grad()
