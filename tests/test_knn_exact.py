@@ -289,3 +289,41 @@ def test_chunk_streams_where_the_selection_weighs():
         assert knn_module._chunk_workers(f32, cpu, big, 10_048, 100) == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_concurrent_searches_share_torchs_threads_safely():
+    """Searches from several threads at once (a service answering requests in a thread
+    pool): each gives the exact neighbours, only one changes torch's thread count at a
+    time, and the count is the caller's again when all have ended."""
+    import threading
+
+    x = tied_data(900, 8, seed=8)
+    want = reference(x, x, 5, loo=True)[1]
+    before = torch.get_num_threads()
+    results, errors = [], []
+
+    def search() -> None:
+        try:
+            for _ in range(3):
+                results.append(knn(x, 5, chunk_size=64)[1])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=search) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and len(results) == 9
+    assert all(torch.equal(r, want) for r in results)
+    assert torch.get_num_threads() == before
+    # only one search changes the count at a time; another meanwhile keeps it as it is
+    torch.set_num_threads(2)
+    try:
+        with knn_module._torch_threads(1) as changed:
+            assert changed and torch.get_num_threads() == 1
+            with knn_module._torch_threads(1) as changed_again:
+                assert not changed_again
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

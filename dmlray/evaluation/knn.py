@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -569,18 +570,29 @@ def _chunk_workers(sims_dtype: torch.dtype, device: torch.device, gallery_bytes:
     return 2 if whole_block or gallery_bytes > _CACHED_GALLERY_BYTES else 1
 
 
+# Held while a search has changed torch's thread count (``_torch_threads``).
+_THREAD_COUNT_CHANGE = threading.Lock()
+
+
 @contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """torch's intra-op thread count set to ``n`` meanwhile (it is process wide: a torch op
-    that another thread runs meanwhile gets ``n`` threads too)."""
+def _torch_threads(n: int) -> Iterator[bool]:
+    """torch's intra-op thread count set to ``n`` meanwhile; yields whether it was set.
+
+    The count is process wide (torch calls of other threads get ``n`` too meanwhile), so
+    only one search at a time changes it: a search that runs while another holds the
+    change yields False and keeps to one stream. The count is restored by the thread
+    that set it, since OpenMP keeps a copy per thread.
+    """
+    if not _THREAD_COUNT_CHANGE.acquire(blocking=False):
+        yield False
+        return
     before = torch.get_num_threads()
-    if n != before:
-        torch.set_num_threads(n)
     try:
-        yield
+        torch.set_num_threads(n)
+        yield True
     finally:
-        if n != before:
-            torch.set_num_threads(before)
+        torch.set_num_threads(before)
+        _THREAD_COUNT_CHANGE.release()
 
 
 def _iter_torch_topk(
@@ -598,11 +610,7 @@ def _iter_torch_topk(
     starts = range(0, q.shape[0], chunk)
     depths = [max(min(int(k_for_chunk(a, min(a + chunk, q.shape[0]))), n_valid), 0) for a in starts]
     workers = _chunk_workers(g.dtype, g.device, g.numel() * g.element_size(), g_padded.shape[0], max(depths))
-    # One buffer per chunk in flight: chunk i reuses chunk i - workers' buffer, which the
-    # consumer has released by asking for the chunk after it.
-    buffers = [
-        torch.empty(chunk, g_padded.shape[0], dtype=g.dtype, device=g.device) for _ in range(min(workers, len(starts)))
-    ]
+    buffers: list[torch.Tensor] = []
 
     def search(i: int, numpy_blas: bool) -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]:
         start = starts[i]
@@ -614,13 +622,18 @@ def _iter_torch_topk(
             v, idx = _topk_of_sims(sims, depths[i], n_valid, _GROUP)
         return start, stop, v, idx, sims[:, : g.shape[0]]
 
-    if workers == 1:
-        with _blas_threads(g.device) as numpy_blas:
+    threads = max(1, torch.get_num_threads() // workers)
+    with contextlib.ExitStack() as stack:
+        if workers > 1 and not stack.enter_context(_torch_threads(threads)):
+            workers = 1  # another search has halved torch's threads: run as one stream
+        # One buffer per chunk in flight: chunk i reuses chunk i - workers' buffer, which the
+        # consumer has released by asking for the chunk after it.
+        buffers += [torch.empty(chunk, g_padded.shape[0], dtype=g.dtype, device=g.device) for _ in range(workers)]
+        if workers == 1:
+            numpy_blas = stack.enter_context(_blas_threads(g.device))
             for i in range(len(starts)):
                 yield search(i, numpy_blas)
-        return
-    threads = max(1, torch.get_num_threads() // workers)
-    with _torch_threads(threads):
+            return
         # Each worker sets its own OpenMP thread count: a new thread starts from the default.
         with ThreadPoolExecutor(workers, "dmlray-knn", initializer=torch.set_num_threads, initargs=(threads,)) as pool:
             pending: deque[Future] = deque()
