@@ -39,7 +39,7 @@ Backends
       (``_chunk_workers``): one chunk's selection overlaps the other's product. torch's
       thread count is process wide: meanwhile, torch calls of other threads get half too.
       Against faiss IndexFlatIP on the same threads see bench/bench_eval.py --knn and the
-      README: about its time (0.98-1.05x) where the product is most of the work, faster
+      README: about its time (0.97-1.12x) where the product is most of the work, faster
       for a small gallery at small k; the product itself is the floor. Recall@K for K
       above 64 (SOP's K = 1000) is not read from a K-deep table: the rank of each
       query's best positive is counted directly in the similarity block, which is exact
