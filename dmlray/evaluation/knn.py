@@ -366,6 +366,12 @@ def _descending_keys(values: np.ndarray, columns: np.ndarray) -> np.ndarray:
     return ((~ordered).astype(np.uint64) << np.uint64(32)) | columns.astype(np.uint64)
 
 
+def _compares_whole_block(k: int, group: int, width: int) -> bool:
+    """Whether the threshold top-k compares a whole row with t rather than reading back
+    the groups of ``group`` columns that may hold candidates (see _READ_GROUPS_SHARE)."""
+    return (k + 1) * group * _READ_GROUPS_SHARE > width
+
+
 def _threshold_topk(sims: torch.Tensor, k: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of a float32 CPU similarity block, ties to the lower index, by threshold.
 
@@ -383,7 +389,7 @@ def _threshold_topk(sims: torch.Tensor, k: int, group: int) -> tuple[torch.Tenso
     against 0.51 s for k = 100.
     """
     rows, width = sims.shape
-    if (k + 1) * group * _READ_GROUPS_SHARE <= width:  # few groups hold candidates
+    if not _compares_whole_block(k, group, width):  # few groups hold candidates
         maxima = sims.view(rows, width // group, group).amax(2)
         read_group = group
     else:
@@ -533,15 +539,16 @@ def _iter_topk(
     backend = resolve_backend(backend)
     chunk = min(auto_chunk(g.shape[0], g.element_size(), chunk_size, g.device, g.shape[1]), q.shape[0])
     n_valid = g.shape[0] - (1 if leave_one_out else 0)
+    starts = range(0, q.shape[0], chunk)
+    depths = [max(min(int(k_for_chunk(a, min(a + chunk, q.shape[0]))), n_valid), 0) for a in starts]
     if backend == "torch":
-        yield from _iter_torch_topk(q, g, leave_one_out, k_for_chunk, chunk)
+        yield from _iter_torch_topk(q, g, leave_one_out, starts, depths)
         return
     faiss_index = _FaissIndex(g)
     with torch.no_grad():
-        for start in range(0, q.shape[0], chunk):
+        for start, k in zip(starts, depths, strict=True):
             stop = min(start + chunk, q.shape[0])
-            k = min(int(k_for_chunk(start, stop)), n_valid)
-            if k <= 0:
+            if k == 0:
                 v = torch.empty(stop - start, 0, dtype=q.dtype, device=q.device)
                 yield start, stop, v, v.long(), None
                 continue
@@ -566,8 +573,7 @@ def _chunk_workers(sims_dtype: torch.dtype, device: torch.device, gallery_bytes:
     """
     if device.type != "cpu" or sims_dtype != torch.float32 or torch.get_num_threads() < 2:
         return 1
-    whole_block = (k + 1) * _GROUP * _READ_GROUPS_SHARE > width
-    return 2 if whole_block or gallery_bytes > _CACHED_GALLERY_BYTES else 1
+    return 2 if _compares_whole_block(k, _GROUP, width) or gallery_bytes > _CACHED_GALLERY_BYTES else 1
 
 
 # Held while a search has changed torch's thread count (``_torch_threads``).
@@ -599,47 +605,34 @@ def _iter_torch_topk(
     q: torch.Tensor,
     g: torch.Tensor,
     leave_one_out: bool,
-    k_for_chunk: Callable[[int, int], int],
-    chunk: int,
+    starts: range,
+    depths: list[int],
 ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """_iter_topk's torch backend: per chunk one product into a reused buffer, then the
-    exact top-k; on a multi-core CPU two chunks at a time, each on its own thread
-    (``_chunk_workers``), and yielded in order."""
+    """_iter_topk's torch backend for the query chunks starting at ``starts`` (top
+    ``depths[i]`` each): per chunk one product into a reused buffer, then the exact top-k;
+    on a multi-core CPU two chunks at a time, each on its own thread (``_chunk_workers``),
+    and yielded in order."""
     g_padded = _padded_gallery(g, _GROUP)
-    n_valid = g.shape[0] - (1 if leave_one_out else 0)
-    starts = range(0, q.shape[0], chunk)
-    depths = [max(min(int(k_for_chunk(a, min(a + chunk, q.shape[0]))), n_valid), 0) for a in starts]
     workers = _chunk_workers(g.dtype, g.device, g.numel() * g.element_size(), g_padded.shape[0], max(depths))
-    buffers: list[torch.Tensor] = []
-
-    def search(i: int, numpy_blas: bool) -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]:
-        start = starts[i]
-        stop = min(start + chunk, q.shape[0])
-        with torch.no_grad():
-            sims = _torch_chunk_sims(
-                q[start:stop], g_padded, g.shape[0], start, leave_one_out, buffers[i % len(buffers)], numpy_blas
-            )
-            v, idx = _topk_of_sims(sims, depths[i], n_valid, _GROUP)
-        return start, stop, v, idx, sims[:, : g.shape[0]]
-
     threads = max(1, torch.get_num_threads() // workers)
     with contextlib.ExitStack() as stack:
         if workers > 1 and not stack.enter_context(_torch_threads(threads)):
             workers = 1  # another search has halved torch's threads: run as one stream
         # One buffer per chunk in flight: chunk i reuses chunk i - workers' buffer, which the
         # consumer has released by asking for the chunk after it.
-        buffers += [torch.empty(chunk, g_padded.shape[0], dtype=g.dtype, device=g.device) for _ in range(workers)]
+        buffers = [torch.empty(starts.step, g_padded.shape[0], dtype=g.dtype, device=g.device) for _ in range(workers)]
         if workers == 1:
             numpy_blas = stack.enter_context(_blas_threads(g.device))
-            for i in range(len(starts)):
-                yield search(i, numpy_blas)
+            for start, k in zip(starts, depths, strict=True):
+                yield _search_chunk(q, g_padded, g.shape[0], leave_one_out, start, k, buffers[0], numpy_blas)
             return
         # Each worker sets its own OpenMP thread count: a new thread starts from the default.
         with ThreadPoolExecutor(workers, "dmlray-knn", initializer=torch.set_num_threads, initargs=(threads,)) as pool:
             pending: deque[Future] = deque()
             try:
-                for i in range(len(starts)):
-                    pending.append(pool.submit(search, i, False))
+                for i, (start, k) in enumerate(zip(starts, depths, strict=True)):
+                    buf = buffers[i % workers]
+                    pending.append(pool.submit(_search_chunk, q, g_padded, g.shape[0], leave_one_out, start, k, buf))
                     if len(pending) == workers:
                         yield pending.popleft().result()
                 while pending:
@@ -647,6 +640,25 @@ def _iter_torch_topk(
             finally:  # the consumer stopped early, or a chunk failed: run nothing more
                 for future in pending:
                     future.cancel()
+
+
+@torch.no_grad()
+def _search_chunk(
+    q: torch.Tensor,
+    g_padded: torch.Tensor,
+    n_gallery: int,
+    leave_one_out: bool,
+    start: int,
+    k: int,
+    buf: torch.Tensor,
+    numpy_blas: bool = False,
+) -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One query chunk (``buf``'s rows from ``start``): its top k and its similarity block."""
+    stop = min(start + buf.shape[0], q.shape[0])
+    sims = _torch_chunk_sims(q[start:stop], g_padded, n_gallery, start, leave_one_out, buf, numpy_blas)
+    n_valid = n_gallery - (1 if leave_one_out else 0)
+    v, idx = _topk_of_sims(sims, k, n_valid, _GROUP)
+    return start, stop, v, idx, sims[:, :n_gallery]
 
 
 @torch.no_grad()
