@@ -26,7 +26,10 @@ which ``recall_at_k`` and the exact index share) at each of ``--sizes``, in one 
 interleaved repetition by repetition with faiss ``IndexFlatIP`` (search k + 1, own entry
 dropped) on the same threads (faiss.omp_set_num_threads(torch.get_num_threads())) and with
 the floor: the chunked similarity matmul alone, into a reused buffer. It prints the
-medians, ours / faiss and ours / floor, and whether the neighbours are identical. Ties:
+medians, ours / faiss and ours / floor, and whether the neighbours are identical. Where
+the dimension is large against k (k <= dim / 32), leave-one-out ``knn`` computes only half
+of the symmetric product (``dmlray.evaluation.symmetric_knn``), so ours / floor can be
+below 1 there: the floor is the full product that faiss and the other path compute. Ties:
 dmlray ranks equal scores by the lower index; faiss lists them highest index first and keeps
 a block-order-dependent subset at the k-th score, so where indices differ the scores must be
 equal (within 1e-5: faiss sums the products in another order). A size written ``NxDq``

@@ -18,6 +18,7 @@ import importlib
 import numpy as np
 import pytest
 import torch
+from knn_data import random_unit, reference, results_from_threads, tied_data
 
 from dmlray.evaluation import knn, recall_at_k
 
@@ -36,29 +37,6 @@ def grouping(request, monkeypatch):
         monkeypatch.setattr(knn_module, "_THRESHOLD_ON_CPU", False)
     if request.param == "full-row":
         monkeypatch.setattr(knn_module, "_GROUPED_MAX_SHARE", 10**9)
-
-
-def tied_data(n: int, dim: int, seed: int) -> torch.Tensor:
-    """Small integers (many exact ties) and some duplicated rows."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(-2, 3, (n, dim), generator=g).float()
-    dup = torch.randint(0, n, (n // 10,), generator=g)
-    x[torch.randint(0, n, (n // 10,), generator=g)] = x[dup]
-    return x
-
-
-def random_unit(n: int, dim: int, seed: int) -> torch.Tensor:
-    x = torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
-    return x / x.norm(dim=1, keepdim=True)
-
-
-def reference(q: torch.Tensor, g: torch.Tensor, k: int, loo: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full float64 similarity rows, stable descending sort (ties to the lower index)."""
-    s = q.double() @ g.double().T
-    if loo:
-        s.fill_diagonal_(float("-inf"))
-    v, i = torch.sort(s, dim=1, descending=True, stable=True)
-    return v[:, :k], i[:, :k]
 
 
 def faiss_knn(q: torch.Tensor, g: torch.Tensor, k: int, loo: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -295,26 +273,11 @@ def test_concurrent_searches_share_torchs_threads_safely():
     """Searches from several threads at once (a service answering requests in a thread
     pool): each gives the exact neighbours, only one changes torch's thread count at a
     time, and the count is the caller's again when all have ended."""
-    import threading
 
     x = tied_data(900, 8, seed=8)
     want = reference(x, x, 5, loo=True)[1]
     before = torch.get_num_threads()
-    results, errors = [], []
-
-    def search() -> None:
-        try:
-            for _ in range(3):
-                results.append(knn(x, 5, chunk_size=64)[1])
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=search) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors and len(results) == 9
+    results = results_from_threads(lambda: knn(x, 5, chunk_size=64)[1])
     assert all(torch.equal(r, want) for r in results)
     assert torch.get_num_threads() == before
     # only one search changes the count at a time; another meanwhile keeps it as it is
