@@ -676,7 +676,8 @@ def knn(
     """Exact k nearest neighbours by dot product, ties broken by lower gallery index.
 
     Without a gallery, each embedding searches the others (leave-one-out, itself excluded
-    by index). Returns (similarities, indices), both (N_query, k') with
+    by index); where the dimension is large against k, from half of the symmetric
+    similarity product (``symmetric_knn``). Returns (similarities, indices), both (N_query, k') with
     k' = min(k, number of candidates), sorted best first.
     """
     if k < 1:

@@ -73,14 +73,16 @@ def applies(x: torch.Tensor, k: int, rows: int | None = None) -> bool:
     ``rows``: float32 on a CPU, a dimension large against k, at least two chunks, finite
     scores."""
     n, dim = x.shape
-    return (
+    if not (
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and dim >= _MIN_DIM
         and k * _DIMS_PER_K <= dim
         and n > chunk_rows(n, k, rows)
-        and bool(x.abs().amax() < _FINITE_BOUND)  # also False for NaN
-    )
+    ):
+        return False
+    low, high = torch.aminmax(x)
+    return bool(-_FINITE_BOUND < low and high < _FINITE_BOUND)  # also False for NaN
 
 
 def chunk_rows(n: int, k: int, requested: int | None = None) -> int:
