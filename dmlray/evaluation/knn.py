@@ -677,8 +677,8 @@ def knn(
 
     Without a gallery, each embedding searches the others (leave-one-out, itself excluded
     by index); where the dimension is large against k, from half of the symmetric
-    similarity product (``symmetric_knn``). Returns (similarities, indices), both (N_query, k') with
-    k' = min(k, number of candidates), sorted best first.
+    similarity product (``symmetric_knn``). Returns (similarities, indices), both
+    (N_query, k') with k' = min(k, number of candidates), sorted best first.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
