@@ -62,7 +62,7 @@ import contextlib
 import functools
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -369,6 +369,17 @@ def _descending_keys(values: np.ndarray, columns: np.ndarray) -> np.ndarray:
     return ((~ordered).astype(np.uint64) << np.uint64(32)) | columns.astype(np.uint64)
 
 
+def _keys_per_row(row: np.ndarray, keys: np.ndarray, rows: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """``keys`` (``keys[j]`` belongs to row ``row[j]``, ``row`` ascending) laid out one row
+    each in a (rows, max(width, most keys of a row)) array, from column 0, _NO_KEY after
+    them; and how many keys each row has."""
+    counts = np.bincount(row, minlength=rows)
+    starts = np.cumsum(counts) - counts
+    laid = np.full((rows, max(width, int(counts.max(initial=0)))), _NO_KEY)
+    laid[row, np.arange(row.size) - starts[row]] = keys
+    return laid, counts
+
+
 def _compares_whole_block(k: int, group: int, width: int) -> bool:
     """Whether the threshold top-k compares a whole row with t rather than reading back
     the groups of ``group`` columns that may hold candidates (see _READ_GROUPS_SHARE)."""
@@ -431,10 +442,7 @@ def _ranked_columns(scores: np.ndarray, maxima: np.ndarray, k: int, group: int) 
         hits = np.flatnonzero(scores >= t[:, None])
         row = hits // width
         keys = _descending_keys(scores.reshape(-1)[hits], hits % width)
-    counts = np.bincount(row, minlength=rows)
-    starts = np.cumsum(counts) - counts
-    ranked = np.full((rows, max(k, int(counts.max()))), _NO_KEY)
-    ranked[row, np.arange(hits.size) - starts[row]] = keys
+    ranked, counts = _keys_per_row(row, keys, rows, k)
     ranked.sort(axis=1)
     columns = np.minimum(ranked[:, :k] & _LOW_32, width - 1).astype(np.int64)
     return columns, (counts < k) | np.isnan(maxima).any(1)
@@ -604,6 +612,47 @@ def _torch_threads(n: int) -> Iterator[bool]:
         _THREAD_COUNT_CHANGE.release()
 
 
+@contextlib.contextmanager
+def _chunk_pool(workers: int) -> Iterator[ThreadPoolExecutor | None]:
+    """``workers`` threads for chunk searches, torch's threads split between them; None
+    (one stream, in the caller's thread) where ``workers`` is 1 or another search holds
+    the change of torch's thread count (``_torch_threads``)."""
+    if workers < 2:
+        yield None
+        return
+    threads = max(1, torch.get_num_threads() // workers)
+    with _torch_threads(threads) as changed:
+        if not changed:  # another search has halved torch's threads: run as one stream
+            yield None
+            return
+        # Each worker sets its own OpenMP thread count: a new thread starts from the default.
+        with ThreadPoolExecutor(workers, "dmlray-knn", initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+            yield pool
+
+
+def _in_order(pool: ThreadPoolExecutor, tasks: Iterable[tuple[Any, ...]], depth: int) -> Iterator[Any]:
+    """Each task (a function and its arguments) run in ``pool``, at most ``depth`` at
+    once, their results yielded in order. A task is taken from ``tasks`` only once the
+    oldest result in flight has been consumed, so it may reuse that one's buffer or depend
+    on what the consumer did with it. A consumer that stops early, or a task that fails,
+    cancels the rest."""
+    pending: deque[Future] = deque()
+    remaining = iter(tasks)
+    try:
+        while True:
+            if len(pending) == depth:
+                yield pending.popleft().result()
+            task = next(remaining, None)
+            if task is None:
+                break
+            pending.append(pool.submit(*task))
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+
+
 def _iter_torch_topk(
     q: torch.Tensor,
     g: torch.Tensor,
@@ -617,32 +666,21 @@ def _iter_torch_topk(
     and yielded in order."""
     g_padded = _padded_gallery(g, _GROUP)
     workers = _chunk_workers(g.dtype, g.device, g.numel() * g.element_size(), g_padded.shape[0], max(depths))
-    threads = max(1, torch.get_num_threads() // workers)
-    with contextlib.ExitStack() as stack:
-        if workers > 1 and not stack.enter_context(_torch_threads(threads)):
-            workers = 1  # another search has halved torch's threads: run as one stream
-        # One buffer per chunk in flight: chunk i reuses chunk i - workers' buffer, which the
+    with _chunk_pool(workers) as pool:
+        streams = 1 if pool is None else workers
+        # One buffer per chunk in flight: chunk i reuses chunk i - streams' buffer, which the
         # consumer has released by asking for the chunk after it.
-        buffers = [torch.empty(starts.step, g_padded.shape[0], dtype=g.dtype, device=g.device) for _ in range(workers)]
-        if workers == 1:
-            numpy_blas = stack.enter_context(_blas_threads(g.device))
-            for start, k in zip(starts, depths, strict=True):
-                yield _search_chunk(q, g_padded, g.shape[0], leave_one_out, start, k, buffers[0], numpy_blas)
+        buffers = [torch.empty(starts.step, g_padded.shape[0], dtype=g.dtype, device=g.device) for _ in range(streams)]
+        if pool is None:
+            with _blas_threads(g.device) as numpy_blas:
+                for start, k in zip(starts, depths, strict=True):
+                    yield _search_chunk(q, g_padded, g.shape[0], leave_one_out, start, k, buffers[0], numpy_blas)
             return
-        # Each worker sets its own OpenMP thread count: a new thread starts from the default.
-        with ThreadPoolExecutor(workers, "dmlray-knn", initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-            pending: deque[Future] = deque()
-            try:
-                for i, (start, k) in enumerate(zip(starts, depths, strict=True)):
-                    buf = buffers[i % workers]
-                    pending.append(pool.submit(_search_chunk, q, g_padded, g.shape[0], leave_one_out, start, k, buf))
-                    if len(pending) == workers:
-                        yield pending.popleft().result()
-                while pending:
-                    yield pending.popleft().result()
-            finally:  # the consumer stopped early, or a chunk failed: run nothing more
-                for future in pending:
-                    future.cancel()
+        tasks = (
+            (_search_chunk, q, g_padded, g.shape[0], leave_one_out, start, k, buffers[i % streams])
+            for i, (start, k) in enumerate(zip(starts, depths, strict=True))
+        )
+        yield from _in_order(pool, tasks, streams)
 
 
 @torch.no_grad()

@@ -27,9 +27,7 @@ exactly where the products are exact (integer-valued embeddings).
 
 from __future__ import annotations
 
-import contextlib
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -39,10 +37,12 @@ from dmlray.evaluation.knn import (
     _LOW_32,
     _NO_KEY,
     _SIGN_BIT,
+    _chunk_pool,
     _descending_keys,
+    _in_order,
+    _keys_per_row,
     _padded_gallery,
     _topk_of_sims,
-    _torch_threads,
 )
 
 # The half product is used where k <= dim / this (and dim >= _MIN_DIM): the selection's
@@ -66,6 +66,10 @@ _MAX_ROWS_PER_GROUP = 16
 _GATHER_SHARE = 4
 # Inputs whose magnitude stays below this keep every product finite (no inf or NaN score).
 _FINITE_BOUND = 1e15
+
+# A chunk's block searched: (s, e, its rows' top-k keys over the columns >= s, the column
+# part's (later row - e, key) candidates, None for the last chunk).
+BlockResult = tuple[int, int, np.ndarray, tuple[np.ndarray, np.ndarray] | None]
 
 
 def applies(x: torch.Tensor, k: int, rows: int | None = None) -> bool:
@@ -107,51 +111,26 @@ def symmetric_knn(x: torch.Tensor, k: int, rows: int | None = None) -> tuple[tor
     running = np.full((n, k), _NO_KEY)  # later rows' top k so far, from the column parts
     final = np.empty((n, k), np.uint64)
     workers = 2 if torch.get_num_threads() >= 2 else 1
-    with contextlib.ExitStack() as stack:
-        threads = max(1, torch.get_num_threads() // workers)
-        if workers > 1 and not stack.enter_context(_torch_threads(threads)):
-            workers = 1  # another search has halved torch's threads: one chunk at a time
-        buffers = [torch.empty(rows * x_padded.shape[0]) for _ in range(workers)]
-        if workers == 1:
-            for s in range(0, n, rows):
-                floor = _kth_scores(running, min(s + rows, n))
-                _gather_chunk(_search_block(x, x_padded, s, rows, k, buffers[0], floor), running, final)
+    with _chunk_pool(workers) as pool:
+        streams = 1 if pool is None else workers
+        buffers = [torch.empty(rows * x_padded.shape[0]) for _ in range(streams)]
+        # chunk i reuses chunk i - streams' buffer, whose block has been searched by then
+        tasks = (
+            (_search_block, x, x_padded, s, rows, k, buffers[i % streams], _kth_scores(running, min(s + rows, n)))
+            for i, s in enumerate(range(0, n, rows))
+        )
+        results: Iterator[BlockResult]
+        if pool is None:
+            results = (task[0](*task[1:]) for task in tasks)
         else:
-            pool = stack.enter_context(
-                ThreadPoolExecutor(workers, "dmlray-knn", initializer=torch.set_num_threads, initargs=(threads,))
-            )
-            _run_streams(pool, x, x_padded, rows, k, buffers, running, final)
+            # a block's candidates are filtered by the running top k as it was when the
+            # block was submitted (a lower bound, one chunk behind), merged against the
+            # current one
+            results = _in_order(pool, tasks, streams)
+        for result in results:
+            _gather_chunk(result, running, final)
     scores = _scores_of(final)
     return torch.from_numpy(scores), torch.from_numpy((final & _LOW_32).astype(np.int64))
-
-
-def _run_streams(
-    pool: ThreadPoolExecutor,
-    x: torch.Tensor,
-    x_padded: torch.Tensor,
-    rows: int,
-    k: int,
-    buffers: list[torch.Tensor],
-    running: np.ndarray,
-    final: np.ndarray,
-) -> None:
-    """Blocks searched two at a time in ``pool``, gathered in chunk order. A block's
-    candidates are filtered by the running top k as it was when the block was submitted
-    (a lower bound, one chunk behind), then merged against the current one."""
-    n = x.shape[0]
-    pending: deque[Future] = deque()
-    try:
-        for i, s in enumerate(range(0, n, rows)):
-            if len(pending) == len(buffers):
-                _gather_chunk(pending.popleft().result(), running, final)
-            floor = _kth_scores(running, min(s + rows, n))
-            # chunk i reuses chunk i - 2's buffer, which its gathering has finished reading
-            pending.append(pool.submit(_search_block, x, x_padded, s, rows, k, buffers[i % len(buffers)], floor))
-        while pending:
-            _gather_chunk(pending.popleft().result(), running, final)
-    finally:  # a block failed: run nothing more
-        for future in pending:
-            future.cancel()
 
 
 def _kth_scores(running: np.ndarray, start: int) -> np.ndarray:
@@ -169,7 +148,7 @@ def _scores_of(keys: np.ndarray) -> np.ndarray:
 
 def _search_block(
     x: torch.Tensor, x_padded: torch.Tensor, s: int, rows: int, k: int, buf: torch.Tensor, floor: np.ndarray
-) -> tuple[int, int, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+) -> BlockResult:
     """Block of chunk [s, e): (s, e, its rows' top-k keys over the columns >= s, the
     column part's candidates for the rows >= e) -- see ``_column_candidates``."""
     n = x.shape[0]
@@ -215,7 +194,7 @@ def _column_candidates(
 
 
 def _gather_chunk(
-    result: tuple[int, int, np.ndarray, tuple[np.ndarray, np.ndarray] | None],
+    result: BlockResult,
     running: np.ndarray,
     final: np.ndarray,
 ) -> None:
@@ -239,12 +218,9 @@ def _merge_candidates(running: np.ndarray, rows: np.ndarray, keys: np.ndarray) -
         return
     counts = np.bincount(rows)
     order = np.argsort(rows, kind="stable")
-    rows, keys = rows[order], keys[order]
     touched = np.flatnonzero(counts)
-    slot = np.cumsum(counts > 0) - 1  # row -> its line in `merged`
-    first = np.cumsum(counts) - counts  # row -> its first candidate in the sorted list
-    merged = np.full((touched.size, k + int(counts.max())), _NO_KEY)
-    merged[:, :k] = running[touched]
-    merged[slot[rows], k + np.arange(rows.size) - first[rows]] = keys
+    line = np.cumsum(counts > 0) - 1  # row -> its line among the touched rows
+    offered, _ = _keys_per_row(line[rows[order]], keys[order], touched.size, 0)
+    merged = np.concatenate([running[touched], offered], axis=1)
     merged.sort(axis=1)
     running[touched] = merged[:, :k]
