@@ -45,7 +45,7 @@ Backends
       query's best positive is counted directly in the similarity block, which is exact
       and far cheaper. ``knn`` without a gallery (leave-one-out), where the dimension is
       large against k (k <= dim / 32, float32 on a CPU), computes only half of the
-      symmetric product instead (``symmetric_knn``): 0.57-0.82x faiss's time at
+      symmetric product instead (``symmetric_knn``): 0.57-0.90x faiss's time at
       10,000 x 512 and SOP size for k = 1-16 (2 threads).
     * "faiss": IndexFlatIP exact search (CPU) for the same candidates; ties and the query
       itself are handled as above; results match "torch" except where two similarities

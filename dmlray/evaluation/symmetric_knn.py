@@ -18,7 +18,7 @@ the lower index exactly as in the other paths.
 
 It pays where the product is most of the work: a dimension that is large against k
 (``applies``). Against faiss IndexFlatIP on the same threads (bench/bench_eval.py --knn,
-the README's "Measured"): 0.57-0.82x its time at 10,000 x 512 and SOP size for k <= 16
+the README's "Measured"): 0.57-0.90x its time at 10,000 x 512 and SOP size for k <= 16
 on 2 threads, 0.61-0.69x on 1. A score is the same dot
 product whichever of its two items is the query, but it may be summed in another order
 than the full product would: scores agree with the other paths to float32 rounding, and
